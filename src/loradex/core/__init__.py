@@ -1,0 +1,1 @@
+"""Format-neutral model of adapters: pure math, no file I/O."""

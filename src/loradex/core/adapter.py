@@ -1,0 +1,84 @@
+"""``Adapter``: the format-neutral model every converter reads into and writes from.
+
+Module names are *canonical*: ``<component>.<module path>`` where the component is one of
+``unet``, ``transformer``, ``text_encoder``, ``text_encoder_2``, ``text_encoder_3`` and the path is
+the diffusers/transformers module path. CLIP text encoders are always spelled with the
+``text_model.`` level (``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``): that is what
+kohya, A1111, ComfyUI and diffusers files in the wild use, even though transformers 5's
+``CLIPTextModel`` dropped the level from its own module names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from loradex.core.kinds.base import Patch
+
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def component_of(name: str) -> str:
+    """``unet.down_blocks.0...`` -> ``unet``."""
+    return name.split(".", 1)[0]
+
+
+@dataclass
+class Embedding:
+    """A textual-inversion token: one ``[n_vectors, dim]`` tensor per text encoder component.
+
+    SD1/SD2 embeddings have only ``text_encoder``; SDXL ones have ``text_encoder`` (CLIP-L, 768,
+    the file's ``clip_l``) and ``text_encoder_2`` (OpenCLIP bigG, 1280, the file's ``clip_g``).
+    """
+
+    token: str
+    vectors: dict[str, torch.Tensor]
+
+    @property
+    def num_vectors(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+
+@dataclass
+class Adapter:
+    patches: dict[str, Patch] = field(default_factory=dict)
+    embeddings: dict[str, Embedding] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    arch: str | None = None
+    source_format: str | None = None
+
+    # ---- summaries used by inspect, the registry and the writers --------------------------
+    def kinds(self) -> Counter:
+        return Counter(p.kind for p in self.patches.values())
+
+    def components(self) -> dict[str, int]:
+        return dict(Counter(component_of(n) for n in self.patches))
+
+    def ranks(self) -> Counter:
+        return Counter(p.rank for p in self.patches.values() if p.rank is not None)
+
+    def dtype(self) -> torch.dtype | None:
+        for p in self.patches.values():
+            return p.dtype
+        for e in self.embeddings.values():
+            return next(iter(e.vectors.values())).dtype
+        return None
+
+    def to(self, dtype: torch.dtype) -> Adapter:
+        return Adapter(
+            patches={n: p.to(dtype) for n, p in self.patches.items()},
+            embeddings={
+                t: Embedding(e.token, {c: v.to(dtype) for c, v in e.vectors.items()})
+                for t, e in self.embeddings.items()
+            },
+            metadata=dict(self.metadata),
+            arch=self.arch,
+            source_format=self.source_format,
+        )
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.patches.values()) + sum(
+            v.numel() * v.element_size() for e in self.embeddings.values() for v in e.vectors.values()
+        )
