@@ -1,3 +1,26 @@
-"""loradex: personalization adapters for diffusion models — store, convert, merge, serve, train."""
+"""loradex: personalization adapters for diffusion models — store, convert, merge, serve, train.
+
+    import loradex
+    a = loradex.load("x.safetensors")                 # any format; arch detected or arch="sdxl"
+    a.patches["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].delta()
+    loradex.save(a, "y.safetensors", format="kohya")
+    loradex.convert("x.safetensors", "y.safetensors", to="diffusers")
+"""
+
+from loradex.api import convert, describe, inspect, load, save
+from loradex.core.adapter import Adapter, Embedding
+from loradex.errors import (
+    ArchError,
+    ConversionError,
+    FormatError,
+    LoradexError,
+    RegistryError,
+    UnsafeFileError,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "ArchError", "ConversionError", "Embedding", "FormatError", "LoradexError", "RegistryError",
+    "UnsafeFileError", "convert", "describe", "inspect", "load", "save",
+]

@@ -48,6 +48,8 @@ class Adapter:
     metadata: dict[str, str] = field(default_factory=dict)
     arch: str | None = None
     source_format: str | None = None
+    #: What a reader noticed (skipped keys, approximations); not written to files.
+    notes: list[str] = field(default_factory=list)
 
     # ---- summaries used by inspect, the registry and the writers --------------------------
     def kinds(self) -> Counter:
@@ -76,6 +78,7 @@ class Adapter:
             metadata=dict(self.metadata),
             arch=self.arch,
             source_format=self.source_format,
+            notes=list(self.notes),
         )
 
     def nbytes(self) -> int:

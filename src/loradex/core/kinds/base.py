@@ -6,13 +6,13 @@ suffixes such as ``lora_down.weight`` or ``hada_w1_a``), so that a read followed
 bit-identical. The math lives here and nowhere else:
 
 * ``delta(base_weight, multiplier)`` is the exact dense change of the module's weight,
-  ``W' - W``, computed in float32 and shaped like the weight (``(out, in)`` for Linear,
+  ``W' - W``, returned as float32 and shaped like the weight (``(out, in)`` for Linear,
   ``(out, in, kh, kw)`` for Conv2d, ``(C,)`` for norms). Kinds whose update depends on ``W``
-  ((IA)^3, GLoRA, OFT, BOFT, and any kind carrying DoRA's ``dora_scale``) set ``needs_base`` and
-  raise ``ValueError`` when it is missing.
+  ((IA)^3, GLoRA, OFT, BOFT, and any LoRA/LoHa/LoKr carrying DoRA's ``dora_scale``) report
+  ``needs_base`` (a per-instance property) and raise ``ValueError`` when it is missing.
 * ``to_lora(rank)`` returns an equivalent plain LoRA and its relative Frobenius error
   ``||dW - dW_lora|| / ||dW||``: exact (error 0) where the algebra allows it, a truncated SVD at
-  ``rank`` otherwise.
+  ``rank`` otherwise (``ConversionError`` when there is no exact form and no rank was given).
 * ``tensors()`` / ``from_tensors()`` map to and from the on-disk suffix dictionary.
 
 Multipliers: for additive kinds ``delta(m) = m * delta(1)``. For DoRA/OFT/BOFT/(IA)^3 the
@@ -28,18 +28,31 @@ from typing import ClassVar
 
 import torch
 
+from loradex.errors import ConversionError, FormatError
+
 Shape = tuple[int, ...]
 
 
-@dataclass
+@dataclass(eq=False)
 class Patch(ABC):
-    """Base class of all patch kinds. Subclasses are dataclasses with tensor fields."""
+    """Base class of all patch kinds. Subclasses are dataclasses with tensor fields.
+
+    ``eq=False``: patches compare and hash by identity (comparing tensor fields with ``==`` is
+    ambiguous); compare ``tensors()`` or ``delta()`` instead.
+    """
 
     kind: ClassVar[str] = "?"
-    #: True when ``delta`` needs the base module's weight.
-    needs_base: ClassVar[bool] = False
+    #: True when every patch of the kind needs the base module's weight ((IA)^3, GLoRA, OFT, BOFT).
+    always_needs_base: ClassVar[bool] = False
     #: Suffixes (after ``<module>.``) whose presence identifies this kind in a file.
     detect_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def needs_base(self) -> bool:
+        """True when ``delta`` of *this* patch needs the base module's weight: always for the
+        kinds that set ``always_needs_base``, and for LoRA/LoHa/LoKr when DoRA's ``dora_scale``
+        is present."""
+        return self.always_needs_base or getattr(self, "dora_scale", None) is not None
 
     @property
     @abstractmethod
@@ -74,8 +87,12 @@ class Patch(ABC):
         from loradex.core.kinds.lora import LoraPatch
 
         if rank is None:
-            raise ValueError(f"a {self.kind} patch has no exact LoRA form: a rank is needed")
+            raise ConversionError(f"a {self.kind} patch has no exact LoRA form: a rank is needed")
         return LoraPatch.from_dense(self.delta(base_weight), rank)
+
+    def scaled(self, factor: float) -> Patch:
+        """A patch whose ``delta`` is ``factor`` times this one's (additive kinds only)."""
+        raise ConversionError(f"a {self.kind} patch cannot be scaled linearly")
 
     # ---- conveniences shared by all kinds -------------------------------------------------
     @property
@@ -113,6 +130,79 @@ def alpha_scale(alpha: torch.Tensor | float | None, rank: int) -> float:
     if a is None or a == 0 or math.isnan(a):
         return 1.0
     return a / rank
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any given tensor is float64, else float32: the dtype the math runs in."""
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def as_shape(shape) -> Shape | None:
+    """A weight shape as a tuple of ints (None stays None)."""
+    return None if shape is None else tuple(int(s) for s in shape)
+
+
+def fit_to(delta: torch.Tensor, base_weight: torch.Tensor | None) -> torch.Tensor:
+    """Reshape ``delta`` to the base weight's shape when both hold the same numbers in the same
+    order (a 2-D LoRA on a 1x1 conv, flattened LoHa/LoKr conv factors without ``weight_shape``)."""
+    if base_weight is None or tuple(delta.shape) == tuple(base_weight.shape):
+        return delta
+    if delta.numel() != base_weight.numel() or delta.shape[0] != base_weight.shape[0]:
+        raise ValueError(
+            f"patch of shape {tuple(delta.shape)} does not fit a weight of shape {tuple(base_weight.shape)}"
+        )
+    return delta.reshape(base_weight.shape)
+
+
+def check_fits(kind: str, shape: Shape, weight_shape: Shape | None) -> None:
+    """FormatError unless a patch of ``shape`` fits a module weight of ``weight_shape`` (same
+    output rows and same number of entries per row, e.g. ``(out, in*k*k)`` vs ``(out, in, k, k)``)."""
+    if weight_shape is None:
+        return
+    if (
+        len(weight_shape) == 0
+        or shape[0] != weight_shape[0]
+        or math.prod(shape) != math.prod(weight_shape)
+    ):
+        raise FormatError(f"{kind} patch of shape {tuple(shape)} does not fit a weight of shape {tuple(weight_shape)}")
+
+
+def require(cond: bool, message: str) -> None:
+    """Raise FormatError(message) unless ``cond``: the shape checks of ``from_tensors``."""
+    if not cond:
+        raise FormatError(message)
+
+
+def fields_from(
+    kind: str, tensors: dict[str, torch.Tensor], suffixes: dict[str, str], required: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Map an on-disk suffix dictionary to dataclass field values, rejecting (FormatError) unknown
+    suffixes, missing required ones, non-tensors, empty tensors and non-float factors (``alpha``
+    and ``on_input`` may be integer scalars)."""
+    unknown = sorted(set(tensors) - set(suffixes))
+    require(not unknown, f"{kind} patch: unexpected tensors {unknown}")
+    missing = [k for k in required if k not in tensors]
+    require(not missing, f"{kind} patch: missing tensors {missing}")
+    out = {}
+    for key, t in tensors.items():
+        require(isinstance(t, torch.Tensor), f"{kind} patch: {key} is not a tensor")
+        if key in ("alpha", "on_input"):
+            require(t.numel() == 1, f"{kind} patch: {key} must hold one number, has shape {tuple(t.shape)}")
+        else:
+            require(t.numel() > 0 and t.ndim > 0, f"{kind} patch: {key} is empty (shape {tuple(t.shape)})")
+            require(t.is_floating_point(), f"{kind} patch: {key} has non-float dtype {t.dtype}")
+        out[suffixes[key]] = t
+    return out
+
+
+def as_alpha(alpha: torch.Tensor | float | None) -> torch.Tensor | None:
+    """An alpha given as a number becomes a 0-dim float32 tensor (None stays None)."""
+    if alpha is None or isinstance(alpha, torch.Tensor):
+        return alpha
+    return torch.tensor(float(alpha), dtype=torch.float32)
 
 
 def relative_error(exact: torch.Tensor, approx: torch.Tensor) -> float:

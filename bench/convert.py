@@ -1,0 +1,132 @@
+"""Benchmark: kohya -> diffusers conversion of a large synthetic SDXL LoRA (rank 64 on every
+attention Linear and resnet/sampler conv of the UNet and both text encoders, fp16).
+
+Each contender runs in its own subprocess (so peak RSS is its own), three times; the median wall
+time and the peak RSS are printed as ratios against the I/O floor measured in the same run
+(`safetensors` load_file + save_file of the same file) and against diffusers' own converter
+(`StableDiffusionXLPipeline.lora_state_dict` + save_file).
+
+    python bench/convert.py [--rank 64] [--repeat 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+# (imports, timed work): imports are not timed (diffusers alone takes seconds to import)
+CONTENDERS = {
+    "floor": (
+        "from safetensors.torch import load_file, save_file",
+        "save_file(load_file(SRC), DST)",
+    ),
+    "loradex": (
+        "import loradex; from loradex.core.arch import get_arch; get_arch('sdxl')",
+        "loradex.convert(SRC, DST, to='diffusers', arch='sdxl')",
+    ),
+    "diffusers": (
+        "from diffusers import StableDiffusionXLPipeline; from safetensors.torch import save_file",
+        "sd, alphas = StableDiffusionXLPipeline.lora_state_dict(SRC)\n"
+        "save_file({k: v.contiguous() for k, v in sd.items()}, DST)",
+    ),
+}
+
+RUNNER = """
+import resource, sys, time
+SRC, DST = sys.argv[1], sys.argv[2]
+{setup}
+t0 = time.perf_counter()
+{body}
+dt = time.perf_counter() - t0
+print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def make_input(path: str, rank: int) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from loradex.core.arch import get_arch
+
+    arch = get_arch("sdxl")
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name, info in arch.modules.items():
+        leaf = name.rsplit(".", 1)[-1]
+        is_attn = ".attentions." in name or name.startswith("text_encoder")
+        if info.type == "linear" and is_attn or info.type == "conv" and (".resnets." in name or "samplers" in name):
+            if leaf in ("time_emb_proj",) or info.shape[0] < rank:
+                continue
+            flat = arch.kohya_name(name)
+            r = min(rank, info.shape[0], info.shape[1])
+            if info.type == "conv":
+                down = torch.randn(r, *info.shape[1:], generator=g, dtype=torch.float16) * 0.01
+                up = torch.randn(info.shape[0], r, 1, 1, generator=g, dtype=torch.float16) * 0.01
+            else:
+                down = torch.randn(r, info.shape[1], generator=g, dtype=torch.float16) * 0.01
+                up = torch.randn(info.shape[0], r, generator=g, dtype=torch.float16) * 0.01
+            out[f"{flat}.lora_down.weight"] = down
+            out[f"{flat}.lora_up.weight"] = up
+            out[f"{flat}.alpha"] = torch.tensor(float(r / 2), dtype=torch.float16)
+    save_file(out, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
+    return os.path.getsize(path)
+
+
+def run(name: str, src: str, dst: str) -> tuple[float, int]:
+    setup, body = CONTENDERS[name]
+    code = RUNNER.format(setup=setup, body=body)
+    res = subprocess.run([sys.executable, "-c", code, src, dst], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{res.stderr[-2000:]}")
+    dt, rss = res.stdout.strip().splitlines()[-1].split()
+    return float(dt), int(rss)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "sdxl_kohya.safetensors")
+        t = time.perf_counter()
+        size = make_input(src, args.rank)
+        if not args.json:
+            print(f"input: synthetic SDXL kohya LoRA, rank {args.rank}, fp16, {size / 2**20:.0f} MiB "
+                  f"(made in {time.perf_counter() - t:.1f}s)")
+        results = {}
+        for _ in range(args.repeat):
+            for name in CONTENDERS:  # interleaved so that drift hits all alike
+                dt, rss = run(name, src, os.path.join(d, f"out_{name}.safetensors"))
+                results.setdefault(name, []).append((dt, rss))
+        med = {n: statistics.median(x[0] for x in v) for n, v in results.items()}
+        peak = {n: max(x[1] for x in v) for n, v in results.items()}
+    report = {
+        "input_mib": size / 2**20,
+        "seconds": med,
+        "peak_rss_mib": {n: v / 2**20 for n, v in peak.items()},
+        "time_vs_floor": med["loradex"] / med["floor"],
+        "time_vs_diffusers": med["loradex"] / med["diffusers"],
+        "diffusers_vs_floor": med["diffusers"] / med["floor"],
+        "rss_vs_floor": peak["loradex"] / peak["floor"],
+        "rss_vs_diffusers": peak["loradex"] / peak["diffusers"],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    for n in CONTENDERS:
+        print(f"{n:10s} {med[n]:7.3f} s   peak RSS {peak[n] / 2**20:7.0f} MiB")
+    print(f"loradex: {report['time_vs_floor']:.2f}x the I/O floor time, {report['time_vs_diffusers']:.2f}x diffusers' "
+          f"converter time (diffusers: {report['diffusers_vs_floor']:.2f}x the floor)")
+    print(f"loradex: {report['rss_vs_floor']:.2f}x the I/O floor peak memory, {report['rss_vs_diffusers']:.2f}x diffusers'")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The ``loradex`` command: thin click commands that parse, call one library function, print.
+
+Every failure caused by input prints ONE line ``error: ...`` on stderr and exits 2 (click's own
+usage errors included); no traceback reaches the user unless ``LORADEX_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from loradex.errors import LoradexError
+
+
+def emit(obj, as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    elif text is not None:
+        click.echo(text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="loradex")
+def cli() -> None:
+    """Store, convert, merge, serve and train diffusion-model adapters (LoRA, LyCORIS, TI)."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = cli.main(args=argv, prog_name="loradex", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+        sys.exit(2)
+    except LoradexError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug: still one line, details with LORADEX_DEBUG=1
+        if os.environ.get("LORADEX_DEBUG"):
+            raise
+        click.echo(f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                   "rerun with LORADEX_DEBUG=1 for details", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+from loradex.cli import convert as _convert  # noqa: E402,F401  (registers commands)
+from loradex.cli import demo as _demo  # noqa: E402,F401

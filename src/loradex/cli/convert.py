@@ -1,0 +1,79 @@
+"""``loradex inspect`` and ``loradex convert``."""
+
+from __future__ import annotations
+
+import click
+
+from loradex.cli import cli, emit
+
+ARCH_HELP = "base model architecture (sd1, sd2, sdxl, flux1); detected from the file when omitted"
+
+
+def _fmt_counts(d: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in d.items()) or "-"
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(exists=False))
+@click.option("--arch", default=None, help=ARCH_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON report")
+def inspect_cmd(path: str, arch: str | None, as_json: bool) -> None:
+    """Format, arch, kinds, modules, ranks, alphas, embeddings, metadata and hashes of PATH."""
+    from loradex.api import inspect
+
+    info = inspect(path, arch=arch)
+    if as_json:
+        emit(info, True)
+        return
+    lines = [
+        f"path:        {info['path']}",
+        f"format:      {info['format']}",
+        f"arch:        {info['arch'] or 'unknown'}",
+        f"modules:     {info['modules']} ({_fmt_counts(info['components'])})",
+        f"kinds:       {_fmt_counts(info['kinds'])}" + (f" (+DoRA on {info['dora']})" if info["dora"] else ""),
+        f"ranks:       {_fmt_counts(info['ranks'])}",
+        f"alphas:      {_fmt_counts(info['alphas'])}",
+        f"dtype:       {info['dtype']}",
+    ]
+    for tok, e in info["embeddings"].items():
+        enc = ", ".join(f"{c} {s}" for c, s in e["encoders"].items())
+        lines.append(f"embedding:   {tok!r}: {e['vectors']} vectors ({enc})")
+    m = info["metadata"]
+    lines.append(f"metadata:    {m['keys']} keys" + "".join(f"; {k}={v}" for k, v in m.items() if k != "keys" and v))
+    if "hashes" in info:
+        h = info["hashes"]
+        lines.append(f"sha256:      {h['sha256']}")
+        lines.append(f"civitai:     AutoV1 {h['autov1']}  AutoV2 {h['autov2']}  AutoV3 {h['autov3'] or '-'}")
+    for n in info["notes"][:10]:
+        lines.append(f"note:        {n}")
+    emit(info, False, "\n".join(lines))
+
+
+@cli.command("convert")
+@click.argument("src", type=click.Path(exists=False))
+@click.option("-o", "--output", "dst", required=True, type=click.Path(), help="output file (a folder for peft)")
+@click.option("--to", "to", required=True, help="kohya | a1111 | comfy | lycoris | diffusers | peft | a1111-ti | kohya-ti | diffusers-ti")
+@click.option("--rank", type=int, default=None, help="SVD rank for kinds the target cannot hold exactly")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="cast the output tensors")
+@click.option("--arch", default=None, help=ARCH_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print the conversion report as JSON")
+def convert_cmd(src: str, dst: str, to: str, rank: int | None, dtype: str | None, arch: str | None, as_json: bool) -> None:
+    """Convert SRC (any supported format) to FORMAT, exact wherever the math allows.
+
+    Modules of a kind the target cannot hold become LoRA: exactly for LoHa (rank r1*r2), LoKr
+    (product of the factor ranks) and Tucker LoCon; otherwise by SVD at --rank, with the error
+    reported per module."""
+    from loradex.api import convert
+
+    report = convert(src, dst, to, rank=rank, dtype=dtype, arch=arch)
+    d = report.to_dict()
+    d.update(src=src, dst=dst)
+    text = [f"wrote {dst} ({report.target}): {report.summary()}"]
+    for name, how in list(report.exact.items())[:20]:
+        text.append(f"  exact   {name}: {how}")
+    for name, err in sorted(report.approximated.items(), key=lambda kv: -kv[1])[:20]:
+        text.append(f"  svd     {name}: rel. error {err:.3g}")
+    for name, why in list(report.dropped.items())[:20]:
+        text.append(f"  dropped {name}: {why}")
+    text += [f"  note: {n}" for n in report.notes[:20]]
+    emit(d, as_json, "\n".join(text))

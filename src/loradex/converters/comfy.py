@@ -1,0 +1,101 @@
+"""Spellings written by ComfyUI, OneTrainer and friends (read only; ComfyUI loads kohya keys, so
+``--to comfy`` writes the kohya format).
+
+* ``diffusion_model.<ldm path>.<suffix>``: ComfyUI's own naming (SGM/ldm paths for SD/SDXL,
+  BFL paths for FLUX), with kohya (``lora_up``) or PEFT (``lora_A``) suffixes and every LyCORIS kind.
+* ``text_encoders.<clip_l|clip_g|clip_h|t5xxl>.transformer.<transformers path>.<suffix>``.
+* ``lora_transformer_<flattened diffusers path>`` (OneTrainer's FLUX/SD3 files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loradex.converters import safetensors_io as sio
+from loradex.converters.common import (
+    LYCORIS_SUFFIXES,
+    PEFT_TO_LYCORIS,
+    ConversionReport,
+    Converter,
+    resolve_arch,
+    split_key,
+)
+from loradex.converters.kohya import Kohya, read_patches
+from loradex.core.adapter import Adapter
+from loradex.errors import ArchError, FormatError
+
+PREFIXES = ("diffusion_model.", "text_encoders.", "lora_transformer_")
+_CLIP = {
+    "clip_l": "text_encoder",
+    "clip_h": "text_encoder",
+    "clip_g": "text_encoder_2",
+    "t5xxl": "text_encoder_2",
+}
+_SUFFIXES = tuple(sorted(set(LYCORIS_SUFFIXES) | set(PEFT_TO_LYCORIS), key=len, reverse=True))
+
+
+class Comfy(Converter):
+    name = "comfy"
+    description = "ComfyUI / OneTrainer spellings (diffusion_model., text_encoders., lora_transformer_); read only"
+
+    def detect(self, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        return any(k.startswith(PREFIXES) for k in sio.read_header(path).tensors)
+
+    def read(self, path: Path, arch=None) -> Adapter:
+        h = sio.read_header(path)
+        a = resolve_arch(arch, h.shapes(), required=True, path=path)
+        sgm: dict[str, str] | None = None
+        flat_tr: dict[str, str] | None = None
+        groups: dict[str, dict[str, str]] = {}
+        for k in h.tensors:
+            sp = split_key(k, _SUFFIXES)
+            if sp is None or not k.startswith(PREFIXES):
+                continue
+            mod, suf = sp
+            groups.setdefault(mod, {})[PEFT_TO_LYCORIS.get(suf, suf)] = k
+        if not groups:
+            raise FormatError(f"{path}: no ComfyUI/OneTrainer LoRA keys found")
+
+        def unflatten(mod: str):
+            nonlocal sgm, flat_tr
+            if mod.startswith("diffusion_model."):
+                path_ = mod[len("diffusion_model.") :]
+                try:  # SDXL and FLUX: kohya names are the ldm/BFL paths flattened
+                    return a.from_kohya(a.kohya_prefixes[a.components[0]] + "_" + path_.replace(".", "_"))
+                except ArchError:
+                    if sgm is None:
+                        sgm = {}
+                        for n in a.modules:
+                            try:
+                                sgm[a.sgm_name(n)] = n
+                            except ArchError:
+                                pass
+                    for cand in (path_, "model.diffusion_model." + path_):
+                        if cand in sgm:
+                            return [(sgm[cand], None)]
+                    raise
+            if mod.startswith("text_encoders."):
+                _, enc, rest = mod.split(".", 2)
+                rest = rest[len("transformer.") :] if rest.startswith("transformer.") else rest
+                comp = _CLIP.get(enc)
+                if comp is None:
+                    raise ArchError(mod)
+                return [(a.canonical(f"{comp}.{rest}"), None)]
+            if mod.startswith("lora_transformer_"):
+                if flat_tr is None:
+                    flat_tr = {n.partition(".")[2].replace(".", "_"): n for n in a.modules if n.startswith("transformer.")}
+                f = mod[len("lora_transformer_") :]
+                if f in flat_tr:
+                    return [(flat_tr[f], None)]
+            raise ArchError(mod)
+
+        tensors: dict[str, torch.Tensor] = sio.load(path, header=h)
+        patches, notes = read_patches(groups, tensors, a, unflatten, path)
+        return Adapter(patches, {}, dict(h.metadata), a.name, self.name, notes)
+
+    def write(self, adapter: Adapter, path: Path, report: ConversionReport, **options) -> None:
+        Kohya().write(adapter, path, report, **options)

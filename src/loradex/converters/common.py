@@ -1,0 +1,240 @@
+"""Shared pieces of the converters: suffix tables, key grouping, the converter interface, and the
+kind-fitting step every writer runs (a target that cannot hold a kind gets the exact LoRA form,
+else a truncated SVD at the requested rank, and the report says which modules were exact)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from loradex.core.adapter import Adapter
+from loradex.core.kinds.base import Patch
+from loradex.errors import ConversionError, FormatError
+
+#: Suffixes of the kohya/LyCORIS family (the on-disk names that patch kinds use), longest first
+#: so that ``split_key`` picks ``lora_down.weight`` before ``weight``.
+LYCORIS_SUFFIXES = tuple(
+    sorted(
+        {
+            "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale",
+            "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+            "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
+            "diff", "diff_b", "w_norm", "b_norm", "on_input",
+            "a1.weight", "a2.weight", "b1.weight", "b2.weight",
+            "oft_blocks", "rescale", "oft_diag", "lora_up.bias", "bm.weight",
+            "weight",  # (IA)^3 — must stay last in priority (shortest)
+        },
+        key=len,
+        reverse=True,
+    )
+)
+
+#: PEFT / diffusers LoRA suffixes -> the kohya/LyCORIS suffix of the same tensor.
+PEFT_TO_LYCORIS = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_B.bias": "lora_B.bias",
+    "lora_magnitude_vector": "dora_scale",
+    "alpha": "alpha",
+}
+PEFT_SUFFIXES = tuple(sorted(PEFT_TO_LYCORIS, key=len, reverse=True))
+
+
+def split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
+    """``'a.b.lora_A.weight'`` -> ``('a.b', 'lora_A.weight')``; None when no suffix matches."""
+    for s in suffixes:
+        if key.endswith("." + s):
+            return key[: -len(s) - 1], s
+    return None
+
+
+def group_by_module(
+    keys: list[str], suffixes: tuple[str, ...], flat: bool = False
+) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Group file keys by module: ``{module: {suffix: key}}`` and the keys that fit nothing.
+
+    ``flat``: kohya-style names that contain no dot, so the split is at the first ``.``."""
+    groups: dict[str, dict[str, str]] = {}
+    rest: list[str] = []
+    for k in keys:
+        if flat:
+            mod, _, suf = k.partition(".")
+            ok = suf in suffixes
+        else:
+            sp = split_key(k, suffixes)
+            ok = sp is not None
+            mod, suf = sp if sp else ("", "")
+        if ok:
+            groups.setdefault(mod, {})[suf] = k
+        else:
+            rest.append(k)
+    return groups, rest
+
+
+@dataclass
+class ConversionReport:
+    """What a write did to each module: kept as is, converted exactly, approximated (with the
+    relative Frobenius error of the dense update), or dropped (with the reason)."""
+
+    target: str = ""
+    kept: list[str] = field(default_factory=list)
+    exact: dict[str, str] = field(default_factory=dict)  # module -> "loha->lora r=16"
+    approximated: dict[str, float] = field(default_factory=dict)  # module -> rel. error
+    dropped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        return max(self.approximated.values(), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target,
+            "kept": len(self.kept),
+            "exact": self.exact,
+            "approximated": self.approximated,
+            "max_error": self.max_error,
+            "dropped": self.dropped,
+            "notes": self.notes,
+        }
+
+    def summary(self) -> str:
+        parts = [f"{len(self.kept)} modules kept as is"]
+        if self.exact:
+            parts.append(f"{len(self.exact)} converted exactly")
+        if self.approximated:
+            parts.append(f"{len(self.approximated)} approximated by SVD (max rel. error {self.max_error:.3g})")
+        if self.dropped:
+            parts.append(f"{len(self.dropped)} dropped")
+        return ", ".join(parts)
+
+
+def live_path(canonical: str) -> str:
+    """The module path (component removed) as the live transformers 5 model names it: the
+    ``CLIPTextModel`` of every arch's ``text_encoder`` has no ``text_model`` level, SDXL's
+    ``text_encoder_2`` (``CLIPTextModelWithProjection``) keeps it. Used where a format is loaded by
+    matching module names of the live model (PEFT folders, the lycoris_ wrapper)."""
+    comp, _, path = canonical.partition(".")
+    if comp == "text_encoder" and path.startswith("text_model."):
+        return path[len("text_model.") :]
+    return path
+
+
+def fit_kinds(
+    adapter: Adapter,
+    allowed: frozenset[str] | None,
+    rank: int | None,
+    report: ConversionReport,
+    dora_ok: bool = True,
+    tucker_ok: bool = True,
+) -> Adapter:
+    """Return an adapter whose patches are all of an ``allowed`` kind.
+
+    Patches of other kinds become plain LoRA: exactly where the algebra allows (LoHa, LoKr, Tucker
+    LoRA), otherwise by SVD at ``rank`` (error reported). Kinds whose update depends on the base
+    weight ((IA)^3, GLoRA, OFT, BOFT, DoRA) cannot be converted without it: they are an error
+    unless the target holds them."""
+    if allowed is None:
+        report.kept.extend(adapter.patches)
+        return adapter
+    out: dict[str, Patch] = {}
+    for name, p in adapter.patches.items():
+        has_dora = getattr(p, "dora_scale", None) is not None
+        tucker = getattr(p, "mid", None) is not None or getattr(p, "hada_t1", None) is not None
+        if p.kind in allowed and (dora_ok or not has_dora) and (tucker_ok or not tucker):
+            out[name] = p
+            report.kept.append(name)
+            continue
+        if "lora" not in allowed:
+            raise ConversionError(f"{report.target} cannot hold {p.kind} patches ({name})")
+        if p.needs_base:
+            what = "DoRA" if has_dora else p.kind
+            raise ConversionError(
+                f"{name}: a {what} patch depends on the base weights and {report.target} cannot hold it; "
+                "bake it into the base model instead, or convert to kohya/lycoris"
+            )
+        try:
+            lora, err = p.to_lora(rank)
+        except ValueError as e:
+            raise ConversionError(
+                f"{name}: {report.target} cannot hold a {p.kind} patch and it has no exact LoRA form; "
+                f"pass --rank N for an SVD approximation ({e})"
+            ) from None
+        out[name] = lora
+        if err == 0.0:
+            report.exact[name] = f"{p.kind}->lora r={lora.rank}"
+        else:
+            report.approximated[name] = err
+    return Adapter(out, dict(adapter.embeddings), dict(adapter.metadata), adapter.arch, adapter.source_format, list(adapter.notes))
+
+
+class Converter:
+    """One on-disk format. ``detect`` must be cheap (header only); ``read`` builds an Adapter;
+    ``write`` runs ``fit_kinds`` for ``kinds`` then serializes atomically."""
+
+    name: ClassVar[str] = "?"
+    #: Kinds the format can hold; None = every kind.
+    kinds: ClassVar[frozenset[str] | None] = None
+    #: Does the format hold DoRA's magnitude vector?
+    dora: ClassVar[bool] = True
+    #: Writes a folder rather than one file.
+    folder: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def detect(self, path: Path) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def read(self, path: Path, arch: str | None = None) -> Adapter:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def write(self, adapter: Adapter, path: Path, report: ConversionReport, **options) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
+
+
+def require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise FormatError(msg)
+
+
+def resolve_arch(arch, shapes: dict[str, tuple[int, ...]], required: bool, path: Path):
+    """``arch`` (a name, an Arch, or None to detect from the file's keys and shapes) -> Arch."""
+    from loradex.core.arch import Arch, detect_arch, get_arch
+    from loradex.errors import ArchError
+
+    if isinstance(arch, Arch):
+        return arch
+    if arch is None:
+        arch = detect_arch(shapes)
+        if arch is None:
+            if required:
+                raise ArchError(f"{path}: cannot tell which base model this is for; pass --arch (sd1, sd2, sdxl, flux1)")
+            return None
+    return get_arch(arch)
+
+
+def conform(patch: Patch, shape: tuple[int, ...] | None) -> Patch:
+    """Make LoRA factors match the module's weight rank: a LoRA on a 1x1 conv must be 4-D (diffusers
+    rejects 2-D factors there), one on a Linear 2-D. SD2's proj_in/proj_out are Linear in diffusers
+    but 1x1 convs in some tools' files, so both spellings occur in the wild."""
+    from loradex.core.kinds.lora import LoraPatch
+
+    if shape is None or not isinstance(patch, LoraPatch) or patch.mid is not None:
+        return patch
+    if len(shape) == 4 and patch.down.ndim == 2 and tuple(shape[2:]) == (1, 1):
+        return LoraPatch(
+            up=patch.up[:, :, None, None], down=patch.down[:, :, None, None], alpha=patch.alpha,
+            bias=patch.bias, dora_scale=patch.dora_scale,
+        )
+    if len(shape) == 2 and patch.down.ndim == 4 and tuple(patch.down.shape[2:]) == (1, 1):
+        return LoraPatch(
+            up=patch.up.flatten(1), down=patch.down.flatten(1), alpha=patch.alpha,
+            bias=patch.bias, dora_scale=patch.dora_scale,
+        )
+    return patch

@@ -1,0 +1,245 @@
+"""diffusers LoRA files (``pytorch_lora_weights.safetensors``), as ``pipe.load_lora_weights`` reads them.
+
+Keys: ``<component>.<module path>.lora_A.weight`` (= kohya ``lora_down``, (r, in[, kh, kw])),
+``.lora_B.weight`` (= ``lora_up``), optional ``.lora_B.bias``. Alpha is not a tensor: the header
+key ``lora_adapter_metadata`` holds the PEFT ``LoraConfig`` of each component, flattened as
+``"<component>.<field>"`` (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``,
+``unet.alpha_pattern``, ``unet.target_modules`` ...). diffusers passes those fields straight to
+``LoraConfig``, so an unknown field makes it fail: we write only LoraConfig fields.
+
+The alpha trap (diffusers 0.42, FORMATS.md §3): without metadata, diffusers sets ``lora_alpha``
+to the most common rank for every module (the scale of a module with another rank is then
+``r_common / r``). We write ``rank_pattern``/``alpha_pattern`` for every module that differs from
+the component's common rank/alpha, so mixed ranks and alphas load exactly without padding or
+rescaling any tensor (the factors are written as they are: a kohya -> diffusers conversion only
+renames tensors). Reading a file without metadata reproduces what diffusers does.
+
+Older layouts are read too: attention-processor names (``attn1.processor.to_q_lora.down.weight``),
+``lora_linear_layer.up.weight`` and ``.lora.down.weight`` (diffusers 0.14-0.20), unprefixed unet keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from loradex.converters import safetensors_io as sio
+from loradex.converters.common import (
+    ConversionReport,
+    Converter,
+    cast,
+    conform,
+    fit_kinds,
+    resolve_arch,
+)
+from loradex.converters.metadata import modelspec
+from loradex.core.adapter import COMPONENTS, Adapter, component_of
+from loradex.core.kinds.base import scalar
+from loradex.core.kinds.lora import LoraPatch
+from loradex.errors import ArchError, FormatError
+
+METADATA_KEY = "lora_adapter_metadata"
+
+# old attention-processor spellings -> module names (CLIP attention uses q_proj/...)
+_PROC = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)_lora\.")
+_CLIP_PROC = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_SUFFIXES = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_B.bias": "lora_B.bias",
+    "lora_magnitude_vector": "dora_scale",
+    "lora.down.weight": "lora_down.weight",
+    "lora.up.weight": "lora_up.weight",
+    "lora_linear_layer.down.weight": "lora_down.weight",
+    "lora_linear_layer.up.weight": "lora_up.weight",
+    "down.weight": "lora_down.weight",
+    "up.weight": "lora_up.weight",
+    "alpha": "alpha",
+}
+_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
+
+
+def normalize_key(key: str) -> tuple[str, str] | None:
+    """A diffusers-family key -> (module name with component, kohya/LyCORIS suffix), or None."""
+    k = key
+    if k.startswith("base_model.model."):
+        k = k[len("base_model.model.") :]
+    m = _PROC.search(k)
+    if m:
+        what = m.group(1)
+        clip = ".self_attn" in k[: m.start()] + "."
+        mod = _CLIP_PROC[what] if clip else ("to_out.0" if what == "to_out" else what)
+        k = k[: m.start()] + "." + mod + "." + k[m.end() :]
+    for s in _ORDER:
+        if k.endswith("." + s):
+            mod = k[: -len(s) - 1]
+            if s in ("down.weight", "up.weight") and m is None:
+                return None  # bare down/up only in processor keys
+            if component_of(mod) not in COMPONENTS:
+                mod = "unet." + mod  # attn-procs files saved from a UNet carry no prefix
+            return mod, _SUFFIXES[s]
+    return None
+
+
+def clip_canonical(name: str) -> str:
+    """Insert CLIP's ``text_model.`` level when a text-encoder name lacks it (T5 names untouched)."""
+    comp, _, path = name.partition(".")
+    if comp.startswith("text_encoder") and path.startswith(("encoder.layers.", "embeddings.", "final_layer_norm")):
+        return f"{comp}.text_model.{path}"
+    return name
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """PEFT's rule (peft.utils.other.get_pattern_key): a key matches when ``(.*\\.)?(key)$`` does."""
+    for key, val in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return val
+    return default
+
+
+class Diffusers(Converter):
+    name = "diffusers"
+    kinds = frozenset({"lora"})
+    dora = False
+    description = "diffusers pytorch_lora_weights.safetensors (lora_A/lora_B + lora_adapter_metadata)"
+
+    def detect(self, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        h = sio.read_header(path)
+        ks = [k for k in h.tensors if not k.startswith("base_model.model.")]
+        return bool(ks) and any(normalize_key(k) for k in ks) and not any(k.startswith("lora_") for k in ks)
+
+    def read(self, path: Path, arch=None) -> Adapter:
+        h = sio.read_header(path)
+        groups: dict[str, dict[str, str]] = {}
+        rest = []
+        for k in h.tensors:
+            nk = normalize_key(k)
+            if nk is None:
+                rest.append(k)
+            else:
+                groups.setdefault(clip_canonical(nk[0]), {})[nk[1]] = k
+        if not groups:
+            raise FormatError(f"{path}: no diffusers LoRA keys found")
+        meta_json = h.metadata.get(METADATA_KEY)
+        try:
+            config = json.loads(meta_json) if meta_json else None
+        except json.JSONDecodeError:
+            raise FormatError(f"{path}: {METADATA_KEY} is not valid JSON") from None
+        a = resolve_arch(arch, h.shapes(), required=False, path=path)
+        tensors = sio.load(path, header=h)
+        patches, notes = {}, []
+        by_comp: dict[str, list[str]] = {}
+        for mod in groups:
+            by_comp.setdefault(component_of(mod), []).append(mod)
+        for comp, mods in by_comp.items():
+            ranks = {m: tensors[groups[m]["lora_down.weight"]].shape[0] for m in mods if "lora_down.weight" in groups[m]}
+            common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+            cfg = None
+            if config is not None:
+                cfg = {k[len(comp) + 1 :]: v for k, v in config.items() if k.startswith(comp + ".")} or None
+            elif len(set(ranks.values())) > 1 and not any("alpha" in groups[m] for m in mods):
+                notes.append(
+                    f"{comp}: mixed ranks and no alphas: scaled as diffusers does (alpha = the common rank {common})"
+                )
+            for mod in mods:
+                g = groups[mod]
+                if "lora_down.weight" not in g or "lora_up.weight" not in g:
+                    raise FormatError(f"{path}: {mod}: needs both lora_A and lora_B")
+                sd = {s: tensors[k] for s, k in g.items()}
+                r = sd["lora_down.weight"].shape[0]
+                if "alpha" not in sd:
+                    alpha = self._alpha_for(cfg, mod.partition(".")[2], r, common)
+                    sd["alpha"] = torch.tensor(float(alpha))
+                bias = sd.pop("lora_B.bias", None)
+                mag = sd.pop("dora_scale", None)
+                patch = LoraPatch(up=sd["lora_up.weight"], down=sd["lora_down.weight"], alpha=sd["alpha"], bias=bias)
+                if mag is not None:
+                    patch.dora_scale = mag.reshape(-1, *([1] * (patch.up.ndim - 1)))
+                name = mod
+                if a is not None:
+                    try:
+                        name = a.canonical(mod)
+                        patch = conform(patch, a.module(name).shape)
+                    except ArchError:
+                        notes.append(f"{mod}: not a module of {a.name}")
+                patches[name] = patch
+        if rest:
+            notes.append(f"{len(rest)} keys not understood, e.g. {rest[0]}")
+        return Adapter(patches, {}, dict(h.metadata), a.name if a else None, self.name, notes)
+
+    @staticmethod
+    def _alpha_for(cfg: dict | None, path: str, r: int, common: int) -> float:
+        if cfg is None:
+            return float(common)  # diffusers: lora_alpha = most common rank
+        rank_pattern = cfg.get("rank_pattern") or {}
+        alpha_pattern = cfg.get("alpha_pattern") or {}
+        base_r = cfg.get("r", r)
+        alpha = _pattern_value(alpha_pattern, path, None)
+        if alpha is None:
+            alpha = cfg.get("lora_alpha", base_r)
+        del rank_pattern  # the rank is in the tensors; PEFT's scale is alpha / r with r from the tensors
+        if cfg.get("use_rslora"):
+            return float(alpha) * r / (r**0.5)  # rsLoRA: scale alpha / sqrt(r)
+        return float(alpha)
+
+    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, title=None, arch=None, **_):
+        adapter = fit_kinds(adapter, self.kinds, rank, report, dora_ok=self.dora, tucker_ok=False)
+        a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
+        out: dict[str, torch.Tensor] = {}
+        config: dict[str, object] = {}
+        by_comp: dict[str, list[str]] = {}
+        for name in adapter.patches:
+            by_comp.setdefault(component_of(name), []).append(name)
+        for comp, names in by_comp.items():
+            pats = {n: adapter.patches[n] for n in names}
+            if a is not None:  # 1x1 convs need 4-D factors in diffusers, Linears 2-D
+                pats = {n: conform(p, a.modules[n].shape if n in a.modules else None) for n, p in pats.items()}
+            ranks = {n: p.rank for n, p in pats.items()}
+            alphas = {n: scalar(p.alpha) or float(p.rank) for n, p in pats.items()}
+            r0 = Counter(ranks.values()).most_common(1)[0][0]
+            a0 = Counter(alphas.values()).most_common(1)[0][0]
+            rank_pattern, alpha_pattern, targets = {}, {}, []
+            has_bias = any(p.bias is not None for p in pats.values())
+            for n, p in pats.items():
+                path_ = n.partition(".")[2]
+                # PEFT matches patterns as suffixes at a '.' boundary; CLIP's text_model level may
+                # or may not exist in the live model, so match without it.
+                key = path_[len("text_model.") :] if path_.startswith("text_model.") else path_
+                targets.append(key)
+                if ranks[n] != r0:
+                    rank_pattern[re.escape(key)] = ranks[n]
+                if alphas[n] != a0:
+                    alpha_pattern[re.escape(key)] = alphas[n]
+                pre = f"{n}."
+                out[pre + "lora_A.weight"] = cast(p.down, dtype)
+                out[pre + "lora_B.weight"] = cast(p.up, dtype)
+                if has_bias:  # PEFT's lora_bias is per config: every module gets one (zeros = none)
+                    b = p.bias if p.bias is not None else p.up.new_zeros(p.up.shape[0])
+                    out[pre + "lora_B.bias"] = cast(b, dtype)
+            fields = {
+                "r": r0,
+                "lora_alpha": a0,
+                "rank_pattern": rank_pattern,
+                "alpha_pattern": alpha_pattern,
+                "target_modules": sorted(targets),
+                "lora_bias": has_bias,
+                "use_dora": False,
+                "use_rslora": False,
+                "init_lora_weights": True,
+                "bias": "none",
+            }
+            config.update({f"{comp}.{k}": v for k, v in fields.items()})
+        if adapter.embeddings:
+            report.notes.append(
+                "diffusers LoRA files cannot hold textual-inversion embeddings; write them with --to diffusers-ti"
+            )
+        meta = modelspec(adapter, title or Path(path).stem)
+        meta[METADATA_KEY] = json.dumps(config, sort_keys=True)
+        meta["format"] = "pt"
+        sio.save(out, path, meta)

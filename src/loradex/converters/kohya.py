@@ -1,0 +1,158 @@
+"""kohya sd-scripts format (also what A1111, ComfyUI and LyCORIS' kohya entry point write/read).
+
+Keys are ``<prefix>_<module path with '.' -> '_'>.<suffix>`` (FORMATS.md §1): prefixes
+``lora_unet`` / ``lora_te`` (SD1/2), ``lora_te1`` / ``lora_te2`` (SDXL), ``lora_unet`` /
+``lora_te1`` / ``lora_te3`` (FLUX). The flattened names cannot be split back at ``_`` in
+general, so they are un-flattened against the architecture's module table (core/arch.py); SDXL
+unet names are SGM paths, FLUX names BFL ones with fused qkv/linear1 projections. All LyCORIS kinds
+are written with their own suffixes under these prefixes (the LyCORIS kohya convention), which
+A1111 and ComfyUI load. Pivotal-tuning embeddings ride along as ``bundle_emb.*``.
+
+kohya stores alpha as a 0-dim tensor; a missing alpha means alpha = rank.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from loradex.converters import safetensors_io as sio
+from loradex.converters.common import (
+    LYCORIS_SUFFIXES,
+    ConversionReport,
+    Converter,
+    cast,
+    conform,
+    fit_kinds,
+    group_by_module,
+    resolve_arch,
+)
+from loradex.converters.metadata import kohya_ss, modelspec
+from loradex.core.adapter import Adapter
+from loradex.core.fusion import fuse_rows, split_rows
+from loradex.core.kinds import patch_from_tensors
+from loradex.core.kinds.base import Patch
+from loradex.core.kinds.lora import LoraPatch
+from loradex.errors import ArchError, ConversionError, FormatError
+
+KOHYA_KEY = re.compile(r"^lora_(unet|te\d?)_[^.]+\.")
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def read_patches(
+    tensors_of: dict[str, dict[str, str]], load: dict[str, torch.Tensor], arch, unflatten, path: Path
+) -> tuple[dict[str, Patch], list[str]]:
+    """Build canonical patches from groups of flat-named keys. ``unflatten(flat)`` returns the
+    canonical targets (with row ranges for fused weights). Returns patches and notes."""
+    patches: dict[str, Patch] = {}
+    notes: list[str] = []
+    for flat, sufmap in tensors_of.items():
+        try:
+            targets = unflatten(flat)
+        except ArchError:
+            notes.append(f"skipped {flat}: no such module in {arch.name}")
+            continue
+        sd = {s: load[k] for s, k in sufmap.items()}
+        if len(targets) == 1 and targets[0][1] is None:
+            name = targets[0][0]
+            shape = arch.module(name).shape
+            try:
+                patches[name] = conform(patch_from_tensors(sd, shape), shape)
+            except FormatError as e:
+                raise FormatError(f"{path}: {flat}: {e}") from None
+            continue
+        # fused projection (FLUX qkv / linear1 / permuted adaLN): split rows exactly; a canonical
+        # module's rows are the concatenation of its ranges in list order (see core/arch.py)
+        rows = max(r[1] for _, r in targets)
+        in_shape = arch.module(targets[0][0]).shape[1:]
+        fused = patch_from_tensors(sd, (rows, *in_shape))
+        order: dict[str, list[tuple[int, int]]] = {}
+        for name, r in targets:
+            order.setdefault(name, []).append(r)
+        parts, err = split_rows(fused, list(order.values()))
+        for name, part in zip(order, parts):
+            patches[name] = part
+        if err:
+            notes.append(f"{flat}: split with rel. error {err:.3g}")
+    return patches, notes
+
+
+class Kohya(Converter):
+    name = "kohya"
+    description = "kohya sd-scripts / A1111 / ComfyUI keys (lora_unet_*, lora_te*_*), every LyCORIS kind"
+
+    def detect(self, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        h = sio.read_header(path)
+        return any(KOHYA_KEY.match(k) for k in h.tensors)
+
+    def read(self, path: Path, arch=None) -> Adapter:
+        from loradex.converters.embeddings import parse_bundle
+
+        h = sio.read_header(path)
+        keys = [k for k in h.tensors if not k.startswith(BUNDLE_PREFIX)]
+        groups, rest = group_by_module(keys, LYCORIS_SUFFIXES, flat=True)
+        if not groups and not any(k.startswith(BUNDLE_PREFIX) for k in h.tensors):
+            raise FormatError(f"{path}: no kohya LoRA keys found")
+        a = resolve_arch(arch, h.shapes(), required=bool(groups), path=path)
+        tensors = sio.load(path, header=h)
+        patches, notes = read_patches(groups, tensors, a, a.from_kohya, path) if groups else ({}, [])
+        bundle = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}
+        meta = dict(h.metadata)
+        if rest:
+            meta["loradex.unread_keys"] = str(len(rest))
+        return Adapter(patches, parse_bundle(bundle) if bundle else {}, meta, a.name if a else None, self.name, notes)
+
+    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, title=None, **_):
+        from loradex.converters.embeddings import bundle_tensors
+
+        a = resolve_arch(arch or adapter.arch, {}, required=bool(adapter.patches), path=path)
+        adapter = fit_kinds(adapter, self.kinds, rank, report)
+        out: dict[str, torch.Tensor] = {}
+        fusions = a.kohya_fusions() if a is not None else {}
+        fused_members = {name: flat for flat, parts in fusions.items() for name, _ in parts}
+        pending: dict[str, dict[str, Patch]] = {}
+        for name, p in adapter.patches.items():
+            if name in fused_members:
+                pending.setdefault(fused_members[name], {})[name] = p
+                continue
+            self._emit(out, a.kohya_name(name), p, dtype)
+        for flat, members in pending.items():
+            parts = fusions[flat]
+            loras: list[tuple[LoraPatch | None, tuple[int, int]]] = []
+            offset: dict[str, int] = {}  # rows of a canonical already placed (permuted parts)
+            for name, rows in parts:
+                p = members.get(name)
+                if p is not None and not isinstance(p, LoraPatch):
+                    try:
+                        members[name], err = p.to_lora(rank)
+                    except ValueError:
+                        raise ConversionError(
+                            f"{name}: kohya stores it fused in {flat}; a {p.kind} patch needs --rank N to fuse"
+                        ) from None
+                    if err:
+                        report.approximated[name] = err
+                    else:
+                        report.exact[name] = f"{p.kind}->lora (fused into {flat})"
+                    p = members[name]
+                if p is not None:
+                    o = offset.get(name, 0)
+                    n = rows[1] - rows[0]
+                    p = LoraPatch(up=p.up[o : o + n], down=p.down, alpha=p.alpha, mid=p.mid,
+                                  bias=None if p.bias is None else p.bias[o : o + n], dora_scale=p.dora_scale)
+                    offset[name] = o + n
+                loras.append((p, rows))
+            self._emit(out, flat, fuse_rows(loras, max(r[1] for _, r in parts)), dtype)
+        if adapter.embeddings:
+            out.update({k: cast(v, dtype) for k, v in bundle_tensors(adapter.embeddings).items()})
+        t = title or Path(path).stem
+        meta = {**kohya_ss(adapter, t), **modelspec(adapter, t)}
+        sio.save_with_kohya_hashes(out, path, meta)
+
+    @staticmethod
+    def _emit(out: dict[str, torch.Tensor], flat: str, p: Patch, dtype) -> None:
+        for suffix, t in p.tensors().items():
+            out[f"{flat}.{suffix}"] = cast(t, dtype)

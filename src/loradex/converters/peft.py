@@ -1,0 +1,230 @@
+"""PEFT adapter folders: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``).
+
+Keys are ``base_model.model.<module path>.<suffix>`` with the module path of the live model that
+``PeftModel.from_pretrained`` wraps — so a CLIPTextModel's paths carry no ``text_model`` level
+under transformers 5. Supported tuners: LORA (``lora_A``/``lora_B``, ``lora_magnitude_vector``
+for DoRA), LOHA (``hada_*``, same tensors as LyCORIS), LOKR (``lokr_*``). Scale is
+``alpha / r`` per module, with ``rank_pattern``/``alpha_pattern`` overrides (PEFT matches a pattern
+key as a suffix at a '.' boundary) and rsLoRA (``alpha / sqrt(r)``).
+
+A folder holds one model. An adapter spanning several components is written as one PEFT folder
+per component (``<out>/unet``, ``<out>/text_encoder`` ...), the layout diffusers' training
+scripts use; reading accepts both layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from loradex.converters import safetensors_io as sio
+from loradex.converters.common import (
+    LYCORIS_SUFFIXES,
+    ConversionReport,
+    Converter,
+    cast,
+    conform,
+    fit_kinds,
+    live_path,
+    resolve_arch,
+)
+from loradex.converters.diffusers import _pattern_value, clip_canonical
+from loradex.core.adapter import COMPONENTS, Adapter, component_of
+from loradex.core.kinds import patch_from_tensors
+from loradex.core.kinds.base import Patch, scalar
+from loradex.core.kinds.lora import LoraPatch
+from loradex.errors import ArchError, FormatError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+_PEFT_SUF = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora_B.bias": "lora_B.bias",
+             "lora_magnitude_vector": "dora_scale"}
+_ALL_SUF = tuple(sorted(set(_PEFT_SUF) | {s for s in LYCORIS_SUFFIXES if s.startswith(("hada_", "lokr_"))}, key=len, reverse=True))
+
+
+def _folders(path: Path) -> list[tuple[str | None, Path]]:
+    """(component or None, folder) pairs of a PEFT adapter folder (flat or per component)."""
+    if (path / CONFIG).is_file():
+        return [(None, path)]
+    return [(c, path / c) for c in COMPONENTS if (path / c / CONFIG).is_file()]
+
+
+class Peft(Converter):
+    name = "peft"
+    kinds = frozenset({"lora", "loha", "lokr"})
+    folder = True
+    description = "PEFT adapter folder(s): adapter_config.json + adapter_model.safetensors (LoRA, LoHa, LoKr)"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and bool(_folders(path))
+
+    def read(self, path: Path, arch=None) -> Adapter:
+        folders = _folders(path)
+        if not folders:
+            raise FormatError(f"{path}: no {CONFIG} found (not a PEFT adapter folder)")
+        raw: list[tuple[str | None, dict, dict[str, torch.Tensor], dict[str, str]]] = []
+        shapes: dict[str, tuple[int, ...]] = {}
+        for comp, folder in folders:
+            cfg = sio.read_json(folder / CONFIG)
+            wfile = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
+            if wfile is None:
+                raise FormatError(f"{folder}: no adapter_model.safetensors")
+            if wfile.suffix == ".bin":
+                tensors = sio.load_pickle(wfile)
+                if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+                    raise FormatError(f"{wfile}: not a dict of tensors")
+                meta: dict[str, str] = {}
+            else:
+                h = sio.read_header(wfile)
+                tensors, meta = sio.load(wfile, header=h), dict(h.metadata)
+            raw.append((comp, cfg, tensors, meta))
+            shapes.update({(f"{comp}." if comp else "") + k: tuple(v.shape) for k, v in tensors.items()})
+        a = resolve_arch(arch, shapes, required=False, path=path)
+        patches: dict[str, Patch] = {}
+        notes: list[str] = []
+        metadata: dict[str, str] = {}
+        for comp, cfg, tensors, meta in raw:
+            metadata.update(meta)
+            comp = comp or self._guess_component(tensors, a)
+            ptype = str(cfg.get("peft_type", "LORA")).upper()
+            if ptype not in ("LORA", "LOHA", "LOKR"):
+                raise FormatError(f"{path}: PEFT type {ptype} is not supported (LORA, LOHA, LOKR)")
+            groups: dict[str, dict[str, torch.Tensor]] = {}
+            for k, v in tensors.items():
+                kk = k[len(PREFIX):] if k.startswith(PREFIX) else k
+                for s in _ALL_SUF:
+                    if kk.endswith("." + s):
+                        groups.setdefault(kk[: -len(s) - 1], {})[_PEFT_SUF.get(s, s)] = v
+                        break
+                else:
+                    notes.append(f"unread key {k}")
+            for mod, sd in groups.items():
+                name = clip_canonical(f"{comp}.{mod}")
+                shape = None
+                if a is not None:
+                    try:
+                        name = a.canonical(name)
+                        shape = a.module(name).shape
+                    except ArchError:
+                        notes.append(f"{name}: not a module of {a.name}")
+                r = self._rank(sd)
+                alpha = self._alpha(cfg, mod, r, ptype)
+                sd["alpha"] = torch.tensor(float(alpha))
+                bias = sd.pop("lora_B.bias", None)
+                mag = sd.pop("dora_scale", None)
+                p = patch_from_tensors(sd, shape)
+                if isinstance(p, LoraPatch):
+                    p.bias = bias
+                    if mag is not None:
+                        p.dora_scale = mag.reshape(-1, *([1] * (p.up.ndim - 1)))
+                patches[name] = conform(p, shape)
+        return Adapter(patches, {}, metadata, a.name if a else None, self.name, notes)
+
+    @staticmethod
+    def _guess_component(tensors: dict[str, torch.Tensor], a) -> str:
+        keys = " ".join(list(tensors)[:50])
+        if "transformer_blocks" in keys and "down_blocks" not in keys and "single_transformer_blocks" in keys:
+            return "transformer"
+        if ".self_attn." in keys or "encoder.layers." in keys:
+            return "text_encoder"
+        if ".SelfAttention." in keys:
+            return "text_encoder_2"
+        return "unet"
+
+    @staticmethod
+    def _rank(sd: dict[str, torch.Tensor]) -> int:
+        if "lora_down.weight" in sd:
+            return sd["lora_down.weight"].shape[0]
+        if "hada_w1_b" in sd:
+            return sd["hada_w1_b"].shape[0]
+        for k in ("lokr_w2_a", "lokr_w1_a"):
+            if k in sd:
+                return sd[k].shape[1]
+        return max(sd["lokr_w2"].shape[:2]) if "lokr_w2" in sd else 1
+
+    @staticmethod
+    def _alpha(cfg: dict, mod: str, r: int, ptype: str) -> float:
+        """PEFT's per-module scale is alpha / r: return the alpha that gives it in LyCORIS terms."""
+        key = "lora_alpha" if ptype == "LORA" else "alpha"
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, mod, None)
+        if alpha is None:
+            alpha = cfg.get(key, r)
+        cfg_r = _pattern_value(cfg.get("rank_pattern") or {}, mod, None) or cfg.get("r", r)
+        scale = float(alpha) / (cfg_r**0.5 if cfg.get("use_rslora") else cfg_r)
+        if ptype == "LOKR":
+            return scale * r  # loradex' LoKr gamma = alpha / (its own rank); see core/kinds/lokr.py
+        return scale * r
+
+    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, **_):
+        kinds = set(adapter.kinds())
+        # one PEFT config holds one tuner type: LoHa-only stays LoHa, anything else becomes LoRA
+        allowed = frozenset({"loha"}) if kinds == {"loha"} else frozenset({"lora"})
+        adapter = fit_kinds(adapter, allowed, rank, report, dora_ok=True, tucker_ok=False)
+        a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
+        comps = sorted({component_of(n) for n in adapter.patches})
+        if path.exists() and not path.is_dir():
+            raise FormatError(f"{path}: exists and is not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        for comp in comps:
+            folder = path if len(comps) == 1 else path / comp
+            folder.mkdir(exist_ok=True)
+            pats = {n: p for n, p in adapter.patches.items() if component_of(n) == comp}
+            if a is not None:
+                pats = {n: conform(p, a.modules[n].shape if n in a.modules else None) for n, p in pats.items()}
+            self._write_one(pats, folder, "LOHA" if allowed == {"loha"} else "LORA", dtype)
+        if adapter.embeddings:
+            report.notes.append("PEFT folders cannot hold textual-inversion embeddings; write them with --to diffusers-ti")
+
+    @staticmethod
+    def _write_one(pats: dict[str, Patch], folder: Path, ptype: str, dtype) -> None:
+        out: dict[str, torch.Tensor] = {}
+        ranks = {n: p.rank for n, p in pats.items()}
+        alphas = {n: scalar(getattr(p, "alpha", None)) or float(p.rank) for n, p in pats.items()}
+        r0 = Counter(ranks.values()).most_common(1)[0][0]
+        a0 = Counter(alphas.values()).most_common(1)[0][0]
+        rank_pattern, alpha_pattern, targets = {}, {}, []
+        use_dora = any(getattr(p, "dora_scale", None) is not None for p in pats.values())
+        has_bias = any(getattr(p, "bias", None) is not None for p in pats.values())
+        for n, p in pats.items():
+            mpath = live_path(n)
+            targets.append(mpath)
+            if ranks[n] != r0:
+                rank_pattern["^" + re.escape(mpath)] = ranks[n]
+            if alphas[n] != a0:
+                alpha_pattern["^" + re.escape(mpath)] = alphas[n]
+            pre = PREFIX + mpath + "."
+            if ptype == "LORA":
+                out[pre + "lora_A.weight"] = cast(p.down, dtype)
+                out[pre + "lora_B.weight"] = cast(p.up, dtype)
+                if has_bias:  # PEFT's lora_bias is per config: every module gets one (zeros = none)
+                    b = p.bias if p.bias is not None else p.up.new_zeros(p.up.shape[0])
+                    out[pre + "lora_B.bias"] = cast(b, dtype)
+                if p.dora_scale is not None:
+                    out[pre + "lora_magnitude_vector"] = cast(p.dora_scale.flatten(), dtype)
+            else:
+                for s, t in p.tensors().items():
+                    if s != "alpha":
+                        out[pre + s] = cast(t, dtype)
+        if ptype == "LORA":
+            cfg = {
+                "peft_type": "LORA", "r": r0, "lora_alpha": a0, "rank_pattern": rank_pattern,
+                "alpha_pattern": alpha_pattern, "target_modules": sorted(targets), "use_dora": use_dora,
+                "lora_bias": has_bias,
+                "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False,
+                "init_lora_weights": True, "inference_mode": True, "task_type": None,
+                "base_model_name_or_path": None, "modules_to_save": None,
+            }
+        else:
+            cfg = {
+                "peft_type": "LOHA", "r": r0, "alpha": a0, "rank_pattern": rank_pattern,
+                "alpha_pattern": alpha_pattern, "target_modules": sorted(targets), "rank_dropout": 0.0,
+                "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True,
+                "inference_mode": True, "task_type": None, "base_model_name_or_path": None, "modules_to_save": None,
+            }
+        sio.save(out, folder / WEIGHTS[0], {"format": "pt"})
+        sio.write_text(json.dumps(cfg, indent=2, sort_keys=True), folder / CONFIG)

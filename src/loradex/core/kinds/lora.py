@@ -1,0 +1,273 @@
+"""LoRA / LoCon (kind ``lora``): ``dW = gamma * up @ down``, optionally Tucker, bias and DoRA.
+
+On-disk suffixes (kohya sd-scripts, LyCORIS ``LoConModule``; diffusers/PEFT names map 1:1):
+
+============================  =====================================  ==============================
+suffix                        shape                                  diffusers / PEFT
+============================  =====================================  ==============================
+``lora_up.weight``            ``(out, r)`` or conv ``(out, r, 1, 1)``  ``lora_B.weight``
+``lora_down.weight``          ``(r, in)`` or conv ``(r, in, kh, kw)``  ``lora_A.weight``
+                              (Tucker: ``(r, in, 1, 1)``)
+``lora_mid.weight``           ``(r, r, kh, kw)`` (LyCORIS Tucker)     --
+``alpha``                     0-dim                                  config ``lora_alpha``
+``lora_up.bias``              ``(out,)``                             ``lora_B.bias`` (``lora_bias``)
+``dora_scale``                ``(out, 1, ...)`` or ``(1, in, 1, ...)`` ``lora_magnitude_vector``
+                                                                     (see ``dora.py``)
+============================  =====================================  ==============================
+
+Math: ``gamma = alpha / r`` (alpha missing or 0: ``gamma = 1``; ``r = down.shape[0]``).
+``dW = gamma * up @ down`` with conv factors flattened (``down`` to ``(r, in*kh*kw)`` in the conv
+weight's ``(in, kh, kw)`` order). Tucker: ``dW[o, i, h, w] = gamma * sum_{m,n} up[o, m] *
+mid[m, n, h, w] * down[n, i]`` (LyCORIS ``einsum('m n ..., i m, n j -> i j ...', mid, up, down)``),
+which is a plain LoRA whose ``down`` is ``einsum('m n h w, n i -> m i h w', mid, down)``.
+Bias: the module bias changes by ``m * gamma * bias`` (PEFT adds ``lora_B(lora_A(x)) * scaling``,
+lora_B's bias included). DoRA: see ``dora.py``. ``delta(multiplier=m)`` is ``m * dW`` without DoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from loradex.core.kinds.base import (
+    Patch,
+    Shape,
+    alpha_scale,
+    as_alpha,
+    check_fits,
+    compute_dtype,
+    fields_from,
+    fit_to,
+    require,
+)
+from loradex.core.kinds.dora import dora_delta, dora_on_output
+from loradex.core.linalg import svd_truncate, truncate_factors
+from loradex.errors import ConversionError
+
+
+@dataclass(eq=False)
+class LoraPatch(Patch):
+    """A (Lo)Con LoRA. Fields hold the on-disk tensors as they are (any float dtype).
+
+    ``up`` ``(out, r[, 1, 1])``, ``down`` ``(r, in[, kh, kw])`` (Tucker: ``(r, in, 1, 1)``),
+    ``alpha`` 0-dim tensor or None, ``mid`` ``(r, r, kh, kw)`` or None, ``bias`` ``(out,)`` or
+    None, ``dora_scale`` or None. Numbers given for ``alpha`` become tensors.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: torch.Tensor | None = None
+    mid: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    dora_scale: torch.Tensor | None = None
+
+    kind = "lora"
+    detect_suffixes = ("lora_up.weight", "lora_down.weight")
+    SUFFIXES = {
+        "lora_up.weight": "up",
+        "lora_down.weight": "down",
+        "lora_mid.weight": "mid",
+        "alpha": "alpha",
+        "lora_up.bias": "bias",
+        "dora_scale": "dora_scale",
+    }
+
+    def __post_init__(self) -> None:
+        self.alpha = as_alpha(self.alpha)
+        up, down, mid = self.up, self.down, self.mid
+        require(up.ndim >= 2 and down.ndim >= 2, f"lora: up {tuple(up.shape)} / down {tuple(down.shape)} must be at least 2-D")
+        require(up.ndim == down.ndim, f"lora: up {tuple(up.shape)} and down {tuple(down.shape)} differ in rank of tensor")
+        require(all(s == 1 for s in up.shape[2:]), f"lora: conv up must be 1x1, got {tuple(up.shape)}")
+        r = down.shape[0]
+        require(up.shape[1] == r and r > 0, f"lora: up {tuple(up.shape)} does not chain with down {tuple(down.shape)}")
+        if mid is not None:
+            require(
+                mid.ndim == down.ndim and tuple(mid.shape[:2]) == (r, r),
+                f"lora: lora_mid {tuple(mid.shape)} does not fit rank {r} and down {tuple(down.shape)}",
+            )
+            require(all(s == 1 for s in down.shape[2:]), f"lora: Tucker down must be 1x1, got {tuple(down.shape)}")
+        if self.bias is not None:
+            require(
+                self.bias.numel() == up.shape[0] and self.bias.ndim == 1,
+                f"lora: bias {tuple(self.bias.shape)} does not fit {up.shape[0]} output rows",
+            )
+        if self.dora_scale is not None:
+            dora_on_output(self.dora_scale, self.shape)
+
+    # ---- contract --------------------------------------------------------------------------
+    @property
+    def shape(self) -> Shape:
+        out = self.up.shape[0]
+        if self.mid is not None:
+            return (out, self.down.shape[1], *self.mid.shape[2:])
+        return (out, *self.down.shape[1:])
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """``gamma = alpha / rank`` (1 when alpha is missing or 0)."""
+        return alpha_scale(self.alpha, self.rank)
+
+    @property
+    def dora_on_output(self) -> bool | None:
+        """DoRA norm axis: True per output row, False per input column, None without DoRA."""
+        return None if self.dora_scale is None else dora_on_output(self.dora_scale, self.shape)
+
+    def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up, down)`` as 2-D matrices ``(out, r)`` and ``(r, in*kh*kw)`` with the Tucker
+        ``mid`` folded into ``down`` and without gamma; in ``dtype`` (default: the compute dtype)."""
+        dt = dtype or compute_dtype(self.up, self.down, self.mid)
+        up = self.up.reshape(self.up.shape[0], self.rank).to(dt)
+        return up, self._full_down(dt).reshape(self.rank, -1)
+
+    def _full_down(self, dt: torch.dtype) -> torch.Tensor:
+        """``down`` with ``mid`` folded in: ``(r, in, kh, kw)`` (or ``down`` itself)."""
+        if self.mid is None:
+            return self.down.to(dt)
+        d = self.down.reshape(self.rank, -1).to(dt)
+        return torch.einsum("mn...,ni->mi...", self.mid.to(dt), d)
+
+    def _dense(self, dt: torch.dtype) -> torch.Tensor:
+        up, down = self.factors(dt)
+        return ((up * self.scale) @ down).reshape(self.shape)
+
+    def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
+        if self.dora_scale is not None:
+            if base_weight is None:
+                raise ValueError("a DoRA patch (dora_scale) needs the base weight")
+            d = dora_delta(base_weight, self._dense(torch.float64), self.dora_scale, multiplier)
+            return fit_to(d.float(), base_weight)
+        dt = compute_dtype(self.up, self.down, self.mid, base_weight)
+        return fit_to((self._dense(dt) * multiplier).float(), base_weight)
+
+    def bias_delta(self, base_bias: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return (self.bias.to(compute_dtype(self.bias)) * (self.scale * multiplier)).float()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lora_up.weight": self.up, "lora_down.weight": self.down}
+        if self.mid is not None:
+            out["lora_mid.weight"] = self.mid
+        if self.alpha is not None:
+            out["alpha"] = self.alpha
+        if self.bias is not None:
+            out["lora_up.bias"] = self.bias
+        if self.dora_scale is not None:
+            out["dora_scale"] = self.dora_scale
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> LoraPatch:
+        patch = cls(**fields_from("lora", tensors, cls.SUFFIXES, ("lora_up.weight", "lora_down.weight")))
+        check_fits("lora", patch.shape, weight_shape)
+        return patch
+
+    # ---- conversions -----------------------------------------------------------------------
+    def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None) -> tuple[LoraPatch, float]:
+        """Exact identity when ``rank`` is None or >= the current rank (a Tucker ``mid`` is folded
+        into a plain ``kh x kw`` down, exactly); below it, the optimal truncation of ``up @ down``
+        computed from the factors (:func:`truncate_factors`), gamma and the bias scale folded
+        (alpha None). DoRA: needs ``base_weight`` and a rank (truncated SVD of the dense delta)."""
+        if self.dora_scale is not None:
+            if base_weight is None:
+                raise ValueError("a DoRA patch (dora_scale) needs the base weight to become a plain LoRA")
+            if rank is None:
+                raise ConversionError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
+            return LoraPatch.from_dense(self.delta(base_weight), rank)
+        dtype = self.up.dtype
+        plain = self
+        if self.mid is not None:
+            plain = LoraPatch(
+                up=self.up,
+                down=self._full_down(torch.float64).to(self.down.dtype),
+                alpha=self.alpha,
+                bias=self.bias,
+            )
+        if rank is None or rank >= self.rank:
+            return plain, 0.0
+        up, down = self.factors(torch.float64)
+        new_up, new_down, err = truncate_factors(up * self.scale, down, rank)
+        return self._from_2d(new_up, new_down, self.shape, dtype, self._scaled_bias()), err
+
+    def _scaled_bias(self) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return (self.bias.double() * self.scale).to(self.bias.dtype)
+
+    @staticmethod
+    def _from_2d(
+        up: torch.Tensor,
+        down: torch.Tensor,
+        shape: Shape,
+        dtype: torch.dtype,
+        bias: torch.Tensor | None = None,
+        alpha: torch.Tensor | None = None,
+    ) -> LoraPatch:
+        """A LoraPatch from 2-D factors of a weight of ``shape`` (conv: up ``(out, k, 1, 1)``,
+        down ``(k, in, kh, kw)``)."""
+        k = up.shape[1]
+        tail = shape[2:]
+        return LoraPatch(
+            up=up.reshape(shape[0], k, *([1] * len(tail))).to(dtype),
+            down=down.reshape(k, *shape[1:]).to(dtype),
+            alpha=alpha,
+            bias=bias,
+        )
+
+    @classmethod
+    def from_dense(cls, dW: torch.Tensor, rank: int, **svd_options) -> tuple[LoraPatch, float]:
+        """Best rank-``rank`` LoRA of a dense update (truncated SVD, :func:`svd_truncate`):
+        ``up = U S``, ``down = V^T``, alpha None (scale 1). Conv updates are flattened to
+        ``(out, in*kh*kw)``; ``down`` comes back as ``(r, in, kh, kw)`` and ``up`` as
+        ``(out, r, 1, 1)``. The rank is clamped to ``min(out, in*kh*kw)``. Factors are float32
+        (float64/float16/bfloat16 inputs keep their dtype). Returns ``(patch, relative_error)``."""
+        if dW.ndim < 2:
+            raise ConversionError(f"a {dW.ndim}-D update (shape {tuple(dW.shape)}) has no LoRA form")
+        if rank is None or rank < 1:
+            raise ConversionError(f"a LoRA rank >= 1 is needed, got {rank}")
+        dtype = dW.dtype if dW.is_floating_point() else torch.float32
+        mat = dW.reshape(dW.shape[0], -1)
+        if mat.dtype != torch.float64:
+            mat = mat.float()
+        up, down, err = svd_truncate(mat, rank, **svd_options)
+        return cls._from_2d(up, down, tuple(dW.shape), dtype), err
+
+    def fold_alpha(self, mode: str = "sqrt") -> LoraPatch:
+        """The same update with ``alpha = rank`` (scale 1), the form writers need when a format
+        cannot carry per-module alphas. ``mode="sqrt"`` multiplies ``up`` and ``down`` by
+        ``sqrt(|gamma|)`` (the sign goes to ``up``), ``"up"`` multiplies ``up`` by ``gamma``.
+        The bias is rescaled too; ``mid`` and ``dora_scale`` are kept (DoRA sees the same dW)."""
+        g = self.scale
+        if mode == "sqrt":
+            fu, fd = math.copysign(math.sqrt(abs(g)), g), math.sqrt(abs(g))
+        elif mode == "up":
+            fu, fd = g, 1.0
+        else:
+            raise ValueError(f"unknown fold mode {mode!r} (sqrt or up)")
+        alpha = torch.tensor(float(self.rank), dtype=self.alpha.dtype if self.alpha is not None else self.up.dtype)
+        return LoraPatch(
+            up=(self.up.double() * fu).to(self.up.dtype),
+            down=(self.down.double() * fd).to(self.down.dtype),
+            alpha=alpha,
+            mid=self.mid,
+            bias=self._scaled_bias(),
+            dora_scale=self.dora_scale,
+        )
+
+    def scaled(self, factor: float) -> LoraPatch:
+        """``factor`` times the update (``up`` and the bias scaled). Not for DoRA patches."""
+        if self.dora_scale is not None:
+            raise ConversionError("a DoRA patch cannot be scaled linearly")
+        return LoraPatch(
+            up=(self.up.double() * factor).to(self.up.dtype),
+            down=self.down,
+            alpha=self.alpha,
+            mid=self.mid,
+            bias=None if self.bias is None else (self.bias.double() * factor).to(self.bias.dtype),
+        )

@@ -1,0 +1,1 @@
+"""The registry: content-addressed store, SQLite catalogue, hashes, Hub publishing."""
