@@ -375,7 +375,7 @@ def format_matrix(result: DemoResult) -> str:
         return f"{mark} {c.error:.1e}"
 
     w = 22
-    lines = ["adapter (made by)".ljust(16) + "".join(t.ljust(w) for t in TARGETS)]
+    lines = ["adapter".ljust(16) + "".join(t.ljust(w) for t in TARGETS)]
     for label, row in result.rows.items():
         lines.append(label.ljust(16) + "".join(cell(row[t]).ljust(w) if t in row else "-".ljust(w) for t in TARGETS))
     lines.append("")

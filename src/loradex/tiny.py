@@ -26,7 +26,7 @@ TINY_VOCAB_EXTRA = ("<|startoftext|>", "<|endoftext|>")
 @contextlib.contextmanager
 def quiet():
     """Silence the config warnings diffusers/transformers print for toy-sized models."""
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft", "lycoris")]
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft", "lycoris", "LyCORIS")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -284,3 +284,22 @@ def tiny_arch(kind: str = "sd1"):
     arch = arch_from_models(f"tiny-{kind}", models, style)
     register_arch(arch)
     return arch
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """A complete StableDiffusionXLPipeline from the tiny SDXL parts (two tokenizers, two encoders)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    te1, te2 = tiny_sdxl_text_encoders(seed)
+    with quiet():
+        pipe = StableDiffusionXLPipeline(
+            vae=tiny_vae(seed),
+            text_encoder=te1,
+            text_encoder_2=te2,
+            tokenizer=tiny_tokenizer(),
+            tokenizer_2=tiny_tokenizer(),
+            unet=tiny_sdxl_unet(seed),
+            scheduler=EulerDiscreteScheduler(num_train_timesteps=1000),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -29,6 +29,8 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # transformers prints import-time notices (e.g. about torchvision) that are noise on a CLI
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         rv = cli.main(args=argv, prog_name="loradex", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -56,8 +56,12 @@ def inspect_cmd(path: str, arch: str | None, as_json: bool) -> None:
 @click.option("--rank", type=int, default=None, help="SVD rank for kinds the target cannot hold exactly")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="cast the output tensors")
 @click.option("--arch", default=None, help=ARCH_HELP)
+@click.option("--uniform-alpha", is_flag=True,
+              help="kohya: fold per-module alphas into lora_up so diffusers' kohya loader reads the file exactly")
 @click.option("--json", "as_json", is_flag=True, help="print the conversion report as JSON")
-def convert_cmd(src: str, dst: str, to: str, rank: int | None, dtype: str | None, arch: str | None, as_json: bool) -> None:
+def convert_cmd(
+    src: str, dst: str, to: str, rank: int | None, dtype: str | None, arch: str | None, uniform_alpha: bool, as_json: bool
+) -> None:
     """Convert SRC (any supported format) to FORMAT, exact wherever the math allows.
 
     Modules of a kind the target cannot hold become LoRA: exactly for LoHa (rank r1*r2), LoKr
@@ -65,7 +69,8 @@ def convert_cmd(src: str, dst: str, to: str, rank: int | None, dtype: str | None
     reported per module."""
     from loradex.api import convert
 
-    report = convert(src, dst, to, rank=rank, dtype=dtype, arch=arch)
+    options = {"uniform_alpha": True} if uniform_alpha else {}
+    report = convert(src, dst, to, rank=rank, dtype=dtype, arch=arch, **options)
     d = report.to_dict()
     d.update(src=src, dst=dst)
     text = [f"wrote {dst} ({report.target}): {report.summary()}"]

@@ -157,7 +157,10 @@ def fit_kinds(
                 "bake it into the base model instead, or convert to kohya/lycoris"
             )
         try:
-            lora, err = p.to_lora(rank)
+            try:  # the exact form first (LoHa -> r1*r2, LoKr -> rank product, Tucker folded)
+                lora, err = p.to_lora()
+            except ValueError:
+                lora, err = p.to_lora(rank)
         except ValueError as e:
             raise ConversionError(
                 f"{name}: {report.target} cannot hold a {p.kind} patch and it has no exact LoRA form; "

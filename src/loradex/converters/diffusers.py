@@ -39,6 +39,7 @@ from loradex.converters.common import (
 from loradex.converters.metadata import modelspec
 from loradex.core.adapter import COMPONENTS, Adapter, component_of
 from loradex.core.kinds.base import scalar
+from loradex.core.kinds.dora import dora_scale_from_magnitude
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import ArchError, FormatError
 
@@ -143,10 +144,6 @@ class Diffusers(Converter):
             cfg = None
             if config is not None:
                 cfg = {k[len(comp) + 1 :]: v for k, v in config.items() if k.startswith(comp + ".")} or None
-            elif len(set(ranks.values())) > 1 and not any("alpha" in groups[m] for m in mods):
-                notes.append(
-                    f"{comp}: mixed ranks and no alphas: scaled as diffusers does (alpha = the common rank {common})"
-                )
             for mod in mods:
                 g = groups[mod]
                 if "lora_down.weight" not in g or "lora_up.weight" not in g:
@@ -159,8 +156,8 @@ class Diffusers(Converter):
                 bias = sd.pop("lora_B.bias", None)
                 mag = sd.pop("dora_scale", None)
                 patch = LoraPatch(up=sd["lora_up.weight"], down=sd["lora_down.weight"], alpha=sd["alpha"], bias=bias)
-                if mag is not None:
-                    patch.dora_scale = mag.reshape(-1, *([1] * (patch.up.ndim - 1)))
+                if mag is not None:  # PEFT's magnitude: (out,) or (1, out, 1, 1) for a conv
+                    patch.dora_scale = dora_scale_from_magnitude(mag, patch.shape)
                 name = mod
                 if a is not None:
                     try:
@@ -176,7 +173,9 @@ class Diffusers(Converter):
     @staticmethod
     def _alpha_for(cfg: dict | None, path: str, r: int, common: int) -> float:
         if cfg is None:
-            return float(common)  # diffusers: lora_alpha = most common rank
+            # diffusers 0.42.1 (utils/peft_utils.get_peft_kwargs): no alphas and no metadata means
+            # alpha = rank per module (scale 1.0), mixed ranks included.
+            return float(r)
         rank_pattern = cfg.get("rank_pattern") or {}
         alpha_pattern = cfg.get("alpha_pattern") or {}
         base_r = cfg.get("r", r)

@@ -14,6 +14,8 @@ kohya stores alpha as a 0-dim tensor; a missing alpha means alpha = rank.
 from __future__ import annotations
 
 import re
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -106,11 +108,15 @@ class Kohya(Converter):
             meta["loradex.unread_keys"] = str(len(rest))
         return Adapter(patches, parse_bundle(bundle) if bundle else {}, meta, a.name if a else None, self.name, notes)
 
-    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, title=None, **_):
+    def write(
+        self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, title=None,
+        uniform_alpha: bool = False, **_,
+    ):
         from loradex.converters.embeddings import bundle_tensors
 
         a = resolve_arch(arch or adapter.arch, {}, required=bool(adapter.patches), path=path)
         adapter = fit_kinds(adapter, self.kinds, rank, report)
+        adapter = self._alphas(adapter, report, uniform_alpha)
         out: dict[str, torch.Tensor] = {}
         fusions = a.kohya_fusions() if a is not None else {}
         fused_members = {name: flat for flat, parts in fusions.items() for name, _ in parts}
@@ -151,6 +157,32 @@ class Kohya(Converter):
         t = title or Path(path).stem
         meta = {**kohya_ss(adapter, t), **modelspec(adapter, t)}
         sio.save_with_kohya_hashes(out, path, meta)
+
+    @staticmethod
+    def _alphas(adapter: Adapter, report: ConversionReport, uniform: bool) -> Adapter:
+        """Mixed alphas are exact for kohya, A1111 and ComfyUI, but diffusers' kohya loader
+        (0.42: utils/peft_utils.get_peft_kwargs) keeps only the most common alpha for the UNet.
+        ``uniform``: give every LoRA the most common alpha and fold its own ratio into
+        ``lora_up`` (exact: ``up * a_i / A`` at scale ``A / r`` equals ``up`` at ``a_i / r``)."""
+        loras = {n: p for n, p in adapter.patches.items() if isinstance(p, LoraPatch)}
+        alphas = {n: float(p.scale * p.rank) for n, p in loras.items()}
+        if len(set(alphas.values())) <= 1:
+            return adapter
+        common = Counter(alphas.values()).most_common(1)[0][0]
+        if not uniform:
+            report.notes.append(
+                f"alphas differ between modules ({len(set(alphas.values()))} values): exact for kohya/A1111/ComfyUI; "
+                "diffusers' kohya loader keeps only the most common one, use --uniform-alpha for a file it loads exactly"
+            )
+            return adapter
+        patches = dict(adapter.patches)
+        for n, p in loras.items():
+            if alphas[n] != common:
+                up = (p.up.float() * (alphas[n] / common)).to(p.up.dtype)
+                bias = None if p.bias is None else (p.bias.float() * (alphas[n] / common)).to(p.bias.dtype)
+                patches[n] = replace(p, up=up, bias=bias, alpha=torch.tensor(common, dtype=p.down.dtype))
+                report.exact[n] = f"alpha {alphas[n]:g} folded into lora_up (alpha {common:g})"
+        return replace(adapter, patches=patches)
 
     @staticmethod
     def _emit(out: dict[str, torch.Tensor], flat: str, p: Patch, dtype) -> None:

@@ -36,6 +36,7 @@ from loradex.converters.diffusers import _pattern_value, clip_canonical
 from loradex.core.adapter import COMPONENTS, Adapter, component_of
 from loradex.core.kinds import patch_from_tensors
 from loradex.core.kinds.base import Patch, scalar
+from loradex.core.kinds.dora import dora_scale_from_magnitude, magnitude_from_dora_scale
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import ArchError, FormatError
 
@@ -112,16 +113,18 @@ class Peft(Converter):
                         shape = a.module(name).shape
                     except ArchError:
                         notes.append(f"{name}: not a module of {a.name}")
-                r = self._rank(sd)
-                alpha = self._alpha(cfg, mod, r, ptype)
-                sd["alpha"] = torch.tensor(float(alpha))
                 bias = sd.pop("lora_B.bias", None)
                 mag = sd.pop("dora_scale", None)
                 p = patch_from_tensors(sd, shape)
+                scale = self._scale(cfg, mod, self._rank(sd), ptype)
+                if p.rank is not None:  # PEFT scale alpha/r as a LyCORIS alpha for this patch's rank
+                    p.alpha = torch.tensor(scale * p.rank)
+                else:  # LoKr with both halves full: LyCORIS' gamma is 1, PEFT still applies alpha/r
+                    p = p.scaled(scale)
                 if isinstance(p, LoraPatch):
                     p.bias = bias
                     if mag is not None:
-                        p.dora_scale = mag.reshape(-1, *([1] * (p.up.ndim - 1)))
+                        p.dora_scale = dora_scale_from_magnitude(mag, p.shape)
                 patches[name] = conform(p, shape)
         return Adapter(patches, {}, metadata, a.name if a else None, self.name, notes)
 
@@ -148,17 +151,15 @@ class Peft(Converter):
         return max(sd["lokr_w2"].shape[:2]) if "lokr_w2" in sd else 1
 
     @staticmethod
-    def _alpha(cfg: dict, mod: str, r: int, ptype: str) -> float:
-        """PEFT's per-module scale is alpha / r: return the alpha that gives it in LyCORIS terms."""
+    def _scale(cfg: dict, mod: str, r: int, ptype: str) -> float:
+        """PEFT's per-module scale: alpha / r (rsLoRA: alpha / sqrt(r)), with the config's
+        alpha_pattern / rank_pattern overrides."""
         key = "lora_alpha" if ptype == "LORA" else "alpha"
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, mod, None)
         if alpha is None:
             alpha = cfg.get(key, r)
         cfg_r = _pattern_value(cfg.get("rank_pattern") or {}, mod, None) or cfg.get("r", r)
-        scale = float(alpha) / (cfg_r**0.5 if cfg.get("use_rslora") else cfg_r)
-        if ptype == "LOKR":
-            return scale * r  # loradex' LoKr gamma = alpha / (its own rank); see core/kinds/lokr.py
-        return scale * r
+        return float(alpha) / (cfg_r**0.5 if cfg.get("use_rslora") else cfg_r)
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, **_):
         kinds = set(adapter.kinds())
@@ -205,7 +206,7 @@ class Peft(Converter):
                     b = p.bias if p.bias is not None else p.up.new_zeros(p.up.shape[0])
                     out[pre + "lora_B.bias"] = cast(b, dtype)
                 if p.dora_scale is not None:
-                    out[pre + "lora_magnitude_vector"] = cast(p.dora_scale.flatten(), dtype)
+                    out[pre + "lora_magnitude_vector"] = cast(magnitude_from_dora_scale(p.dora_scale, p.shape), dtype)
             else:
                 for s, t in p.tensors().items():
                     if s != "alpha":

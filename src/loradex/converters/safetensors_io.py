@@ -185,12 +185,27 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors that share no storage (safetensors refuses shared storage, and views are
+    common here: the parts of a split FLUX qkv share their ``down`` and slice one ``up``)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        key = v.untyped_storage().data_ptr() if v.numel() else -1
+        if key in seen or not v.is_contiguous():
+            v = v.contiguous() if key not in seen else v.clone(memory_format=torch.contiguous_format)
+        if v.numel():
+            seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
+
+
 def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file atomically. Tensors are made contiguous only when they are not."""
     from safetensors.torch import save_file
 
     try:  # e.g. a sparse tensor: is_contiguous() raises
-        data = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in tensors.items()}
+        data = _unshared(tensors)
     except Exception as e:
         raise FormatError(f"{path}: cannot write: {e}") from None
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -298,7 +313,7 @@ def save_with_kohya_hashes(
     which equals Civitai's AutoV3) do not depend on the metadata. Returns the final metadata."""
     from safetensors.torch import save_file
 
-    data = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in tensors.items()}
+    data = _unshared(tensors)
     meta = {str(k): str(v) for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
     ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
     with atomic_path(path) as tmp:

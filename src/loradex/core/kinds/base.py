@@ -12,7 +12,7 @@ bit-identical. The math lives here and nowhere else:
   ``needs_base`` (a per-instance property) and raise ``ValueError`` when it is missing.
 * ``to_lora(rank)`` returns an equivalent plain LoRA and its relative Frobenius error
   ``||dW - dW_lora|| / ||dW||``: exact (error 0) where the algebra allows it, a truncated SVD at
-  ``rank`` otherwise (``ConversionError`` when there is no exact form and no rank was given).
+  ``rank`` otherwise (``ValueError`` when there is no exact form and no rank was given).
 * ``tensors()`` / ``from_tensors()`` map to and from the on-disk suffix dictionary.
 
 Multipliers: for additive kinds ``delta(m) = m * delta(1)``. For DoRA/OFT/BOFT/(IA)^3 the
@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from loradex.errors import ConversionError, FormatError
+from loradex.errors import FormatError
 
 Shape = tuple[int, ...]
 
@@ -87,12 +87,12 @@ class Patch(ABC):
         from loradex.core.kinds.lora import LoraPatch
 
         if rank is None:
-            raise ConversionError(f"a {self.kind} patch has no exact LoRA form: a rank is needed")
+            raise ValueError(f"a {self.kind} patch has no exact LoRA form: a rank is needed")
         return LoraPatch.from_dense(self.delta(base_weight), rank)
 
     def scaled(self, factor: float) -> Patch:
         """A patch whose ``delta`` is ``factor`` times this one's (additive kinds only)."""
-        raise ConversionError(f"a {self.kind} patch cannot be scaled linearly")
+        raise ValueError(f"a {self.kind} patch cannot be scaled linearly")
 
     # ---- conveniences shared by all kinds -------------------------------------------------
     @property

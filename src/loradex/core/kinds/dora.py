@@ -53,6 +53,7 @@ def dora_on_output(dora_scale: torch.Tensor, weight_shape: Shape) -> bool:
         return False
     raise FormatError(
         f"dora_scale of shape {shp} fits neither the rows nor the columns of a weight {tuple(weight_shape)}"
+        " (LoHa/LoKr conv factors are flattened: pass the module's weight_shape)"
     )
 
 

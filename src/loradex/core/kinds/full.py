@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from loradex.core.kinds.base import Patch, Shape, check_fits, compute_dtype, fields_from, fit_to, require
-from loradex.errors import ConversionError
 
 
 @dataclass(eq=False)
@@ -64,7 +63,7 @@ class FullPatch(Patch):
         from loradex.core.kinds.lora import LoraPatch
 
         if rank is None:
-            raise ConversionError("a full patch has no exact low-rank form: a rank is needed")
+            raise ValueError("a full patch has no exact low-rank form: a rank is needed")
         lora, err = LoraPatch.from_dense(self.diff, rank)
         if self.diff_b is not None:
             lora.bias = self.diff_b.to(lora.up.dtype)

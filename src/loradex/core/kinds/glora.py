@@ -45,7 +45,6 @@ from loradex.core.kinds.base import (
     require,
 )
 from loradex.core.linalg import truncate_factors
-from loradex.errors import ConversionError
 
 
 def _mat(t: torch.Tensor) -> torch.Tensor:
@@ -190,7 +189,7 @@ class GloraPatch(Patch):
         kernel_free = len(shape) == 2 or all(s == 1 for s in shape[2:])
         if (self._layout == "current" and not kernel_free) or self.bm is not None:
             if rank is None:
-                raise ConversionError("a GLoRA patch on a kxk conv has no exact LoRA form: a rank is needed")
+                raise ValueError("a GLoRA patch on a kxk conv has no exact LoRA form: a rank is needed")
             return LoraPatch.from_dense(self.delta(base_weight), rank)
         dt = torch.float64
         w = _mat(base_weight.to(dt).reshape(shape))

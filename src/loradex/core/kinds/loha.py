@@ -47,7 +47,6 @@ from loradex.core.kinds.base import (
 from loradex.core.kinds.dora import dora_delta, dora_on_output
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import truncate_factors
-from loradex.errors import ConversionError
 
 
 def _shp(t: torch.Tensor) -> tuple[int, ...]:
@@ -136,8 +135,6 @@ class LohaPatch(Patch):
                 "loha: the two halves disagree on the weight shape",
             )
         check_fits("loha", self._stored_shape(), self.weight_shape)
-        if self.tucker and self.weight_shape is not None:
-            require(self.weight_shape == self._stored_shape(), f"loha: Tucker factors do not fit weight {self.weight_shape}")
         if self.dora_scale is not None:
             dora_on_output(self.dora_scale, self.shape)
 
@@ -230,7 +227,7 @@ class LohaPatch(Patch):
             if base_weight is None:
                 raise ValueError("a DoRA patch (dora_scale) needs the base weight to become a plain LoRA")
             if rank is None:
-                raise ConversionError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
+                raise ValueError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
             return LoraPatch.from_dense(self.delta(base_weight), rank)
         up, down = hadamard_lora_factors(self.halves(torch.float64))
         up = up * self.scale
@@ -242,7 +239,7 @@ class LohaPatch(Patch):
     def scaled(self, factor: float) -> LohaPatch:
         """``factor`` times the update (``hada_w1_a`` scaled). Not for DoRA patches."""
         if self.dora_scale is not None:
-            raise ConversionError("a DoRA patch cannot be scaled linearly")
+            raise ValueError("a DoRA patch cannot be scaled linearly")
         vals = dict(self.tensors())
         vals["hada_w1_a"] = (self.hada_w1_a.double() * factor).to(self.hada_w1_a.dtype)
         return LohaPatch(**vals, weight_shape=self.weight_shape)

@@ -53,7 +53,6 @@ from loradex.core.kinds.base import (
 from loradex.core.kinds.dora import dora_delta, dora_on_output
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import truncate_factors
-from loradex.errors import ConversionError
 
 
 def _shp(t: torch.Tensor | None) -> tuple[int, ...] | None:
@@ -122,9 +121,8 @@ class LokrPatch(Patch):
                     w2a.shape[1] == w2b.shape[0],
                     f"lokr: lokr_w2_a {_shp(w2a)} @ lokr_w2_b {_shp(w2b)} do not chain",
                 )
+        # same rows and entries; a 4-D (b, d, 1, 1) half may serve a 2-D weight and vice versa
         check_fits("lokr", self._stored_shape(), self.weight_shape)
-        if self.weight_shape is not None and (w2 is not None and w2.ndim > 2 or t2 is not None):
-            require(self.weight_shape == self._stored_shape(), f"lokr: factors do not fit weight {self.weight_shape}")
         if self.dora_scale is not None:
             dora_on_output(self.dora_scale, self.shape)
 
@@ -249,7 +247,7 @@ class LokrPatch(Patch):
             if base_weight is None:
                 raise ValueError("a DoRA patch (dora_scale) needs the base weight to become a plain LoRA")
             if rank is None:
-                raise ConversionError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
+                raise ValueError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
             return LoraPatch.from_dense(self.delta(base_weight), rank)
         (a1, b1), (a2, b2) = self.halves(torch.float64)
         up = torch.kron(a1, a2) * self.scale
@@ -264,7 +262,7 @@ class LokrPatch(Patch):
         """``factor`` times the update (folded into ``lokr_w1`` or ``lokr_w1_a``). Not for DoRA.
         Use it to read PEFT LoKr files whose halves are both full: ``scaled(alpha / r)``."""
         if self.dora_scale is not None:
-            raise ConversionError("a DoRA patch cannot be scaled linearly")
+            raise ValueError("a DoRA patch cannot be scaled linearly")
         vals = dict(self.tensors())
         key = "lokr_w1" if self.lokr_w1 is not None else "lokr_w1_a"
         vals[key] = (vals[key].double() * factor).to(vals[key].dtype)

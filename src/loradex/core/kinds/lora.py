@@ -1,19 +1,16 @@
 """LoRA / LoCon (kind ``lora``): ``dW = gamma * up @ down``, optionally Tucker, bias and DoRA.
 
-On-disk suffixes (kohya sd-scripts, LyCORIS ``LoConModule``; diffusers/PEFT names map 1:1):
+On-disk suffixes (kohya sd-scripts, LyCORIS ``LoConModule``; the diffusers/PEFT name in brackets):
 
-============================  =====================================  ==============================
-suffix                        shape                                  diffusers / PEFT
-============================  =====================================  ==============================
-``lora_up.weight``            ``(out, r)`` or conv ``(out, r, 1, 1)``  ``lora_B.weight``
-``lora_down.weight``          ``(r, in)`` or conv ``(r, in, kh, kw)``  ``lora_A.weight``
-                              (Tucker: ``(r, in, 1, 1)``)
-``lora_mid.weight``           ``(r, r, kh, kw)`` (LyCORIS Tucker)     --
-``alpha``                     0-dim                                  config ``lora_alpha``
-``lora_up.bias``              ``(out,)``                             ``lora_B.bias`` (``lora_bias``)
-``dora_scale``                ``(out, 1, ...)`` or ``(1, in, 1, ...)`` ``lora_magnitude_vector``
-                                                                     (see ``dora.py``)
-============================  =====================================  ==============================
+* ``lora_up.weight`` ``(out, r)``, conv ``(out, r, 1, 1)`` [``lora_B.weight``];
+* ``lora_down.weight`` ``(r, in)``, conv ``(r, in, kh, kw)``, Tucker ``(r, in, 1, 1)``
+  [``lora_A.weight``];
+* ``lora_mid.weight`` ``(r, r, kh, kw)``: LyCORIS Tucker core (no PEFT equivalent);
+* ``alpha`` 0-dim [``lora_alpha`` in the adapter config / ``lora_adapter_metadata``];
+* ``lora_up.bias`` ``(out,)`` [``lora_B.bias``, PEFT ``lora_bias=True``]; loradex's name for it,
+  kohya-style formats have none;
+* ``dora_scale`` ``(out, 1, ...)`` or ``(1, in, 1, ...)`` [``lora_magnitude_vector``, reshaped:
+  see ``dora.py``].
 
 Math: ``gamma = alpha / r`` (alpha missing or 0: ``gamma = 1``; ``r = down.shape[0]``).
 ``dW = gamma * up @ down`` with conv factors flattened (``down`` to ``(r, in*kh*kw)`` in the conv
@@ -44,7 +41,6 @@ from loradex.core.kinds.base import (
 )
 from loradex.core.kinds.dora import dora_delta, dora_on_output
 from loradex.core.linalg import svd_truncate, truncate_factors
-from loradex.errors import ConversionError
 
 
 @dataclass(eq=False)
@@ -178,7 +174,7 @@ class LoraPatch(Patch):
             if base_weight is None:
                 raise ValueError("a DoRA patch (dora_scale) needs the base weight to become a plain LoRA")
             if rank is None:
-                raise ConversionError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
+                raise ValueError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
             return LoraPatch.from_dense(self.delta(base_weight), rank)
         dtype = self.up.dtype
         plain = self
@@ -228,9 +224,9 @@ class LoraPatch(Patch):
         ``(out, r, 1, 1)``. The rank is clamped to ``min(out, in*kh*kw)``. Factors are float32
         (float64/float16/bfloat16 inputs keep their dtype). Returns ``(patch, relative_error)``."""
         if dW.ndim < 2:
-            raise ConversionError(f"a {dW.ndim}-D update (shape {tuple(dW.shape)}) has no LoRA form")
+            raise ValueError(f"a {dW.ndim}-D update (shape {tuple(dW.shape)}) has no LoRA form")
         if rank is None or rank < 1:
-            raise ConversionError(f"a LoRA rank >= 1 is needed, got {rank}")
+            raise ValueError(f"a LoRA rank >= 1 is needed, got {rank}")
         dtype = dW.dtype if dW.is_floating_point() else torch.float32
         mat = dW.reshape(dW.shape[0], -1)
         if mat.dtype != torch.float64:
@@ -263,7 +259,7 @@ class LoraPatch(Patch):
     def scaled(self, factor: float) -> LoraPatch:
         """``factor`` times the update (``up`` and the bias scaled). Not for DoRA patches."""
         if self.dora_scale is not None:
-            raise ConversionError("a DoRA patch cannot be scaled linearly")
+            raise ValueError("a DoRA patch cannot be scaled linearly")
         return LoraPatch(
             up=(self.up.double() * factor).to(self.up.dtype),
             down=self.down,

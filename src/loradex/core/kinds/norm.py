@@ -2,7 +2,7 @@
 
 On-disk suffixes (LyCORIS ``NormModule``, ``train_norm=True``, on LayerNorm/GroupNorm): ``w_norm``
 ``(C,)`` and ``b_norm`` ``(C,)``. The norm's affine weight and bias change additively (checked
-against LyCORIS' forward). A 1-D update has no LoRA form: ``to_lora`` raises ConversionError.
+against LyCORIS' forward). A 1-D update has no LoRA form: ``to_lora`` raises ValueError.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from loradex.core.kinds.base import Patch, Shape, check_fits, compute_dtype, fields_from, fit_to, require
-from loradex.errors import ConversionError
 
 
 @dataclass(eq=False)
@@ -59,7 +58,7 @@ class NormPatch(Patch):
         return patch
 
     def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None):
-        raise ConversionError("a norm patch (1-D update of a norm layer) has no LoRA form")
+        raise ValueError("a norm patch (1-D update of a norm layer) has no LoRA form")
 
     def scaled(self, factor: float) -> NormPatch:
         return NormPatch(
