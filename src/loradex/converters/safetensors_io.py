@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -92,9 +93,16 @@ def _regular_file(path: str | os.PathLike) -> Path:
 
 
 def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate the header of a safetensors file. Raises FormatError."""
+    """Parse and validate the header of a safetensors file. Raises FormatError.
+
+    Cached per (path, size, mtime): detection and reading both ask for it."""
     p = _regular_file(path)
-    size = p.stat().st_size
+    st = p.stat()
+    return _read_header(p.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _read_header(p: Path, size: int, _mtime_ns: int) -> Header:
     if size < 8:
         raise FormatError(f"{p}: not a safetensors file ({size} bytes, too short for a header)")
     with open(p, "rb") as f:
