@@ -122,7 +122,7 @@ LYCORIS_ALGOS: dict[str, dict] = {
     "glora": dict(algo="glora"),
     "diag-oft": dict(algo="diag-oft", constraint=0.0),
     "boft": dict(algo="boft"),
-    "dora": dict(algo="lora", weight_decompose=True),
+    "dora": dict(algo="lora", dora_wd=True),
 }
 
 

@@ -128,7 +128,7 @@ def fit_kinds(
     allowed: frozenset[str] | None,
     rank: int | None,
     report: ConversionReport,
-    dora_ok: bool = True,
+    dora_ok: bool | str = True,
     tucker_ok: bool = True,
 ) -> Adapter:
     """Return an adapter whose patches are all of an ``allowed`` kind.
@@ -144,7 +144,9 @@ def fit_kinds(
     for name, p in adapter.patches.items():
         has_dora = getattr(p, "dora_scale", None) is not None
         tucker = getattr(p, "mid", None) is not None or getattr(p, "hada_t1", None) is not None
-        if p.kind in allowed and (dora_ok or not has_dora) and (tucker_ok or not tucker):
+        # PEFT-family targets hold DoRA only as one magnitude per output row (lycoris' default)
+        dora_fits = dora_ok is True or (dora_ok == "row" and getattr(p, "dora_on_output", False))
+        if p.kind in allowed and (dora_fits or not has_dora) and (tucker_ok or not tucker):
             out[name] = p
             report.kept.append(name)
             continue
@@ -172,6 +174,18 @@ def fit_kinds(
         else:
             report.approximated[name] = err
     return Adapter(out, dict(adapter.embeddings), dict(adapter.metadata), adapter.arch, adapter.source_format, list(adapter.notes))
+
+
+def dora_all_or_none(patches: dict[str, Patch], component: str, target: str) -> bool:
+    """PEFT's ``use_dora`` is one flag per config: DoRA on every module of a component, or on none.
+    A module without DoRA next to DoRA ones would need ``||W + dW||`` as its magnitude: the base."""
+    flags = {getattr(p, "dora_scale", None) is not None for p in patches.values()}
+    if flags == {True, False}:
+        raise ConversionError(
+            f"{target}: {component} mixes DoRA and plain modules, which one PEFT config cannot hold; "
+            "convert to kohya/lycoris or bake it into the base model"
+        )
+    return flags == {True}
 
 
 class Converter:

@@ -33,13 +33,14 @@ from loradex.converters.common import (
     Converter,
     cast,
     conform,
+    dora_all_or_none,
     fit_kinds,
     resolve_arch,
 )
 from loradex.converters.metadata import modelspec
 from loradex.core.adapter import COMPONENTS, Adapter, component_of
 from loradex.core.kinds.base import scalar
-from loradex.core.kinds.dora import dora_scale_from_magnitude
+from loradex.core.kinds.dora import dora_scale_from_magnitude, magnitude_from_dora_scale
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import ArchError, FormatError
 
@@ -105,7 +106,7 @@ def _pattern_value(patterns: dict, path: str, default):
 class Diffusers(Converter):
     name = "diffusers"
     kinds = frozenset({"lora"})
-    dora = False
+    dora = "row"  # PEFT's lora_magnitude_vector: one magnitude per output row
     description = "diffusers pytorch_lora_weights.safetensors (lora_A/lora_B + lora_adapter_metadata)"
 
     def detect(self, path: Path) -> bool:
@@ -205,6 +206,7 @@ class Diffusers(Converter):
             a0 = Counter(alphas.values()).most_common(1)[0][0]
             rank_pattern, alpha_pattern, targets = {}, {}, []
             has_bias = any(p.bias is not None for p in pats.values())
+            use_dora = dora_all_or_none(pats, comp, self.name)
             for n, p in pats.items():
                 path_ = n.partition(".")[2]
                 # PEFT matches patterns as suffixes at a '.' boundary; CLIP's text_model level may
@@ -221,6 +223,8 @@ class Diffusers(Converter):
                 if has_bias:  # PEFT's lora_bias is per config: every module gets one (zeros = none)
                     b = p.bias if p.bias is not None else p.up.new_zeros(p.up.shape[0])
                     out[pre + "lora_B.bias"] = cast(b, dtype)
+                if use_dora:
+                    out[pre + "lora_magnitude_vector"] = cast(magnitude_from_dora_scale(p.dora_scale, p.shape), dtype)
             fields = {
                 "r": r0,
                 "lora_alpha": a0,
@@ -228,7 +232,7 @@ class Diffusers(Converter):
                 "alpha_pattern": alpha_pattern,
                 "target_modules": sorted(targets),
                 "lora_bias": has_bias,
-                "use_dora": False,
+                "use_dora": use_dora,
                 "use_rslora": False,
                 "init_lora_weights": True,
                 "bias": "none",

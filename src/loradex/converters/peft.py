@@ -28,6 +28,7 @@ from loradex.converters.common import (
     Converter,
     cast,
     conform,
+    dora_all_or_none,
     fit_kinds,
     live_path,
     resolve_arch,
@@ -165,7 +166,8 @@ class Peft(Converter):
         kinds = set(adapter.kinds())
         # one PEFT config holds one tuner type: LoHa-only stays LoHa, anything else becomes LoRA
         allowed = frozenset({"loha"}) if kinds == {"loha"} else frozenset({"lora"})
-        adapter = fit_kinds(adapter, allowed, rank, report, dora_ok=True, tucker_ok=False)
+        # PEFT's LoHa tuner has no DoRA; its LoRA tuner has per-row DoRA (lora_magnitude_vector)
+        adapter = fit_kinds(adapter, allowed, rank, report, dora_ok=False if "loha" in allowed else "row", tucker_ok=False)
         a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
         comps = sorted({component_of(n) for n in adapter.patches})
         if path.exists() and not path.is_dir():
@@ -189,7 +191,7 @@ class Peft(Converter):
         r0 = Counter(ranks.values()).most_common(1)[0][0]
         a0 = Counter(alphas.values()).most_common(1)[0][0]
         rank_pattern, alpha_pattern, targets = {}, {}, []
-        use_dora = any(getattr(p, "dora_scale", None) is not None for p in pats.values())
+        use_dora = dora_all_or_none(pats, component_of(next(iter(pats))), "peft")
         has_bias = any(getattr(p, "bias", None) is not None for p in pats.values())
         for n, p in pats.items():
             mpath = live_path(n)
