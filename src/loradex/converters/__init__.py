@@ -14,7 +14,7 @@ import torch
 
 from loradex.converters.common import ConversionReport, Converter
 from loradex.core.adapter import Adapter
-from loradex.errors import FormatError
+from loradex.errors import ConversionError, FormatError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -45,6 +45,8 @@ def converters() -> dict[str, Converter]:
 
 
 ALIASES = {"a1111": "kohya", "comfy": "kohya", "comfyui": "kohya", "sd-scripts": "kohya", "ti": "diffusers-ti"}
+#: Formats that hold only adapter modules (no embeddings): nothing to write without patches.
+MODULE_ONLY = ("diffusers", "peft", "lycoris")
 WRITE_TARGETS = ("kohya", "a1111", "comfy", "lycoris", "diffusers", "peft", "a1111-ti", "kohya-ti", "diffusers-ti")
 
 
@@ -95,6 +97,13 @@ def write(
         dtype = DTYPES[dtype]
     if rank is not None and rank < 1:
         raise FormatError("--rank must be a positive integer")
+    if not adapter.patches and name in MODULE_ONLY:
+        # an empty LoRA file or PEFT folder would "succeed" and load as nothing
+        held = "only textual-inversion embeddings" if adapter.embeddings else "nothing"
+        raise ConversionError(
+            f"{name} holds adapter modules and this adapter has none ({held}); "
+            "write embeddings with --to diffusers-ti, a1111-ti or kohya-ti"
+        )
     report = ConversionReport(target=name)
     conv.write(adapter, Path(path), report, dtype=dtype, rank=rank, **options)
     return report

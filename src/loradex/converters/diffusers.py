@@ -39,7 +39,7 @@ from loradex.converters.common import (
 )
 from loradex.converters.metadata import modelspec
 from loradex.core.adapter import COMPONENTS, Adapter, component_of
-from loradex.core.kinds.base import scalar
+from loradex.core.kinds.base import check_fits, scalar
 from loradex.core.kinds.dora import dora_scale_from_magnitude, magnitude_from_dora_scale
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import ArchError, FormatError
@@ -133,9 +133,16 @@ class Diffusers(Converter):
             config = json.loads(meta_json) if meta_json else None
         except json.JSONDecodeError:
             raise FormatError(f"{path}: {METADATA_KEY} is not valid JSON") from None
-        a = resolve_arch(arch, h.shapes(), required=False, path=path)
+        # detect on the keys as normalize_key reads them: attn-procs files saved from a UNet carry no
+        # ``unet.`` prefix
+        shapes = {
+            k if k.startswith("base_model.model.") or component_of(k) in COMPONENTS else "unet." + k: info.shape
+            for k, info in h.tensors.items()
+        }
+        a = resolve_arch(arch, shapes, required=False, path=path)
         tensors = sio.load(path, header=h)
         patches, notes = {}, []
+        known = 0  # modules the arch has
         by_comp: dict[str, list[str]] = {}
         for mod in groups:
             by_comp.setdefault(component_of(mod), []).append(mod)
@@ -163,10 +170,19 @@ class Diffusers(Converter):
                 if a is not None:
                     try:
                         name = a.canonical(mod)
-                        patch = conform(patch, a.module(name).shape)
                     except ArchError:
                         notes.append(f"{mod}: not a module of {a.name}")
+                    else:
+                        shape = a.module(name).shape
+                        patch = conform(patch, shape)
+                        try:
+                            check_fits("lora", patch.shape, shape)
+                        except FormatError as e:
+                            raise FormatError(f"{path}: {mod}: {e}") from None
+                        known += 1
                 patches[name] = patch
+        if a is not None and patches and not known:
+            raise ArchError(f"{path}: none of its {len(patches)} modules is a module of {a.name}; wrong --arch?")
         if rest:
             notes.append(f"{len(rest)} keys not understood, e.g. {rest[0]}")
         return Adapter(patches, {}, dict(h.metadata), a.name if a else None, self.name, notes)

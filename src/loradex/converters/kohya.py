@@ -78,6 +78,8 @@ def read_patches(
             patches[name] = part
         if err:
             notes.append(f"{flat}: split with rel. error {err:.3g}")
+    if tensors_of and not patches:  # an empty adapter with notes would pass for a success
+        raise ArchError(f"{path}: none of its {len(tensors_of)} modules is a module of {arch.name}; wrong --arch?")
     return patches, notes
 
 

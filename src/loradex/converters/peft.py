@@ -15,7 +15,10 @@ scripts use; reading accepts both layouts.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -85,11 +88,13 @@ class Peft(Converter):
                 h = sio.read_header(wfile)
                 tensors, meta = sio.load(wfile, header=h), dict(h.metadata)
             raw.append((comp, cfg, tensors, meta))
-            shapes.update({(f"{comp}." if comp else "") + k: tuple(v.shape) for k, v in tensors.items()})
+            # per-component folders: detect on "<component>.<module path>" keys (diffusers' naming)
+            shapes.update({(f"{comp}.{k.removeprefix(PREFIX)}" if comp else k): tuple(v.shape) for k, v in tensors.items()})
         a = resolve_arch(arch, shapes, required=False, path=path)
         patches: dict[str, Patch] = {}
         notes: list[str] = []
         metadata: dict[str, str] = {}
+        known = 0  # modules the arch has
         for comp, cfg, tensors, meta in raw:
             metadata.update(meta)
             comp = comp or self._guess_component(tensors, a)
@@ -112,6 +117,7 @@ class Peft(Converter):
                     try:
                         name = a.canonical(name)
                         shape = a.module(name).shape
+                        known += 1
                     except ArchError:
                         notes.append(f"{name}: not a module of {a.name}")
                 bias = sd.pop("lora_B.bias", None)
@@ -127,6 +133,8 @@ class Peft(Converter):
                     if mag is not None:
                         p.dora_scale = dora_scale_from_magnitude(mag, p.shape)
                 patches[name] = conform(p, shape)
+        if a is not None and patches and not known:
+            raise ArchError(f"{path}: none of its {len(patches)} modules is a module of {a.name}; wrong --arch?")
         return Adapter(patches, {}, metadata, a.name if a else None, self.name, notes)
 
     @staticmethod
@@ -172,14 +180,32 @@ class Peft(Converter):
         comps = sorted({component_of(n) for n in adapter.patches})
         if path.exists() and not path.is_dir():
             raise FormatError(f"{path}: exists and is not a folder")
-        path.mkdir(parents=True, exist_ok=True)
-        for comp in comps:
-            folder = path if len(comps) == 1 else path / comp
-            folder.mkdir(exist_ok=True)
-            pats = {n: p for n, p in adapter.patches.items() if component_of(n) == comp}
-            if a is not None:
-                pats = {n: conform(p, a.modules[n].shape if n in a.modules else None) for n, p in pats.items()}
-            self._write_one(pats, folder, "LOHA" if allowed == {"loha"} else "LORA", dtype)
+        if not path.parent.is_dir():  # like every file target: no surprise folder trees from a typo
+            raise FormatError(f"{path.parent}: output folder does not exist")
+        if path.is_dir() and any(path.iterdir()) and not _folders(path):
+            raise FormatError(f"{path}: exists and is not a PEFT adapter folder; refusing to overwrite it")
+        # the whole folder is written next to the target and swapped in, so that neither a failed
+        # write nor the files of an older adapter (a flat config beside new per-component ones)
+        # can leave a mixed folder behind
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            for comp in comps:
+                folder = tmp if len(comps) == 1 else tmp / comp
+                folder.mkdir(exist_ok=True)
+                pats = {n: p for n, p in adapter.patches.items() if component_of(n) == comp}
+                if a is not None:
+                    pats = {n: conform(p, a.modules[n].shape if n in a.modules else None) for n, p in pats.items()}
+                self._write_one(pats, folder, "LOHA" if allowed == {"loha"} else "LORA", dtype)
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('.', 2)[-2]}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if adapter.embeddings:
             report.notes.append("PEFT folders cannot hold textual-inversion embeddings; write them with --to diffusers-ti")
 

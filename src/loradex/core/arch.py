@@ -1018,6 +1018,33 @@ def _shape_verdict(arch: Arch, parts: list[Part], suffix: str, shape: tuple[int,
     return 1 if ok else -1
 
 
+def _lokr_verdict(arch: Arch, parts: list[Part], lokr: Mapping[str, tuple[int, ...]]) -> int:
+    """``_shape_verdict`` for a module's LoKr tensors taken together (no single LoKr factor has the
+    module's rows or columns): ``kron(w1, w2)`` must be ``(out, in * kh * kw)``."""
+    info = arch.module(parts[0][0])
+    if info.type not in ("linear", "conv"):
+        return 0
+
+    def half(i: int) -> tuple[int, int] | None:  # (rows, columns with the kernel flattened)
+        full, a, b, t = (lokr.get(f"lokr_{x}") for x in (f"w{i}", f"w{i}_a", f"w{i}_b", f"t{i}"))
+        if full is not None and len(full) >= 2:
+            return full[0], math.prod(full[1:])
+        if a is None or b is None or len(a) != 2 or len(b) < 2:
+            return None
+        if t is not None:  # Tucker: w_a (r, rows), w_b (r, cols), t (r, r, kh, kw)
+            return a[1], b[1] * math.prod(t[2:])
+        return a[0], math.prod(b[1:])
+
+    h1, h2 = half(1), half(2)
+    if h1 is None or h2 is None:
+        return 0
+    ranges = [r for _, r in parts if r is not None]
+    out = max(r[1] for r in ranges) if ranges else info.out_features
+    k = math.prod(info.kernel) if info.kernel else 1
+    ok = h1[0] * h2[0] == out and h1[1] * h2[1] in (info.in_features, info.in_features * k)
+    return 1 if ok else -1
+
+
 def _score(arch: Arch, shapes: Mapping[str, tuple[int, ...]], keys: list[str]) -> tuple[int, int, int, int]:
     """(keys resolved, shape contradictions, shape confirmations, keys of uncontradicted modules).
 
@@ -1025,6 +1052,7 @@ def _score(arch: Arch, shapes: Mapping[str, tuple[int, ...]], keys: list[str]) -
     that module (its ``alpha`` included), so a wrong arch does not score on shape-less keys.
     """
     per_mod: dict[tuple, list[int]] = {}
+    lokr: dict[tuple, dict[str, tuple[int, ...]]] = {}
     for key in keys:
         got = _resolve_key(arch, key)
         if got is None:
@@ -1032,11 +1060,18 @@ def _score(arch: Arch, shapes: Mapping[str, tuple[int, ...]], keys: list[str]) -
         parts, suffix = got
         rec = per_mod.setdefault(tuple(parts), [0, 0, 0])
         rec[0] += 1
+        if suffix.startswith("lokr_"):
+            lokr.setdefault(tuple(parts), {})[suffix] = tuple(shapes[key])
+            continue
         v = _shape_verdict(arch, parts, suffix, tuple(shapes[key]))
         if v < 0:
             rec[1] += 1
         elif v > 0:
             rec[2] += 1
+    for parts_, halves in lokr.items():
+        v = _lokr_verdict(arch, list(parts_), halves)
+        if v:
+            per_mod[parts_][1 if v < 0 else 2] += 1
     matched = sum(r[0] for r in per_mod.values())
     contra = sum(r[1] for r in per_mod.values())
     confirm = sum(r[2] for r in per_mod.values() if r[1] == 0)
