@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 
 import pytest
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+# a fresh architecture-table cache per test session (tests build the tables, and test the cache)
+os.environ["LORADEX_CACHE"] = tempfile.mkdtemp(prefix="loradex-cache-")
 
 
 @pytest.fixture(scope="session")

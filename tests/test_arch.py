@@ -740,3 +740,20 @@ def test_detect_textual_inversion():
     shapes = synth(A.get_arch("sdxl"), "kohya")
     shapes["bundle_emb.sks.clip_l"] = (1, 768)
     assert A.detect_arch(shapes) == "sdxl"
+
+
+def test_table_cache_round_trips_and_survives_damage(tmp_path, monkeypatch):
+    """Tables are cached on disk between processes (building one costs the diffusers import);
+    the cached table equals the built one, and a damaged cache file is rebuilt, not trusted."""
+    monkeypatch.setenv("LORADEX_CACHE", str(tmp_path))
+    name = "clip_vit_l14_text.json"
+    A._bundled_model_table.cache_clear()
+    built = A._bundled_model_table(name)
+    cache_file = A._table_cache_file(name)
+    assert cache_file.is_file() and cache_file.parent.parent == tmp_path
+    A._bundled_model_table.cache_clear()
+    assert A._bundled_model_table(name) == built
+    cache_file.write_text('{"kind": "clip", "modules": {"x": [1')
+    A._bundled_model_table.cache_clear()
+    assert A._bundled_model_table(name) == built
+    A._bundled_model_table.cache_clear()

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
 import loradex
 import loradex.cli
 from loradex.cli import main
+from loradex.converters import safetensors_io as sio
 from loradex.core.arch import get_arch
 from loradex.demo import make_lycoris_reference
 
@@ -401,7 +401,7 @@ def test_failed_convert_keeps_existing_dst(capsys, files, tmp_path, monkeypatch,
         Path(filename).write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"half')
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    monkeypatch.setattr(sio, "_serialize", half_then_fail)
     bad(cli(capsys, "convert", files["loha"], "-o", dst, "--to", to, "--arch", ARCH), "disk full")
     assert dst.read_bytes() == before and listing(tmp_path) == ["dst.safetensors"]
 

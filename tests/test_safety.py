@@ -274,12 +274,16 @@ def test_save_failure_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypat
     safetensors.torch.save_file({"old": torch.ones(3)}, str(dst))
     before = dst.read_bytes()
 
-    def half_then_fail(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"half')
-        raise RuntimeError("disk full")
+    real_write = sio._write_all
+    calls = []
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    def half_then_fail(fd, data):
+        calls.append(1)
+        if len(calls) > 1:  # the header went out, then the disk filled up
+            raise OSError(28, "disk full")
+        real_write(fd, data)
+
+    monkeypatch.setattr(sio, "_write_all", half_then_fail)
     err = expect(FormatError, sio.save, {"new": torch.zeros(3)}, dst)
     assert "disk full" in str(err)
     assert dst.read_bytes() == before
@@ -325,7 +329,7 @@ def test_interrupted_save_leaves_no_temp(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    monkeypatch.setattr(sio, "_serialize", interrupted)
     with pytest.raises(KeyboardInterrupt):
         sio.save({"t": torch.zeros(1)}, dst)
     assert dst.read_bytes() == b"previous"
@@ -359,3 +363,32 @@ def test_successful_save_replaces_and_leaves_no_temp(tmp_path):
     assert only_file(tmp_path) == ["model.safetensors"]
     expect(FormatError, sio.save, {"t": torch.zeros(1)}, tmp_path / "no" / "such" / "dir.safetensors")
     expect(FormatError, sio.save, {"t": torch.zeros(1)}, tmp_path)
+
+
+def test_serializer_matches_safetensors_byte_for_byte(tmp_path):
+    """loradex writes safetensors itself (to copy unchanged tensors file-to-file); its layout is the
+    safetensors serializer's, so data-section hashes (AutoV3, sshs_model_hash) agree with other tools."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(3, 4, generator=g).half(), "a.alpha": torch.tensor(4.0),
+        "c": torch.randn(5, generator=g).bfloat16(), "idx": torch.arange(3), "flag": torch.tensor([True, False]),
+        "empty": torch.zeros(0, 2), "view": torch.arange(10.0)[2:7],
+    }
+    sio.save(tensors, tmp_path / "ours.safetensors", {"k": "v"})
+    theirs = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, metadata={"k": "v"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == theirs
+
+
+def test_unchanged_tensors_are_copied_changed_ones_are_not(tmp_path):
+    src = tmp_path / "src.safetensors"
+    safetensors.torch.save_file({"x": torch.arange(6.0), "y": torch.ones(4)}, str(src))
+    loaded = sio.load(src)
+    loaded["y"].mul_(3)  # modified in place after loading: must be written from memory
+    sio.save({"renamed.x": loaded["x"], "renamed.y": loaded["y"]}, tmp_path / "out.safetensors")
+    back = safetensors.torch.load_file(str(tmp_path / "out.safetensors"))
+    assert torch.equal(back["renamed.x"], torch.arange(6.0)) and torch.equal(back["renamed.y"], torch.full((4,), 3.0))
+    # the source file replaced after loading: its new bytes must not leak into the output
+    loaded = sio.load(src)
+    safetensors.torch.save_file({"x": torch.zeros(6), "y": torch.zeros(4)}, str(src))
+    sio.save({"x": loaded["x"]}, tmp_path / "out2.safetensors")
+    assert torch.equal(safetensors.torch.load_file(str(tmp_path / "out2.safetensors"))["x"], torch.arange(6.0))

@@ -162,10 +162,17 @@ def load(path: str | os.PathLike, keys: list[str] | None = None, header: Header 
     h = header or read_header(path)
     wanted = list(h.tensors) if keys is None else keys
     out: dict[str, torch.Tensor] = {}
+    st = h.path.stat()
+    stamp = (st.st_size, st.st_mtime_ns)
     try:
         with safe_open(str(h.path), framework="pt", device="cpu") as f:
             for k in wanted:
-                out[k] = f.get_tensor(k)
+                t = out[k] = f.get_tensor(k)
+                info = h.tensors[k]
+                # provenance: where these bytes sit in the file, so that ``save`` can copy them
+                # file-to-file (copy_file_range) instead of serializing them again, as long as the
+                # tensor was not modified in place (torch bumps ``_version``) or replaced
+                t._loradex_src = (str(h.path), h.data_offset + info.start, info.nbytes, t._version, t.data_ptr(), stamp)
     except Exception as e:  # safetensors' own checks (e.g. a file changed underneath)
         raise FormatError(f"{h.path}: cannot read tensors: {e}") from None
     return out
@@ -193,33 +200,109 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors that share no storage (safetensors refuses shared storage, and views are
-    common here: the parts of a split FLUX qkv share their ``down`` and slice one ``up``)."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in tensors.items():
-        key = v.untyped_storage().data_ptr() if v.numel() else -1
-        if key in seen or not v.is_contiguous():
-            v = v.contiguous() if key not in seen else v.clone(memory_format=torch.contiguous_format)
-        if v.numel():
-            seen.add(v.untyped_storage().data_ptr())
-        out[k] = v
-    return out
+_DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
+
+
+def _source_range(t: torch.Tensor) -> tuple[str, int, int] | None:
+    """(file, offset, length) when ``t`` still holds exactly the bytes ``load`` read from a file
+    that has not changed since (same size and mtime)."""
+    src = getattr(t, "_loradex_src", None)
+    if src is None:
+        return None
+    path, offset, nbytes, version, ptr, stamp = src
+    if t._version != version or t.data_ptr() != ptr or t.numel() * t.element_size() != nbytes:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (path, offset, nbytes) if (st.st_size, st.st_mtime_ns) == stamp else None
+
+
+def _write_all(fd: int, data) -> None:
+    mv = memoryview(data).cast("B")
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src_fd`` to ``dst_fd``'s position, in the kernel
+    where it can (copy_file_range: no user-space copy, a reflink on CoW file systems)."""
+    try:
+        while count > 0:
+            n = os.copy_file_range(src_fd, dst_fd, count, offset)
+            if n <= 0:
+                break
+            offset += n
+            count -= n
+    except (OSError, AttributeError):
+        pass
+    while count > 0:  # fallback (other OS, cross-device on old kernels, special files)
+        chunk = os.pread(src_fd, min(count, 1 << 22), offset)
+        if not chunk:
+            raise FormatError("source file shrank while being copied")
+        _write_all(dst_fd, chunk)
+        offset += len(chunk)
+        count -= len(chunk)
+
+
+def _serialize(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None) -> None:
+    """Write a safetensors file exactly as the safetensors serializer lays it out (tensors by dtype,
+    widest first, then by name; compact JSON header padded with spaces to 8 bytes), so hashes of
+    the data section (AutoV3, kohya's sshs_model_hash) match other tools'. Tensors that ``load``
+    read and nobody changed are copied file-to-file; the others are written from memory."""
+    order = _serializer_dtype_order()
+    for k, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta":
+            raise FormatError(f"{path}: cannot write {k!r}: not a dense tensor with data")
+        if t.dtype not in _DTYPE_NAMES:
+            raise FormatError(f"{path}: cannot write {k!r}: dtype {t.dtype} has no safetensors name")
+    names = sorted(tensors, key=lambda k: (order.get(_DTYPE_NAMES[tensors[k].dtype], len(order)), k))
+    entries: dict[str, object] = {}
+    if metadata:
+        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    off = 0
+    for k in names:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        entries[k] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+    head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * ((8 - len(head) % 8) % 8)
+    sources: dict[str, int] = {}
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o644)
+    try:
+        _write_all(fd, len(head).to_bytes(8, "little") + head)
+        for k in names:
+            t = tensors[k]
+            if t.numel() == 0:
+                continue
+            src = _source_range(t)
+            if src is not None:
+                if src[0] not in sources:
+                    sources[src[0]] = os.open(src[0], os.O_RDONLY)
+                _copy_range(sources[src[0]], fd, src[1], src[2])
+            else:
+                flat = t.detach().reshape(-1)
+                if not flat.is_contiguous():
+                    flat = flat.contiguous()
+                _write_all(fd, flat.view(torch.uint8).numpy())
+    finally:
+        os.close(fd)
+        for sfd in sources.values():
+            os.close(sfd)
 
 
 def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file atomically. Tensors are made contiguous only when they are not."""
-    from safetensors.torch import save_file
-
-    try:  # e.g. a sparse tensor: is_contiguous() raises
-        data = _unshared(tensors)
-    except Exception as e:
-        raise FormatError(f"{path}: cannot write: {e}") from None
+    """Write a safetensors file atomically (see ``_serialize``; views and tensors sharing storage
+    are fine: each is written as its own bytes)."""
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     with atomic_path(path) as tmp:
         try:
-            save_file(data, str(tmp), metadata=meta or None)
+            _serialize(tensors, tmp, meta or None)
+        except FormatError:
+            raise
         except Exception as e:
             raise FormatError(f"{path}: cannot write: {e}") from None
 
@@ -319,19 +402,109 @@ def save_with_kohya_hashes(
     """Write like ``save`` and add ``sshs_model_hash``/``sshs_legacy_hash`` computed as kohya does:
     on the file serialized with only the ``ss_*`` keys. The tensor bytes (and so the model hash,
     which equals Civitai's AutoV3) do not depend on the metadata. Returns the final metadata."""
-    from safetensors.torch import save_file
-
-    data = _unshared(tensors)
     meta = {str(k): str(v) for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
     ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
     with atomic_path(path) as tmp:
         try:
-            save_file(data, str(tmp), metadata=ss_only or None)
+            _serialize(tensors, tmp, ss_only or None)
             model_hash, legacy = data_section_hashes(tmp)
             meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy
-            save_file(data, str(tmp), metadata=meta)
+            _serialize(tensors, tmp, meta)
         except FormatError:
             raise
         except Exception as e:
             raise FormatError(f"{path}: cannot write: {e}") from None
     return meta
+
+
+@lru_cache(maxsize=1)
+def _serializer_dtype_order() -> dict[str, int]:
+    """dtype -> position in the data section the installed safetensors serializer writes (it sorts
+    tensors by dtype, widest first, then by name). Found by serializing one element of each dtype:
+    exact for whatever version is installed, no table to keep in sync."""
+    from safetensors.torch import save as st_save
+
+    sample = {f"t{i}": torch.zeros(1, dtype=dt) for i, (dt, _) in enumerate(DTYPES.values())}
+    raw = st_save(sample)
+    n = int.from_bytes(raw[:8], "little")
+    hdr = json.loads(raw[8 : 8 + n])
+    order = sorted((v["data_offsets"][0], v["dtype"]) for k, v in hdr.items() if k != "__metadata__")
+    return {dt: i for i, (_, dt) in enumerate(order)}
+
+
+def kohya_hashes(path: str | os.PathLike, header: Header | None = None, data_sha256: str | None = None) -> dict[str, str]:
+    """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` of a safetensors file, computed as
+    kohya's ``precalculate_safetensors_hashes`` does (the tensors re-serialized by safetensors with
+    only the ``ss_*`` metadata) but from the header and the file's bytes, without loading a tensor.
+
+    The model hash is the sha256 of the re-serialized tensor bytes: the file's own data section
+    when it is already in the serializer's order (pass its sha256 as ``data_sha256`` to skip the
+    re-read), else the tensors' bytes streamed in that order. The legacy hash is the sha256 of
+    bytes 0x100000..0x110000 of the re-serialized buffer: its header is rebuilt here byte for byte
+    (compact JSON, ``__metadata__`` first, tensors in the serializer's order, space-padded to 8
+    bytes) and the window gathered from the original file's tensors laid out in that order.
+    ``ss_*`` keys are written sorted; safetensors does not fix their order, which only matters if
+    the header itself reaches 1 MiB.
+    """
+    import hashlib
+
+    h = header or read_header(path)
+    order = _serializer_dtype_order()
+    names = sorted(h.tensors, key=lambda k: (order.get(h.tensors[k].dtype, len(order)), k))
+    meta = {k: h.metadata[k] for k in sorted(h.metadata) if k.startswith("ss_")}
+    entries: dict[str, object] = {"__metadata__": meta}
+    layout = []  # (name, start in the re-serialized data section, end)
+    off = 0
+    for k in names:
+        t = h.tensors[k]
+        entries[k] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        layout.append((k, off, off + t.nbytes))
+        off += t.nbytes
+    canonical = off == h.path.stat().st_size - h.data_offset and all(h.tensors[k].start == s for k, s, _ in layout)
+    head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * ((8 - len(head) % 8) % 8)
+    prefix = len(head).to_bytes(8, "little") + head
+    lo, hi = 0x100000, 0x110000
+    window = bytearray(prefix[lo:hi])
+    d_lo, d_hi = max(0, lo - len(prefix)), max(0, hi - len(prefix))  # the window in data coordinates
+    with open(h.path, "rb") as f:
+        for k, s, e in layout:
+            a, b = max(s, d_lo), min(e, d_hi)
+            if a < b:
+                f.seek(h.data_offset + h.tensors[k].start + (a - s))
+                window += f.read(b - a)
+        if canonical and data_sha256:
+            model_hash = data_sha256
+        else:
+            model = hashlib.sha256()
+            for k, _s, _e in layout:
+                t = h.tensors[k]
+                f.seek(h.data_offset + t.start)
+                left = t.nbytes
+                while left > 0 and (chunk := f.read(min(left, 1 << 22))):
+                    model.update(chunk)
+                    left -= len(chunk)
+            model_hash = model.hexdigest()
+    return {"sshs_model_hash": model_hash, "sshs_legacy_hash": hashlib.sha256(bytes(window)).hexdigest()[:8]}
+
+
+def canonicalize_header(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's header deterministically (``__metadata__`` keys sorted, tensors
+    in data order, compact JSON, space padding) and keep its data section byte for byte.
+
+    The Rust serializer writes metadata in hash-map order, so two writes of the same tensors and
+    metadata can differ in their header bytes; after this they do not (used where a file must be
+    reproducible, e.g. ``push --dry-run`` showing exactly what a push uploads)."""
+    h = read_header(path)
+    entries: dict[str, object] = {}
+    if h.metadata:
+        entries["__metadata__"] = {k: h.metadata[k] for k in sorted(h.metadata)}
+    for k, t in sorted(h.tensors.items(), key=lambda kv: (kv[1].start, kv[0])):
+        entries[k] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.start, t.end]}
+    head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * ((8 - len(head) % 8) % 8)
+    with atomic_path(h.path) as tmp, open(h.path, "rb") as src, open(tmp, "wb") as out:
+        out.write(len(head).to_bytes(8, "little") + head)
+        src.seek(h.data_offset)
+        while chunk := src.read(1 << 22):
+            out.write(chunk)

@@ -223,13 +223,74 @@ def _model_class(cfg: dict) -> type:
     return cls
 
 
+def _table_cache_file(filename: str) -> Path | None:
+    """Where the table built from ``filename`` is cached between processes: under
+    ``$LORADEX_CACHE`` (default ``$XDG_CACHE_HOME/loradex`` or ``~/.cache/loradex``), keyed by the
+    config's bytes and the versions of the libraries whose classes name the modules. Building a
+    table costs the diffusers import plus the meta instantiation (seconds); reading it, a few ms.
+    ``LORADEX_CACHE=off`` disables it."""
+    import hashlib
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    root = os.environ.get("LORADEX_CACHE")
+    if root == "off":
+        return None
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loradex")
+    key = hashlib.sha256((CONFIG_DIR / filename).read_bytes())
+    for lib in ("loradex", "diffusers", "transformers"):
+        try:
+            key.update(f"{lib}={version(lib)};".encode())
+        except PackageNotFoundError:
+            key.update(f"{lib}=?;".encode())
+    return Path(root) / "arch" / f"{Path(filename).stem}-{key.hexdigest()[:16]}.json"
+
+
+def _read_table_cache(path: Path | None) -> tuple[str, dict[str, ModuleInfo]] | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        table = {n: ModuleInfo(n, t, tuple(shape), bool(b)) for n, (t, shape, b) in raw["modules"].items()}
+        return raw["kind"], table
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a damaged cache is rebuilt
+
+
+def _write_table_cache(path: Path | None, kind: str, table: dict[str, ModuleInfo]) -> None:
+    if path is None:
+        return
+    import os
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"kind": kind, "modules": {n: [i.type, list(i.shape), i.has_bias] for n, i in table.items()}}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # read-only home: build every time
+
+
 @cache
 def _bundled_model_table(filename: str) -> tuple[str, dict[str, ModuleInfo]]:
-    """Instantiate one bundled config on the meta device; return (kind, table keyed by bare path).
+    """One bundled config's table: from the cache file if present, else built on the meta device
+    and cached (see ``_table_cache_file``). Cached in memory per config file too, so CLIP-L is
+    built once for sd1, sdxl and flux1."""
+    cache_file = _table_cache_file(filename)
+    cached = _read_table_cache(cache_file)
+    if cached is not None:
+        return cached
+    kind, table = _build_model_table(filename)
+    _write_table_cache(cache_file, kind, table)
+    return kind, table
 
-    Cached per config file, so CLIP-L is built once for sd1, sdxl and flux1. The time it takes
-    (library import excluded) is kept in ``BUILD_TIMES[filename]``.
-    """
+
+def _build_model_table(filename: str) -> tuple[str, dict[str, ModuleInfo]]:
+    """Instantiate one bundled config on the meta device; return (kind, table keyed by bare path).
+    The time it takes (library import excluded) is kept in ``BUILD_TIMES[filename]``."""
     cfg = _load_config(filename)
     with _quiet():
         cls = _model_class(cfg)
