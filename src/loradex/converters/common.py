@@ -227,6 +227,11 @@ def resolve_arch(arch, shapes: dict[str, tuple[int, ...]], required: bool, path:
 
     if isinstance(arch, Arch):
         return arch
+    if isinstance(arch, str) and arch.startswith("tiny-"):
+        # the built-in tiny models of `loradex demo` and the tests: built on first use
+        from loradex.tiny import tiny_arch
+
+        return tiny_arch(arch.removeprefix("tiny-"))
     if arch is None:
         arch = detect_arch(shapes)
         if arch is None:
