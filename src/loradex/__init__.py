@@ -17,10 +17,11 @@ from loradex.errors import (
     RegistryError,
     UnsafeFileError,
 )
+from loradex.registry import Registry
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "ArchError", "ConversionError", "Embedding", "FormatError", "LoradexError", "RegistryError",
+    "Adapter", "ArchError", "ConversionError", "Embedding", "FormatError", "LoradexError", "Registry", "RegistryError",
     "UnsafeFileError", "convert", "describe", "inspect", "load", "save",
 ]

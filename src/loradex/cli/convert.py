@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loradex.cli import cli, emit
+from loradex.cli.registry import input_path, output_path, save_as_option, store_output
 
 ARCH_HELP = "base model architecture (sd1, sd2, sdxl, flux1); detected from the file when omitted"
 
@@ -14,14 +15,18 @@ def _fmt_counts(d: dict) -> str:
 
 
 @cli.command("inspect")
-@click.argument("path", type=click.Path(exists=False))
+@click.argument("path", type=click.Path(exists=False), metavar="PATH|REF")
 @click.option("--arch", default=None, help=ARCH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
 def inspect_cmd(path: str, arch: str | None, as_json: bool) -> None:
-    """Format, arch, kinds, modules, ranks, alphas, embeddings, metadata and hashes of PATH."""
+    """Format, arch, kinds, modules, ranks, alphas, embeddings, metadata and hashes of PATH (or of a
+    registry REF: NAME, NAME@N, NAME:TAG, sha256 prefix)."""
     from loradex.api import inspect
 
-    info = inspect(path, arch=arch)
+    with input_path(path) as (p, version):
+        info = inspect(p, arch=arch)
+    if version is not None:
+        info.update(path=path, ref=version.ref)
     if as_json:
         emit(info, True)
         return
@@ -50,17 +55,20 @@ def inspect_cmd(path: str, arch: str | None, as_json: bool) -> None:
 
 
 @cli.command("convert")
-@click.argument("src", type=click.Path(exists=False))
-@click.option("-o", "--output", "dst", required=True, type=click.Path(), help="output file (a folder for peft)")
+@click.argument("src", type=click.Path(exists=False), metavar="SRC|REF")
+@click.option("-o", "--output", "dst", default=None, type=click.Path(),
+              help="output file (a folder for peft); optional with --save-as")
 @click.option("--to", "to", required=True, help="kohya | a1111 | comfy | lycoris | diffusers | peft | a1111-ti | kohya-ti | diffusers-ti")
 @click.option("--rank", type=int, default=None, help="SVD rank for kinds the target cannot hold exactly")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="cast the output tensors")
 @click.option("--arch", default=None, help=ARCH_HELP)
 @click.option("--uniform-alpha", is_flag=True,
               help="kohya: fold per-module alphas into lora_up so diffusers' kohya loader reads the file exactly")
+@save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the conversion report as JSON")
 def convert_cmd(
-    src: str, dst: str, to: str, rank: int | None, dtype: str | None, arch: str | None, uniform_alpha: bool, as_json: bool
+    src: str, dst: str | None, to: str, rank: int | None, dtype: str | None, arch: str | None, uniform_alpha: bool,
+    save_as: str | None, as_json: bool
 ) -> None:
     """Convert SRC (any supported format) to FORMAT, exact wherever the math allows.
 
@@ -70,10 +78,18 @@ def convert_cmd(
     from loradex.api import convert
 
     options = {"uniform_alpha": True} if uniform_alpha else {}
-    report = convert(src, dst, to, rank=rank, dtype=dtype, arch=arch, **options)
+    with input_path(src) as (src_path, version), output_path(dst, save_as, folder=to.lower() == "peft") as out:
+        report = convert(src_path, out, to, rank=rank, dtype=dtype, arch=arch, **options)
+        saved = None
+        if save_as:
+            params = {"to": to, "rank": rank, "dtype": dtype, "arch": arch, **options}
+            saved = store_output(out, save_as, "convert", [version or src_path], {k: v for k, v in params.items() if v})
     d = report.to_dict()
     d.update(src=src, dst=dst)
-    text = [f"wrote {dst} ({report.target}): {report.summary()}"]
+    text = [f"wrote {dst} ({report.target}): {report.summary()}" if dst else f"converted ({report.target}): {report.summary()}"]
+    if saved is not None:
+        d["saved_as"] = saved.to_dict(metadata=False)
+        text.append(f"stored as {saved.ref} (sha256 {saved.sha256[:12]})")
     for name, how in list(report.exact.items())[:20]:
         text.append(f"  exact   {name}: {how}")
     for name, err in sorted(report.approximated.items(), key=lambda kv: -kv[1])[:20]:

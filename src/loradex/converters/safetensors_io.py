@@ -15,6 +15,7 @@ Writes are atomic: a temporary file in the destination folder, fsync, then ``os.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
@@ -155,13 +156,36 @@ def is_safetensors(path: str | os.PathLike) -> bool:
         return False
 
 
+_STRUCTURE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("loradex_structure_only", default=False)
+
+
+@contextmanager
+def structure_only() -> Iterator[None]:
+    """Within this block ``load`` reads no tensor data: tensors of more than one element come back
+    on the meta device (shape and dtype only), scalars (alpha, on_input) are read. Enough to
+    describe an adapter (kinds, ranks, alphas, modules) from the header at the cost of a few small
+    reads -- what the registry does for every import -- but no math can run on the result."""
+    token = _STRUCTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _STRUCTURE_ONLY.reset(token)
+
+
 def load(path: str | os.PathLike, keys: list[str] | None = None, header: Header | None = None) -> dict[str, torch.Tensor]:
     """Load tensors (all, or ``keys``) from a validated safetensors file, memory-mapped."""
     from safetensors import safe_open
 
     h = header or read_header(path)
     wanted = list(h.tensors) if keys is None else keys
-    out: dict[str, torch.Tensor] = {}
+    if _STRUCTURE_ONLY.get():
+        out = {k: torch.empty(h.tensors[k].shape, dtype=DTYPES[h.tensors[k].dtype][0], device="meta") for k in wanted}
+        small = [k for k in wanted if math.prod(h.tensors[k].shape) <= 1]
+        wanted = small
+        if not small:
+            return out
+    else:
+        out = {}
     st = h.path.stat()
     stamp = (st.st_size, st.st_mtime_ns)
     try:

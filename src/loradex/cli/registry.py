@@ -1,0 +1,399 @@
+"""Registry commands: add, ls, show, search, tag, untag, rm, export, lineage, verify, gc, push, pull.
+
+Thin: each parses its arguments, calls one ``loradex.Registry`` method and prints (``--json`` for
+the machine-readable form). Progress bars go to stderr, on a terminal only and never with ``--json``.
+Also the helpers other commands use to take a REF where they take a path (``input_path``) and to
+store what they write with ``--save-as NAME`` (``save_as_option``, ``output_path``, ``store_output``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from loradex.cli import cli, emit
+from loradex.errors import FormatError, RegistryError
+
+REF_HELP = "NAME (newest) | NAME@N | NAME:TAG | sha256 prefix"
+
+
+def _registry():
+    from loradex.registry import Registry
+
+    return Registry()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in d.items()) or "-"
+
+
+def _bar(as_json: bool, **kw):
+    """A tqdm bar on stderr when it is a terminal and the output is not JSON; else None."""
+    if as_json or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, leave=False, **kw)
+
+
+def _one_line(v) -> str:
+    what = v.format or "?"
+    parts = [what, v.arch or "arch unknown"]
+    if v.kinds:
+        parts.append(_counts(v.kinds))
+    if v.embeddings:
+        parts.append("embeddings " + ", ".join(v.embeddings[:4]))
+    if v.artifact == "checkpoint":
+        parts.append("checkpoint")
+    tags = f" [{', '.join(v.tags)}]" if v.tags else ""
+    return f"{v.ref}{tags}  {'; '.join(parts)}  {_size(v.size)}  sha256 {v.sha256[:12]}"
+
+
+# ---- REF support and --save-as for commands that read or write adapters --------------------------
+@contextlib.contextmanager
+def input_path(arg: str) -> Iterator[tuple[Path, object]]:
+    """A path on disk as is; otherwise a registry REF, checked out (hard links) for the duration.
+    Yields (path, Version or None)."""
+    p = Path(arg)
+    if p.exists():
+        yield p, None
+        return
+    try:
+        reg = _registry()
+        v = reg.get(arg)
+    except RegistryError as e:
+        raise FormatError(f"{arg}: no such file or folder, and not a registry reference ({e})") from None
+    with reg.checkout(v) as path:
+        yield path, v
+
+
+def save_as_option(f):
+    return click.option("--save-as", "save_as", default=None, metavar="NAME",
+                        help="also store the result in the registry as NAME (with its lineage)")(f)
+
+
+@contextlib.contextmanager
+def output_path(dst: str | None, save_as: str | None, folder: bool = False) -> Iterator[Path]:
+    """Where a command writes: ``dst``, or (only ``--save-as`` given) a temporary path in the
+    registry's folder, removed once stored."""
+    if dst is not None:
+        yield Path(dst)
+        return
+    if save_as is None:
+        raise click.UsageError("give -o OUT, --save-as NAME, or both")
+    from loradex.registry import validate_name
+
+    validate_name(save_as)
+    reg = _registry()
+    d = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-out-", dir=reg.tmp))
+    try:
+        yield d / (save_as if folder else f"{save_as}.safetensors")
+    finally:
+        import shutil
+
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def store_output(path: Path, save_as: str, operation: str, parents: list, params: dict):
+    """Add what a command wrote as the next version of ``save_as``; lineage: ``parents`` (Versions,
+    REFs or paths) -> it, by ``operation`` with ``params``."""
+    return _registry().add(path, save_as, parents=parents, operation=operation, params=params)
+
+
+# ---- commands --------------------------------------------------------------------------------------
+@cli.command("add")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--name", default=None, help="the adapter's name (for a folder of files: a prefix of their names)")
+@click.option("--tag", "tags", multiple=True, help="point this tag (e.g. prod) at the new version; repeatable")
+@click.option("--description", default=None, help="what the adapter is (goes into model cards)")
+@click.option("--trigger", "triggers", multiple=True, help="a trigger word or phrase; repeatable")
+@click.option("--label", "labels", multiple=True, help="a searchable label (style, character...); repeatable")
+@click.option("--arch", default=None, help="base architecture when it cannot be detected (sd1, sd2, sdxl, flux1)")
+@click.option("--base-model", default=None, help="the base model it was trained on (a Hub id or a name)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON report")
+def add_cmd(path, name, tags, description, triggers, labels, arch, base_model, as_json):
+    """Store PATH in the registry: an adapter, embedding or checkpoint file, a PEFT adapter folder, a
+    diffusers pipeline folder, or a folder of such files (e.g. A1111's models/Lora: every file
+    loradex recognises is imported, the rest reported)."""
+    from loradex.registry.registry import is_folder_artifact
+
+    reg = _registry()
+    p = Path(path)
+    if p.is_dir() and not is_folder_artifact(p):
+        files = _bar(as_json, desc="importing", unit="file")
+
+        def on_file(rel: str, status: str) -> None:
+            if files is not None:
+                files.set_postfix_str(rel[-40:])
+                files.update(1)
+
+        report = reg.add_many(p, prefix=name, tags=tags, arch=arch, on_file=on_file)
+        if files is not None:
+            files.close()
+        text = [f"added {len(report.added)}, already stored {len(report.existing)}, skipped {len(report.skipped)}"]
+        text += [f"  added    {_one_line(v)}" for v in report.added]
+        text += [f"  stored   {_one_line(v)}" for v in report.existing]
+        text += [f"  skipped  {rel}: {why}" for rel, why in report.skipped]
+        text += [f"  same tensors (AutoV3): {' = '.join(g)}" for g in report.same_tensors()]
+        emit(report.to_dict(), as_json, "\n".join(text))
+        return
+    if name is None:
+        raise click.UsageError("--name NAME is required when adding one artifact")
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    bar = _bar(as_json, total=size, unit="B", unit_scale=True, desc=f"hashing {p.name}") if size > (64 << 20) else None
+    v = reg.add(p, name, tags=tags, description=description, trigger_words=list(triggers) or None,
+                labels=list(labels) or None, arch=arch, base_model=base_model,
+                progress=bar.update if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    out = reg.show(v)
+    lines = [f"stored {_one_line(v)}"]
+    lines += [f"  {n}" for n in out["identity_notes"]]
+    lines += [f"  note: {n}" for n in v.notes[:5]]
+    emit(out, as_json, "\n".join(lines))
+
+
+@cli.command("ls")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def ls_cmd(name, as_json):
+    """List adapters (newest version, tags), or the versions of NAME."""
+    reg = _registry()
+    if name:
+        vs = reg.versions(name)
+        emit([v.to_dict(metadata=False) for v in vs], as_json, "\n".join(_one_line(v) for v in vs))
+        return
+    rows = reg.list()
+    text = [f"{r['name']}  v{r['latest']} ({r['versions']} version{'s' if r['versions'] != 1 else ''})  "
+            f"{r['format'] or '?'} {r['arch'] or '?'} {_counts(r['kinds'])}  {_size(r['size'])}"
+            + (f"  tags: {', '.join(r['tags'])}" if r["tags"] else "") for r in rows]
+    emit(rows, as_json, "\n".join(text) if text else "(empty registry)")
+
+
+@cli.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def show_cmd(ref, as_json):
+    """Everything about a version: identity (sha256, Civitai AutoV1/V2/V3, CRC32, kohya sshs),
+    format, arch, kinds, ranks, tags, metadata, lineage, and versions with the same tensors."""
+    d = _registry().show(ref)
+    h = d["hashes"]
+    a = d["adapter"]
+    lines = [
+        f"{d['ref']}" + (f"  [{', '.join(d['tags'])}]" if d["tags"] else ""),
+        f"  artifact:    {d['artifact']} ({d['layout']}) {d['filename']}",
+        f"  format:      {d['format']}",
+        f"  arch:        {d['arch'] or 'unknown'}" + (f"   base model: {d['base_model']}" if d["base_model"] else ""),
+        f"  kinds:       {_counts(d['kinds'])}   modules: {d['modules']}   ranks: {_counts(d['ranks'])}",
+        f"  size:        {_size(d['size'])} ({d['size']} bytes)",
+        f"  sha256:      {d['sha256']}",
+    ]
+    if d["layout"] == "file":
+        lines.append(f"  civitai:     AutoV1 {h['autov1']}  AutoV2 {h['autov2']}  AutoV3 {h['autov3'] or '-'}  "
+                     f"CRC32 {h['crc32']}")
+        if h["sshs_model_hash"]:
+            lines.append(f"  kohya:       sshs_model_hash {h['sshs_model_hash'][:16]}...  "
+                         f"sshs_legacy_hash {h['sshs_legacy_hash']}")
+    else:
+        lines.append(f"  files:       {len(d.get('files', []))} (sha256 is of the manifest)")
+    if d["embeddings"]:
+        lines.append(f"  embeddings:  {', '.join(d['embeddings'])}")
+    if a["description"]:
+        lines.append(f"  description: {a['description']}")
+    if a["trigger_words"]:
+        lines.append(f"  triggers:    {', '.join(a['trigger_words'])}")
+    if a["labels"]:
+        lines.append(f"  labels:      {', '.join(a['labels'])}")
+    lines.append(f"  created:     {d['created']}")
+    for e in d["parents"]:
+        lines.append(f"  made by:     {e['operation']} from {e['parent'] or e['source']}"
+                     + (f" {e['params']}" if e["params"] else ""))
+    lines += [f"  identity:    {n}" for n in d["identity_notes"]]
+    if d["same_bytes"]:
+        lines.append(f"  identity:    same bytes as {', '.join(d['same_bytes'])}")
+    meta = d["metadata"]
+    if meta:
+        shown = [k for k in ("modelspec.title", "modelspec.architecture", "ss_output_name", "ss_network_module",
+                             "ss_network_dim", "ss_network_alpha", "ss_base_model_version") if k in meta]
+        lines.append(f"  metadata:    {len(meta)} keys" + "".join(f"; {k}={meta[k][:60]}" for k in shown))
+    lines += [f"  note:        {n}" for n in d["notes"][:5]]
+    emit(d, as_json, "\n".join(lines))
+
+
+@cli.command("search")
+@click.argument("query", required=False, default="")
+@click.option("--arch", default=None, help="only this architecture (sd1, sd2, sdxl, flux1, ...)")
+@click.option("--kind", default=None, help="only versions with this kind (lora, loha, lokr, ..., embedding, checkpoint)")
+@click.option("--base", default=None, help="only this base model (substring)")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def search_cmd(query, arch, kind, base, limit, as_json):
+    """Full-text search over names, descriptions, trigger words, labels and file titles; the newest
+    matching version of each adapter."""
+    vs = _registry().search(query, arch=arch, kind=kind, base=base, limit=limit)
+    emit([v.to_dict(metadata=False) for v in vs], as_json, "\n".join(_one_line(v) for v in vs) or "(no match)")
+
+
+@cli.command("tag")
+@click.argument("ref")
+@click.argument("tag")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def tag_cmd(ref, tag, as_json):
+    """Point TAG (e.g. prod) of the adapter at REF's version, moving it if it pointed elsewhere."""
+    v = _registry().tag(ref, tag)
+    emit(v.to_dict(metadata=False), as_json, f"{v.name}:{tag} -> {v.ref}")
+
+
+@cli.command("untag")
+@click.argument("name")
+@click.argument("tag", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def untag_cmd(name, tag, as_json):
+    """Remove a tag: `untag NAME TAG` or `untag NAME:TAG`."""
+    _registry().untag(name, tag)
+    shown = f"{name}:{tag}" if tag else name
+    emit({"removed": shown}, as_json, f"removed tag {shown}")
+
+
+@cli.command("rm")
+@click.argument("ref")
+@click.option("--all", "all_versions", is_flag=True, help="remove every version of the name")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def rm_cmd(ref, all_versions, as_json):
+    """Remove a version (REF) or, with --all, every version of a name. Bytes are freed by `gc`."""
+    gone = _registry().remove(ref, all_versions=all_versions)
+    emit({"removed": [v.ref for v in gone]}, as_json, "removed " + ", ".join(v.ref for v in gone)
+         + " (run `loradex gc` to free the space)")
+
+
+@cli.command("export")
+@click.argument("ref")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="output file or folder")
+@click.option("--to", default=None, help="convert to this format (kohya, diffusers, peft, lycoris, ...); default: the stored bytes")
+@click.option("--rank", type=int, default=None, help="SVD rank for kinds the target cannot hold exactly")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="cast the output tensors")
+@click.option("--arch", default=None, help="base architecture when it cannot be detected")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def export_cmd(ref, out, to, rank, dtype, arch, as_json):
+    """Write a stored version to OUT: the exact stored bytes, or converted with --to."""
+    reg = _registry()
+    v = reg.get(ref)
+    res = reg.export(v, out, to=to, rank=rank, dtype=dtype, arch=arch)
+    if to is None:
+        emit({"ref": v.ref, "path": str(res), "sha256": v.sha256}, as_json, f"wrote {res} ({v.ref}, {_size(v.size)})")
+    else:
+        d = res.to_dict()
+        d.update(ref=v.ref, path=out)
+        emit(d, as_json, f"wrote {out} ({res.target}) from {v.ref}: {res.summary()}")
+
+
+def _tree_lines(node: dict, indent: str = "") -> list[str]:
+    out = []
+    for e in node["parents"]:
+        origin = e["parent"] or e["source"]
+        params = f" {e['params']}" if e["params"] else ""
+        out.append(f"{indent}<- {e['operation']}{params} <- {origin}")
+        if "node" in e:
+            out += _tree_lines(e["node"], indent + "   ")
+    return out
+
+
+@cli.command("lineage")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def lineage_cmd(ref, as_json):
+    """How a version was made (its parents, recursively, with each operation and its parameters)
+    and what was made from it."""
+    t = _registry().lineage(ref)
+    lines = [t["ref"], *_tree_lines(t, "  ")]
+    lines += [f"  -> {c['operation']} -> {c['child']}" for c in t["children"]]
+    emit(t, as_json, "\n".join(lines))
+
+
+@cli.command("verify")
+@click.option("--quick", is_flag=True, help="check presence and sizes only, do not re-hash")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def verify_cmd(quick, as_json):
+    """Re-hash every stored blob against the catalogue. Exit 1 (naming the versions) when a blob is
+    missing, truncated or changed; orphan blobs and stale temporary files are reported for `gc`."""
+    reg = _registry()
+    total = sum(p.stat().st_size for _, p in reg.store.iter_blobs()) if not quick else 0
+    bar = _bar(as_json, total=total, unit="B", unit_scale=True, desc="verifying") if total > (64 << 20) else None
+    r = reg.verify(quick=quick, progress=bar.update if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    lines = [f"{'ok' if r['ok'] else 'PROBLEMS'}: {r['blobs_checked']} blobs, {_size(r['bytes_checked'])} "
+             + ("checked (sizes only)" if quick else "re-hashed")]
+    lines += [f"  {', '.join(p['versions']) or 'registry'}: {p['problem']}" for p in r["problems"]]
+    if r["orphan_blobs"] or r["stale_temp_files"]:
+        lines.append(f"  {len(r['orphan_blobs'])} unreferenced blobs, {len(r['stale_temp_files'])} stale temporary "
+                     "files (`loradex gc` removes them)")
+    emit(r, as_json, "\n".join(lines))
+    if not r["ok"]:
+        sys.exit(1)
+
+
+@cli.command("gc")
+@click.option("--dry-run", is_flag=True, help="only report what would be removed")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def gc_cmd(dry_run, as_json):
+    """Remove blobs no version references and temporary files left by killed imports."""
+    r = _registry().gc(dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    emit(r, as_json, f"{verb} {len(r['removed_blobs'])} blobs and {len(r['removed_temp_files'])} temporary files "
+                     f"({_size(r['freed_bytes'])})")
+
+
+@cli.command("push")
+@click.argument("ref")
+@click.option("--repo-id", required=True, help="the Hub repository, e.g. you/my-lora")
+@click.option("--private", is_flag=True, help="create the repository private")
+@click.option("--to", type=click.Choice(["diffusers", "kohya"]), default=None,
+              help="weights layout: diffusers (pytorch_lora_weights.safetensors, default) or kohya (every LyCORIS kind)")
+@click.option("--license", default=None, help="card license (default by architecture)")
+@click.option("--dry-run", is_flag=True, help="write the folder that would be uploaded to -o DIR, upload nothing")
+@click.option("-o", "--output", "out", default=None, type=click.Path(), help="with --dry-run: the folder to write")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def push_cmd(ref, repo_id, private, to, license, dry_run, out, as_json):
+    """Publish a version on the Hugging Face Hub with a model card. The token comes from
+    huggingface_hub (HF_TOKEN or `hf auth login`) and is never printed or stored."""
+    if out is not None and not dry_run:
+        raise click.UsageError("-o is for --dry-run (the upload is made from a temporary folder)")
+    r = _registry().push(ref, repo_id, private=private, to=to, dry_run=dry_run, out_dir=out, license=license)
+    if dry_run:
+        text = f"wrote {r['folder']} (would upload to {repo_id}): {', '.join(r['files'])}"
+    else:
+        text = f"pushed {r['ref']} to {r['url']} ({', '.join(r['files'])})" + (
+            f"\n  commit {r['commit_url']}" if r.get("commit_url") else "")
+    emit(r, as_json, text)
+
+
+@cli.command("pull")
+@click.argument("repo")
+@click.option("--name", required=True, help="store it under this name")
+@click.option("--file", "filename", default=None, help="the file (or sub-folder) of the repo to store")
+@click.option("--tag", "tags", multiple=True, help="point this tag at the new version; repeatable")
+@click.option("--arch", default=None, help="base architecture when it cannot be detected")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def pull_cmd(repo, name, filename, tags, arch, as_json):
+    """Download REPO (ID or ID@REVISION) with huggingface_hub (its cache, HF_HUB_OFFLINE honoured) and
+    store it as NAME, the source and commit recorded in lineage."""
+    reg = _registry()
+    v = reg.pull(repo, name, filename=filename, tags=tags, arch=arch)
+    out = reg.show(v)
+    src = out["parents"][0]["source"] if out["parents"] else repo
+    emit(out, as_json, f"stored {_one_line(v)}\n  from {src}")

@@ -1,0 +1,447 @@
+"""The catalogue: SQLite through sqlite-utils at ``$LORADEX_HOME/registry.db``.
+
+WAL mode (readers never block the writer), ``synchronous=NORMAL`` (a commit is atomic and survives
+a killed process; a power cut may lose the last commits, never corrupt the file), a 60 s busy
+timeout, and every write inside ``BEGIN IMMEDIATE``: the write lock is taken before anything is
+read, so the next version number of a name is read and used inside one serialized transaction and
+concurrent importers never collide.
+
+Tables
+  adapters        name (unique), description, trigger_words (JSON list), labels (JSON list),
+                  keywords (searchable text gathered from its versions), next_number
+  versions        (adapter_id, number) unique; sha256 (of the file, or of the manifest of a
+                  folder), size, layout (file|folder), artifact (adapter|embedding|checkpoint),
+                  filename, format, arch, kinds/ranks/embeddings/metadata/notes (JSON), modules,
+                  base_model, Civitai autov1/autov2/autov3(+full)/crc32, kohya sshs_model_hash /
+                  sshs_legacy_hash, created
+  version_kinds   (version_id, kind): the kind filter of ``search`` as an indexed lookup
+  version_files   (version_id, path, sha256, size): the manifest of a folder artifact
+  tags            (adapter_id, tag) -> version_id: movable names such as ``prod``
+  lineage         child_id <- parent_id (or an external ``parent_ref``: a path, ``hf://id@rev``),
+                  operation (import, convert, merge, resize, extract, bake, train, pull), params JSON
+  adapters_fts    FTS5 over name, description, trigger words, labels, keywords (sqlite-utils
+                  enable_fts; triggers that fire only when one of those columns changes)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+FTS_COLUMNS = ["name", "description", "trigger_words", "labels", "keywords"]
+#: a search matching at most this many adapters is ordered by relevance (FTS5 bm25), else by name
+RANKED_MATCHES = 256
+HASH_FIELDS = ("autov1", "autov2", "autov3", "autov3_full", "crc32", "sshs_model_hash", "sshs_legacy_hash")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def connect(path: Path) -> sqlite_utils.Database:
+    conn = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=60000")
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    for attempt in range(50):  # several processes opening a fresh file at once may see "locked"
+        try:
+            db.enable_wal()
+            break
+        except sqlite3.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.05)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    _ensure_schema(db)
+    return db
+
+
+@contextlib.contextmanager
+def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """One write transaction, the lock taken up front (``BEGIN IMMEDIATE``)."""
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+    db.conn.execute("COMMIT")
+
+
+def _ensure_schema(db: sqlite_utils.Database) -> None:
+    if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    with write(db):
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return  # another process made it meanwhile
+        db["adapters"].create(
+            {"id": int, "name": str, "description": str, "trigger_words": str, "labels": str, "keywords": str,
+             "next_number": int, "created": str, "updated": str},
+            pk="id", not_null={"name", "next_number"},
+            defaults={"description": "", "trigger_words": "[]", "labels": "[]", "keywords": "", "next_number": 1},
+        )
+        db["adapters"].create_index(["name"], unique=True)
+        db["versions"].create(
+            {"id": int, "adapter_id": int, "number": int, "sha256": str, "size": int, "layout": str,
+             "artifact": str, "filename": str, "format": str, "arch": str, "kinds": str, "ranks": str,
+             "modules": int, "embeddings": str, "metadata": str, "notes": str, "base_model": str,
+             **{h: str for h in HASH_FIELDS}, "created": str},
+            pk="id", not_null={"adapter_id", "number", "sha256", "size", "layout", "artifact"},
+            foreign_keys=[("adapter_id", "adapters", "id")],
+        )
+        db["versions"].create_index(["adapter_id", "number"], unique=True)
+        db["versions"].create_index(["sha256"])
+        db["versions"].create_index(["autov3_full"])
+        db["versions"].create_index(["arch"])
+        db["version_kinds"].create({"version_id": int, "kind": str}, pk=("version_id", "kind"),
+                                   foreign_keys=[("version_id", "versions", "id")])
+        db["version_kinds"].create_index(["kind", "version_id"])
+        db["version_files"].create({"version_id": int, "path": str, "sha256": str, "size": int},
+                                   pk=("version_id", "path"), foreign_keys=[("version_id", "versions", "id")])
+        db["version_files"].create_index(["sha256"])
+        db["tags"].create({"adapter_id": int, "tag": str, "version_id": int, "updated": str}, pk=("adapter_id", "tag"),
+                          foreign_keys=[("adapter_id", "adapters", "id"), ("version_id", "versions", "id")])
+        db["tags"].create_index(["version_id"])
+        db["lineage"].create(
+            {"id": int, "child_id": int, "parent_id": int, "parent_ref": str, "operation": str, "params": str,
+             "created": str},
+            pk="id", not_null={"child_id", "operation"},
+            foreign_keys=[("child_id", "versions", "id"), ("parent_id", "versions", "id")],
+        )
+        db["lineage"].create_index(["child_id"])
+        db["lineage"].create_index(["parent_id"])
+        db["adapters"].enable_fts(FTS_COLUMNS, fts_version="FTS5", create_triggers=False)
+        # sqlite-utils' triggers fire on any UPDATE; these only when a searchable column changes
+        # (an import also bumps next_number, which must not rewrite the index)
+        cols = ", ".join(FTS_COLUMNS)
+        old = ", ".join(f"old.{c}" for c in FTS_COLUMNS)
+        new = ", ".join(f"new.{c}" for c in FTS_COLUMNS)
+        db.executescript(f"""
+            CREATE TRIGGER adapters_ai AFTER INSERT ON adapters BEGIN
+              INSERT INTO adapters_fts (rowid, {cols}) VALUES (new.rowid, {new});
+            END;
+            CREATE TRIGGER adapters_ad AFTER DELETE ON adapters BEGIN
+              INSERT INTO adapters_fts (adapters_fts, rowid, {cols}) VALUES ('delete', old.rowid, {old});
+            END;
+            CREATE TRIGGER adapters_au AFTER UPDATE OF {cols} ON adapters BEGIN
+              INSERT INTO adapters_fts (adapters_fts, rowid, {cols}) VALUES ('delete', old.rowid, {old});
+              INSERT INTO adapters_fts (rowid, {cols}) VALUES (new.rowid, {new});
+            END;
+        """)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+# ---- rows -> objects -------------------------------------------------------------------------
+@dataclass
+class Version:
+    """One stored version of a named artifact (what ``Registry.get`` returns)."""
+
+    id: int
+    adapter_id: int
+    name: str
+    number: int
+    sha256: str
+    size: int
+    layout: str
+    artifact: str
+    filename: str
+    format: str | None
+    arch: str | None
+    kinds: dict[str, int]
+    ranks: dict[str, int]
+    modules: int
+    embeddings: list[str]
+    metadata_json: str = field(repr=False)  # decoded on first use: kohya headers can be large
+    notes: list[str]
+    base_model: str | None
+    hashes: dict[str, str]
+    created: str
+    tags: list[str] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)  # folder manifests only
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.number}"
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's header metadata (``__metadata__``), decoded when first asked for."""
+        cached = self.__dict__.get("_metadata")
+        if cached is None:
+            cached = self.__dict__["_metadata"] = _j(self.metadata_json, {})
+        return cached
+
+    def to_dict(self, metadata: bool = True) -> dict:
+        d = {
+            "ref": self.ref, "name": self.name, "number": self.number, "sha256": self.sha256, "size": self.size,
+            "layout": self.layout, "artifact": self.artifact, "filename": self.filename, "format": self.format,
+            "arch": self.arch, "kinds": self.kinds, "ranks": self.ranks, "modules": self.modules,
+            "embeddings": self.embeddings, "base_model": self.base_model, "hashes": self.hashes,
+            "created": self.created, "tags": self.tags, "notes": self.notes,
+        }
+        if metadata:
+            d["metadata"] = self.metadata
+        if self.files:
+            d["files"] = self.files
+        return d
+
+
+def _j(s: str | None, default):
+    if not s or s in ("{}", "[]"):
+        return type(default)()
+    return json.loads(s)
+
+
+def row_to_version(r: sqlite3.Row | dict) -> Version:
+    r = dict(r)
+    return Version(
+        id=r["id"], adapter_id=r["adapter_id"], name=r["name"], number=r["number"], sha256=r["sha256"], size=r["size"], layout=r["layout"],
+        artifact=r["artifact"], filename=r["filename"] or "", format=r["format"], arch=r["arch"],
+        kinds=_j(r["kinds"], {}), ranks=_j(r["ranks"], {}), modules=r["modules"] or 0,
+        embeddings=_j(r["embeddings"], []), metadata_json=r["metadata"] or "{}", notes=_j(r["notes"], []),
+        base_model=r["base_model"], hashes={h: r[h] or "" for h in HASH_FIELDS}, created=r["created"],
+    )
+
+
+SELECT_VERSION = "SELECT v.*, a.name AS name FROM versions v JOIN adapters a ON a.id = v.adapter_id"
+
+
+def _rows(db: sqlite_utils.Database, sql: str, params=()) -> list[dict]:
+    cur = db.execute(sql, params)
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+
+def fetch_versions(db: sqlite_utils.Database, where: str, params=(), order: str = "", limit: int | None = None,
+                   with_tags: bool = True) -> list[Version]:
+    sql = f"{SELECT_VERSION} WHERE {where}" + (f" ORDER BY {order}" if order else "")
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    out = [row_to_version(r) for r in _rows(db, sql, params)]
+    if with_tags and out:
+        attach_tags(db, out)
+    return out
+
+
+def attach_tags(db: sqlite_utils.Database, versions: list[Version]) -> None:
+    by_id = {v.id: v for v in versions}
+    marks = ",".join("?" * len(by_id))
+    for vid, tag in db.execute(f"SELECT version_id, tag FROM tags WHERE version_id IN ({marks}) ORDER BY tag",
+                               list(by_id)):
+        by_id[vid].tags.append(tag)
+
+
+def attach_files(db: sqlite_utils.Database, v: Version) -> None:
+    if v.layout == "folder":
+        v.files = _rows(db, "SELECT path, sha256, size FROM version_files WHERE version_id = ? ORDER BY path", (v.id,))
+
+
+def adapter_row(db: sqlite_utils.Database, name: str) -> dict | None:
+    rows = _rows(db, "SELECT * FROM adapters WHERE name = ?", (name,))
+    return rows[0] if rows else None
+
+
+# ---- writes (call inside ``write``) ------------------------------------------------------------
+def _insert(db: sqlite_utils.Database, table: str, row: dict) -> int:
+    """One INSERT of known columns (the import hot path; sqlite-utils' ``insert`` introspects the
+    table on every call)."""
+    cols = list(row)
+    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    return db.execute(sql, [row[c] for c in cols]).lastrowid
+
+
+def ensure_adapter(db: sqlite_utils.Database, name: str) -> dict:
+    row = adapter_row(db, name)
+    if row is None:
+        t = now()
+        _insert(db, "adapters", {"name": name, "created": t, "updated": t, "next_number": 1, "description": "",
+                                 "trigger_words": "[]", "labels": "[]", "keywords": ""})
+        row = adapter_row(db, name)
+    return row
+
+
+def update_adapter(db: sqlite_utils.Database, adapter_id: int, **fields) -> None:
+    vals = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in fields.items() if v is not None}
+    if vals:
+        vals["updated"] = now()
+        cols = list(vals)
+        db.execute(f"UPDATE adapters SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?",
+                   [vals[c] for c in cols] + [adapter_id])
+
+
+def insert_version(db: sqlite_utils.Database, adapter: dict, record: dict, files: list[dict] | None = None) -> int:
+    """Allocate the next number of ``adapter`` and insert the version (inside ``write``)."""
+    number = adapter["next_number"]
+    db.execute("UPDATE adapters SET next_number = ?, updated = ? WHERE id = ?", (number + 1, now(), adapter["id"]))
+    row = dict(record)
+    for k in ("kinds", "ranks", "embeddings", "metadata", "notes"):
+        row[k] = json.dumps(row.get(k) if row.get(k) is not None else ({} if k in ("kinds", "ranks", "metadata") else []),
+                            sort_keys=True)
+    row.update(adapter_id=adapter["id"], number=number, created=now())
+    vid = _insert(db, "versions", row)
+    kinds = list(record.get("kinds") or {})
+    if record.get("embeddings"):
+        kinds.append("embedding")
+    if record.get("artifact") == "checkpoint":
+        kinds.append("checkpoint")
+    for k in dict.fromkeys(kinds):
+        _insert(db, "version_kinds", {"version_id": vid, "kind": k})
+    for f in files or ():
+        _insert(db, "version_files", {"version_id": vid, "path": f["path"], "sha256": f["sha256"], "size": f["size"]})
+    return vid
+
+
+def add_lineage(db: sqlite_utils.Database, child_id: int, operation: str, params: dict | None,
+                parent_id: int | None = None, parent_ref: str | None = None) -> None:
+    _insert(db, "lineage", {
+        "child_id": child_id, "parent_id": parent_id, "parent_ref": parent_ref, "operation": operation,
+        "params": json.dumps(params or {}, sort_keys=True, default=str), "created": now(),
+    })
+
+
+def set_tag(db: sqlite_utils.Database, adapter_id: int, tag: str, version_id: int) -> None:
+    db.execute(
+        "INSERT INTO tags (adapter_id, tag, version_id, updated) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (adapter_id, tag) DO UPDATE SET version_id = excluded.version_id, updated = excluded.updated",
+        (adapter_id, tag, version_id, now()),
+    )
+
+
+def delete_version(db: sqlite_utils.Database, v: Version) -> None:
+    """Remove a version's rows; lineage edges that name it as a parent keep its reference as text."""
+    db.execute("UPDATE lineage SET parent_id = NULL, parent_ref = ? WHERE parent_id = ?",
+               (f"{v.ref} (removed; sha256 {v.sha256})", v.id))
+    for table, col in (("lineage", "child_id"), ("tags", "version_id"), ("version_kinds", "version_id"),
+                       ("version_files", "version_id")):
+        db.execute(f"DELETE FROM {table} WHERE {col} = ?", (v.id,))
+    db.execute("DELETE FROM versions WHERE id = ?", (v.id,))
+
+
+def delete_adapter_if_empty(db: sqlite_utils.Database, adapter_id: int) -> bool:
+    if db.execute("SELECT 1 FROM versions WHERE adapter_id = ? LIMIT 1", (adapter_id,)).fetchone():
+        return False
+    db.execute("DELETE FROM tags WHERE adapter_id = ?", (adapter_id,))
+    db.execute("DELETE FROM adapters WHERE id = ?", (adapter_id,))
+    return True
+
+
+# ---- queries -------------------------------------------------------------------------------------
+def fts_query(text: str) -> str:
+    """User words -> an FTS5 query: every word must match, as a prefix; quotes neutralised."""
+    words = [w.replace('"', " ").strip() for w in text.split()]
+    return " ".join(f'"{w}"*' for w in words if w)
+
+
+def search(db: sqlite_utils.Database, query: str = "", arch: str | None = None, kind: str | None = None,
+           base: str | None = None, limit: int = 50) -> list[Version]:
+    """The newest version of each adapter that matches: words against the adapter's name,
+    description, trigger words, labels and version keywords (FTS5, prefix match, best first), and
+    the version against ``arch`` (exact), ``kind`` (a patch kind, ``embedding`` or ``checkpoint``)
+    and ``base`` (substring of the base model, case-insensitive). Without words: by name.
+
+    Both paths stop early: adapters are walked in name order (an index) or in FTS rank order, in
+    pages, and the newest matching version of each is one index probe, so the cost follows
+    ``limit``, not the size of the catalogue."""
+    conds, params = [], []
+    if arch:
+        conds.append("v2.arch = ?")
+        params.append(arch)
+    if base:
+        conds.append("v2.base_model LIKE ?")
+        params.append(f"%{base}%")
+    if kind:
+        conds.append("EXISTS (SELECT 1 FROM version_kinds k WHERE k.version_id = v2.id AND k.kind = ?)")
+        params.append(kind.lower())
+    # a filter no version matches at all: answer at once instead of walking every adapter
+    if arch and not db.execute("SELECT 1 FROM versions WHERE arch = ? LIMIT 1", (arch,)).fetchone():
+        return []
+    if kind and not db.execute("SELECT 1 FROM version_kinds WHERE kind = ? LIMIT 1", (kind.lower(),)).fetchone():
+        return []
+    newest = ("(SELECT v2.id FROM versions v2 WHERE v2.adapter_id = a.id"
+              + "".join(f" AND {c}" for c in conds) + " ORDER BY v2.number DESC LIMIT 1)")
+    q = fts_query(query or "")
+    if not q:
+        sql = f"SELECT v.*, a.name AS name FROM adapters a JOIN versions v ON v.id = {newest} ORDER BY a.name LIMIT ?"
+        out = [row_to_version(r) for r in _rows(db, sql, [*params, limit])]
+    else:
+        try:
+            n = len(db.execute("SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ? LIMIT ?",
+                               (q, RANKED_MATCHES + 1)).fetchall())
+            if n > RANKED_MATCHES:  # too many for relevance to mean much (and bm25 costs): by name
+                # '+a.id': walk adapters in name order (an index) and stop at ``limit``
+                sql = (f"SELECT v.*, a.name AS name FROM adapters a JOIN versions v ON v.id = {newest} "
+                       "WHERE +a.id IN (SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ?) "
+                       "ORDER BY a.name LIMIT ?")
+                out = [row_to_version(r) for r in _rows(db, sql, [*params, q, limit])]
+                ids = []
+            else:  # best first
+                out = []
+                ids = [r[0] for r in db.execute(
+                    "SELECT rowid FROM adapters_fts WHERE adapters_fts MATCH ? ORDER BY rank", (q,))]
+        except sqlite3.OperationalError as e:  # an FTS5 syntax corner case the quoting missed
+            if "fts5" not in str(e).lower():
+                raise
+            return []
+        page = max(limit, 64)
+        sql = (f"SELECT v.*, a.name AS name FROM adapters a JOIN versions v ON v.id = {newest} "
+               "WHERE a.id IN (SELECT value FROM json_each(?))")
+        for i in range(0, len(ids), page):
+            chunk = ids[i : i + page]
+            found = {r["adapter_id"]: r for r in _rows(db, sql, [*params, json.dumps(chunk)])}
+            for a in chunk:
+                if a in found and len(out) < limit:
+                    out.append(row_to_version(found[a]))
+            if len(out) >= limit:
+                break
+    if out:
+        attach_tags(db, out)
+    return out
+
+
+def list_adapters(db: sqlite_utils.Database) -> list[dict]:
+    rows = _rows(db, """
+        SELECT a.id, a.name, a.description, a.trigger_words, a.labels, count(v.id) AS versions, max(v.number) AS latest,
+               sum(v.size) AS size
+        FROM adapters a LEFT JOIN versions v ON v.adapter_id = a.id GROUP BY a.id ORDER BY a.name""")
+    tags: dict[int, list[str]] = {}
+    for aid, tag, number in db.execute(
+            "SELECT t.adapter_id, t.tag, v.number FROM tags t JOIN versions v ON v.id = t.version_id ORDER BY t.tag"):
+        tags.setdefault(aid, []).append(f"{tag}->@{number}")
+    latest = {}
+    for r in _rows(db, f"{SELECT_VERSION} WHERE v.number = (SELECT max(number) FROM versions WHERE adapter_id = a.id)"):
+        latest[r["adapter_id"]] = row_to_version(r)
+    out = []
+    for r in rows:
+        v = latest.get(r["id"])
+        out.append({
+            "name": r["name"], "description": r["description"] or "",
+            "trigger_words": _j(r["trigger_words"], []), "labels": _j(r["labels"], []),
+            "versions": r["versions"], "latest": r["latest"], "size": r["size"] or 0, "tags": tags.get(r["id"], []),
+            "format": v.format if v else None, "arch": v.arch if v else None, "artifact": v.artifact if v else None,
+            "kinds": v.kinds if v else {},
+        })
+    return out
+
+
+def blob_references(db: sqlite_utils.Database) -> dict[str, list[tuple[str, int]]]:
+    """sha256 -> [(version ref, expected size)] for every blob a row points at."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for sha, size, name, number in db.execute(
+            "SELECT v.sha256, v.size, a.name, v.number FROM versions v JOIN adapters a ON a.id = v.adapter_id "
+            "WHERE v.layout = 'file'"):
+        out.setdefault(sha, []).append((f"{name}@{number}", size))
+    for sha, size, name, number, path in db.execute(
+            "SELECT f.sha256, f.size, a.name, v.number, f.path FROM version_files f JOIN versions v ON v.id = f.version_id "
+            "JOIN adapters a ON a.id = v.adapter_id"):
+        out.setdefault(sha, []).append((f"{name}@{number}:{path}", size))
+    return out
