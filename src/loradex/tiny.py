@@ -11,10 +11,6 @@ with a ``</w>`` twin, plus the start/end tokens, and no merges.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from functools import lru_cache
 
 import torch
@@ -23,29 +19,11 @@ TINY_TE_DIM = 32
 TINY_VOCAB_EXTRA = ("<|startoftext|>", "<|endoftext|>")
 
 
-@contextlib.contextmanager
 def quiet():
-    """Silence the config warnings diffusers/transformers print for toy-sized models."""
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft", "lycoris", "LyCORIS")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as tlog
+    """Silence the config warnings diffusers/transformers/peft/lycoris print for toy-sized models."""
+    from loradex.core.arch import _quiet
 
-        tlevel = tlog.get_verbosity()
-        tlog.set_verbosity_error()
-    except Exception:  # pragma: no cover - transformers always has it
-        tlog = None
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-        if tlog is not None:
-            tlog.set_verbosity(tlevel)
+    return _quiet(("peft", "lycoris", "LyCORIS"))
 
 
 @lru_cache(maxsize=1)

@@ -132,12 +132,21 @@ class ModuleInfo:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Silence the config chatter of diffusers/transformers while a table is built."""
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers")]
+def _quiet(extra_loggers: tuple[str, ...] = ()):
+    """Silence the config chatter of diffusers/transformers (and ``extra_loggers``) while models are
+    built: their loggers, transformers' own verbosity, warnings and stderr. ``loradex.tiny.quiet``
+    is this with peft's and LyCORIS' loggers added."""
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", *extra_loggers)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlevel = tlog.get_verbosity()
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        tlog = None
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -145,6 +154,8 @@ def _quiet():
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
+        if tlog is not None:
+            tlog.set_verbosity(tlevel)
 
 
 def _classify(mod: torch.nn.Module) -> tuple[str, tuple[int, ...], bool] | None:
