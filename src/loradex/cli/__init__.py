@@ -58,4 +58,5 @@ def main(argv: list[str] | None = None) -> None:
 
 from loradex.cli import convert as _convert  # noqa: E402,F401  (registers commands)
 from loradex.cli import demo as _demo  # noqa: E402,F401
+from loradex.cli import merge as _merge  # noqa: E402,F401
 from loradex.cli import registry as _registry  # noqa: E402,F401

@@ -190,3 +190,7 @@ class Kohya(Converter):
     def _emit(out: dict[str, torch.Tensor], flat: str, p: Patch, dtype) -> None:
         for suffix, t in p.tensors().items():
             out[f"{flat}.{suffix}"] = cast(t, dtype)
+        if isinstance(p, LoraPatch) and p.alpha is None:
+            # kohya reads a missing alpha as alpha = rank, but lycoris-lora's loaders cannot
+            # read a LoRA without one: write it out (same scale, 1)
+            out[f"{flat}.alpha"] = torch.tensor(float(p.rank), dtype=dtype or p.down.dtype)

@@ -103,26 +103,37 @@ def svd_truncate(
     return up, down, float(resid / total)
 
 
+def factors_svd(
+    up: torch.Tensor, down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``(U, S, Vh)`` of the product ``up @ down`` (``up`` ``(m, r)``, ``down`` ``(r, n)``)
+    computed from the factors: ``up = Qu Ru``, ``down^T = Qd Rd``, SVD of the small core
+    ``Ru Rd^T = Uc S Vc^T``, then ``U = Qu Uc`` and ``Vh = Vc^T Qd^T``. ``O((m + n) r^2)``, never
+    forms the ``m x n`` product. float64 in and out; ``S`` has ``min(r, m, n)`` values."""
+    if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise ValueError(f"factors do not chain: {tuple(up.shape)} @ {tuple(down.shape)}")
+    qu, ru = torch.linalg.qr(up.double())
+    qd, rd = torch.linalg.qr(down.double().T)
+    uc, s, vch = torch.linalg.svd(ru @ rd.T, full_matrices=False)
+    return qu @ uc, s, vch @ qd.T
+
+
 def truncate_factors(
     up: torch.Tensor, down: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Optimal rank-``rank`` truncation of the product ``up @ down`` (``up`` ``(m, r)``, ``down``
-    ``(r, n)``) computed from the factors: ``up = Qu Ru``, ``down^T = Qd Rd``, SVD of the core
-    ``Ru Rd^T = Uc S Vc^T``; the result is ``(Qu Uc_k S_k, Vc_k^T Qd^T)`` and the relative error
-    ``sqrt(sum_{i>k} S_i^2 / sum_i S_i^2)``, exact because ``Qu`` and ``Qd`` are orthonormal.
-    Runs in float64 and returns float64 factors (callers cast)."""
+    ``(r, n)``) computed from the factors (:func:`factors_svd`); the result is
+    ``(U_k S_k, Vh_k)`` and the relative error ``sqrt(sum_{i>k} S_i^2 / sum_i S_i^2)``, exact
+    because ``Qu`` and ``Qd`` are orthonormal. Runs in float64 and returns float64 factors
+    (callers cast)."""
     if up.ndim != 2 or down.ndim != 2 or up.shape[1] != down.shape[0]:
         raise ValueError(f"factors do not chain: {tuple(up.shape)} @ {tuple(down.shape)}")
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
-    u = up.double()
-    d = down.double()
-    qu, ru = torch.linalg.qr(u)
-    qd, rd = torch.linalg.qr(d.T)
-    uc, s, vch = torch.linalg.svd(ru @ rd.T, full_matrices=False)
+    u, s, vh = factors_svd(up, down)
     k = min(rank, s.numel())
-    new_up = qu @ (uc[:, :k] * s[:k])
-    new_down = vch[:k] @ qd.T
+    new_up = u[:, :k] * s[:k]
+    new_down = vh[:k]
     energy = float((s * s).sum())
     if energy == 0.0:
         return new_up, new_down, 0.0

@@ -1,0 +1,142 @@
+"""``loradex resize`` and ``loradex merge``."""
+
+from __future__ import annotations
+
+import click
+
+from loradex.cli import cli, emit
+from loradex.cli.registry import input_path, output_path, save_as_option, store_output
+
+ARCH_HELP = "base model architecture (sd1, sd2, sdxl, flux1); detected from the file when omitted"
+#: Write formats that can hold what resize / merge produce.
+_LORA_FORMATS = ("kohya", "comfy", "lycoris", "diffusers", "peft")
+
+
+def default_format(adapter) -> str:
+    """The input's format when it can hold ``adapter`` (modules of LoRA kind only for diffusers and
+    peft, embeddings only in kohya files), else kohya."""
+    fmt = (adapter.source_format or "").lower()
+    if fmt not in _LORA_FORMATS:
+        return "kohya"
+    if adapter.embeddings and fmt not in ("kohya", "comfy"):
+        return "kohya"
+    if fmt in ("diffusers", "peft") and any(p.kind != "lora" or getattr(p, "mid", None) is not None
+                                             for p in adapter.patches.values()):
+        return "kohya"
+    return "kohya" if fmt == "comfy" else fmt
+
+
+def _parse_item(arg: str) -> tuple[str, float]:
+    """``PATH[:W]``: the weight is what follows the last colon. When it is not a number the whole
+    argument is a registry ``NAME:TAG`` reference, unless the part before the colon is an existing
+    file (then the weight is bad: exit 2)."""
+    from pathlib import Path
+
+    if Path(arg).exists():
+        return arg, 1.0
+    path, sep, w = arg.rpartition(":")
+    if not sep or not path:
+        return arg, 1.0
+    try:
+        return path, float(w)
+    except ValueError:
+        if Path(path).exists() or (w and w[0] in "+-.0123456789"):
+            raise click.BadParameter(f"weight {w!r} of {arg!r} is not a number", param_hint="IN[:W]") from None
+        return arg, 1.0
+
+
+def _write(adapter, to, dst, save_as, operation, parents, params, arch):
+    from loradex.api import save
+
+    to = to or default_format(adapter)
+    with output_path(dst, save_as, folder=to.lower() == "peft") as out:
+        report = save(adapter, out, to, arch=arch)
+        saved = store_output(out, save_as, operation, parents, params) if save_as else None
+    return to, report, saved
+
+
+def _tail(d: dict, text: list[str], dst, to, wreport, saved) -> None:
+    d.update(dst=dst, format=to, write=wreport.to_dict())
+    text.append(f"wrote {dst} ({wreport.target}): {wreport.summary()}" if dst else f"written ({wreport.target})")
+    if saved is not None:
+        d["saved_as"] = saved.to_dict(metadata=False)
+        text.append(f"stored as {saved.ref} (sha256 {saved.sha256[:12]})")
+    text += [f"  note: {n}" for n in wreport.notes[:20]]
+
+
+@cli.command("resize")
+@click.argument("src", type=click.Path(exists=False), metavar="IN|REF")
+@click.option("-o", "--output", "dst", default=None, type=click.Path(), help="output file; optional with --save-as")
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="fixed rank (with --fro/--ratio/--cumulative: a cap)")
+@click.option("--fro", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="keep the smallest rank with ||dW_k|| >= F ||dW|| per module")
+@click.option("--ratio", type=click.FloatRange(0, min_open=True), default=None,
+              help="keep the singular values S_i > S_0 / R per module")
+@click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="keep the smallest rank with sum(S[:k]) >= C sum(S) per module")
+@click.option("--to", "to", default=None, help="output format (default: the input's when it can hold the result, else kohya)")
+@click.option("--arch", default=None, help=ARCH_HELP)
+@save_as_option
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, save_as, as_json):
+    """Truncate every LoRA / LoHa / LoKr module of IN to a fixed or per-module dynamic rank (SVD from
+    the factors; the scale alpha/rank is preserved). Other kinds are kept as they are."""
+    from loradex.api import load
+    from loradex.merge import resize
+
+    if rank is None and fro is None and ratio is None and cumulative is None:
+        raise click.UsageError("give a policy: --rank N, --fro F, --ratio R or --cumulative C")
+    if sum(v is not None for v in (fro, ratio, cumulative)) > 1:
+        raise click.UsageError("give at most one of --fro, --ratio, --cumulative")
+    with input_path(src) as (src_path, version):
+        adapter = load(src_path, arch=arch)
+        out, report = resize(adapter, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative)
+        params = {"rank": rank, "fro": fro, "ratio": ratio, "cumulative": cumulative, "to": to}
+        to, wreport, saved = _write(out, to, dst, save_as, "resize", [version or src_path],
+                                    {k: v for k, v in params.items() if v is not None}, arch)
+    d = {"src": src, **report.to_dict()}
+    text = [f"resized {src}: {report.summary()}"]
+    for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1]["error"])[:20]:
+        text.append(f"  {name}: rank {m['old_rank']} -> {m['new_rank']}, energy {m['energy']:.4f}, "
+                    f"rel. error {m['error']:.3g}")
+    for name, why in list(report.kept.items())[:20]:
+        text.append(f"  kept {name}: {why}")
+    _tail(d, text, dst, to, wreport, saved)
+    emit(d, as_json, "\n".join(text))
+
+
+@cli.command("merge")
+@click.argument("inputs", nargs=-1, required=True, metavar="IN[:W]...")
+@click.option("-o", "--output", "dst", default=None, type=click.Path(), help="output file; optional with --save-as")
+@click.option("--method", type=click.Choice(["concat"]), default="concat", show_default=True,
+              help="concat: the exact weighted sum (ranks add up)")
+@click.option("--to", "to", default=None,
+              help="output format (default: the first input's when it can hold the result, else kohya)")
+@click.option("--arch", default=None, help=ARCH_HELP)
+@save_as_option
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def merge_cmd(inputs, dst, method, to, arch, save_as, as_json):
+    """Merge adapters IN (files or registry REFs), each with an optional weight W (default 1,
+    negative allowed): the result's update is exactly sum_i W_i dW_i (LoHa/LoKr through their
+    exact LoRA form). Embeddings are kept (a token in several inputs: weighted average)."""
+    import contextlib
+
+    from loradex.api import load
+    from loradex.merge import merge
+
+    parsed = [_parse_item(a) for a in inputs]
+    with contextlib.ExitStack() as stack:
+        items, parents = [], []
+        for path, w in parsed:
+            p, version = stack.enter_context(input_path(path))
+            items.append((load(p, arch=arch), w))
+            parents.append(version or p)
+        out, report = merge(items, method=method)
+        params = {"method": method, "weights": [w for _, w in parsed], **({"to": to} if to else {})}
+        to, wreport, saved = _write(out, to, dst, save_as, "merge", parents, params, arch)
+    d = {"inputs": [p for p, _ in parsed], **report.to_dict()}
+    text = [f"merged: {report.summary()}"]
+    text += [f"  warning: {w}" for w in report.warnings]
+    _tail(d, text, dst, to, wreport, saved)
+    emit(d, as_json, "\n".join(text))
