@@ -536,3 +536,23 @@ def test_sigkill_during_add_leaves_a_consistent_registry(home, tmp_path, point, 
         assert r["ok"] and not r["orphan_blobs"] and not r["stale_temp_files"]
         assert reg.get("keep").sha256 == keep.sha256 and reg.store.has(keep.sha256)
         assert reg.add(f, "victim").ref == "victim@1"  # and the import works again
+
+
+def test_ref_commands_use_the_recorded_arch(tmp_path, monkeypatch, capsys):
+    """A REF carries the arch recorded at import: convert/inspect/load of a custom-arch adapter
+    (not detectable from the file) work without --arch."""
+    from loradex.cli import main
+    from loradex.demo import TinyBench, make_lycoris_reference
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("LORADEX_HOME", str(home))
+    bench = TinyBench()
+    ref = make_lycoris_reference(bench, "loha", tmp_path)
+    reg = loradex.Registry()
+    reg.add(ref.path, name="loha", arch="tiny-sd1")
+    assert reg.load("loha").arch == "tiny-sd1"
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "loha", "--to", "diffusers", "--save-as", "loha-d"])
+    assert e.value.code == 0, capsys.readouterr().err
+    assert reg.get("loha-d").arch == "tiny-sd1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from loradex.cli import cli, emit
-from loradex.cli.registry import input_path, output_path, save_as_option, store_output
+from loradex.cli.registry import input_path, output_path, ref_arch, save_as_option, store_output
 
 ARCH_HELP = "base model architecture (sd1, sd2, sdxl, flux1); detected from the file when omitted"
 
@@ -24,7 +24,7 @@ def inspect_cmd(path: str, arch: str | None, as_json: bool) -> None:
     from loradex.api import inspect
 
     with input_path(path) as (p, version):
-        info = inspect(p, arch=arch)
+        info = inspect(p, arch=ref_arch(arch, version))
     if version is not None:
         info.update(path=path, ref=version.ref)
     if as_json:
@@ -79,7 +79,7 @@ def convert_cmd(
 
     options = {"uniform_alpha": True} if uniform_alpha else {}
     with input_path(src) as (src_path, version), output_path(dst, save_as, folder=to.lower() == "peft") as out:
-        report = convert(src_path, out, to, rank=rank, dtype=dtype, arch=arch, **options)
+        report = convert(src_path, out, to, rank=rank, dtype=dtype, arch=ref_arch(arch, version), **options)
         saved = None
         if save_as:
             params = {"to": to, "rank": rank, "dtype": dtype, "arch": arch, **options}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from loradex.cli import cli, emit
-from loradex.cli.registry import input_path, output_path, save_as_option, store_output
+from loradex.cli.registry import input_path, output_path, ref_arch, save_as_option, store_output
 
 ARCH_HELP = "base model architecture (sd1, sd2, sdxl, flux1); detected from the file when omitted"
 #: Write formats that can hold what resize / merge produce.
@@ -90,7 +90,7 @@ def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, save_as, as_jso
     if sum(v is not None for v in (fro, ratio, cumulative)) > 1:
         raise click.UsageError("give at most one of --fro, --ratio, --cumulative")
     with input_path(src) as (src_path, version):
-        adapter = load(src_path, arch=arch)
+        adapter = load(src_path, arch=ref_arch(arch, version))
         out, report = resize(adapter, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative)
         params = {"rank": rank, "fro": fro, "ratio": ratio, "cumulative": cumulative, "to": to}
         to, wreport, saved = _write(out, to, dst, save_as, "resize", [version or src_path],
@@ -130,7 +130,7 @@ def merge_cmd(inputs, dst, method, to, arch, save_as, as_json):
         items, parents = [], []
         for path, w in parsed:
             p, version = stack.enter_context(input_path(path))
-            items.append((load(p, arch=arch), w))
+            items.append((load(p, arch=ref_arch(arch, version)), w))
             parents.append(version or p)
         out, report = merge(items, method=method)
         params = {"method": method, "weights": [w for _, w in parsed], **({"to": to} if to else {})}

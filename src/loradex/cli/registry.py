@@ -81,6 +81,12 @@ def input_path(arg: str) -> Iterator[tuple[Path, object]]:
         yield path, v
 
 
+def ref_arch(arch: str | None, version) -> str | None:
+    """``--arch`` if given, else the architecture the registry recorded for the REF's version
+    (custom archs, e.g. the tiny demo models, cannot be detected from the file alone)."""
+    return arch or (getattr(version, "arch", None) if version is not None else None)
+
+
 def save_as_option(f):
     return click.option("--save-as", "save_as", default=None, metavar="NAME",
                         help="also store the result in the registry as NAME (with its lineage)")(f)

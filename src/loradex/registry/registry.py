@@ -298,7 +298,8 @@ class Registry:
         if v.artifact == "checkpoint":
             raise RegistryError(f"{v.ref} is a {v.format} checkpoint, not an adapter; export it instead")
         with self.checkout(v) as p:
-            return api.load(p, format=v.format, arch=arch)
+            # the recorded arch by default: custom archs (tiny test models) are not detectable
+            return api.load(p, format=v.format, arch=arch or v.arch)
 
     # ---- adding ----------------------------------------------------------------------------
     def add(self, path: str | os.PathLike, name: str, *, tags: Iterable[str] = (), description: str | None = None,
