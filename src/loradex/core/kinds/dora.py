@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from loradex.core.kinds.base import Shape, require
+from loradex.core.kinds.base import Shape, compute_dtype, fit_to, require
 from loradex.errors import FormatError
 
 #: The eps lycoris adds to every norm (its dora_scale parameters are float32).
@@ -107,3 +107,18 @@ def magnitude_from_dora_scale(dora_scale: torch.Tensor, weight_shape: Shape) -> 
     if len(weight_shape) <= 2:
         return dora_scale.reshape(out)
     return dora_scale.reshape(1, out, *([1] * (len(weight_shape) - 2)))
+
+
+def additive_delta(
+    patch, dense, base_weight: torch.Tensor | None, multiplier: float, *dtype_from: torch.Tensor | None
+) -> torch.Tensor:
+    """``delta`` of the additive kinds (LoRA, LoHa, LoKr), whose full-strength update is
+    ``dense(dtype)``: ``m * dW`` in the widest dtype of ``dtype_from`` and the base weight, or, when
+    the patch carries DoRA's ``dora_scale``, the DoRA epilogue in float64 (the base is required)."""
+    if patch.dora_scale is not None:
+        if base_weight is None:
+            raise ValueError("a DoRA patch (dora_scale) needs the base weight")
+        d = dora_delta(base_weight, dense(torch.float64), patch.dora_scale, multiplier)
+        return fit_to(d.float(), base_weight)
+    dt = compute_dtype(*dtype_from, base_weight)
+    return fit_to((dense(dt) * multiplier).float(), base_weight)

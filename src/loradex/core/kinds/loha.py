@@ -39,12 +39,10 @@ from loradex.core.kinds.base import (
     as_alpha,
     as_shape,
     check_fits,
-    compute_dtype,
     fields_from,
-    fit_to,
     require,
 )
-from loradex.core.kinds.dora import dora_delta, dora_on_output
+from loradex.core.kinds.dora import additive_delta, dora_on_output
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import truncate_factors
 
@@ -185,13 +183,7 @@ class LohaPatch(Patch):
         return ((a1 @ b1) * (a2 @ b2) * self.scale).reshape(self.shape)
 
     def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-        if self.dora_scale is not None:
-            if base_weight is None:
-                raise ValueError("a DoRA patch (dora_scale) needs the base weight")
-            d = dora_delta(base_weight, self._dense(torch.float64), self.dora_scale, multiplier)
-            return fit_to(d.float(), base_weight)
-        dt = compute_dtype(*self.tensors().values(), base_weight)
-        return fit_to((self._dense(dt) * multiplier).float(), base_weight)
+        return additive_delta(self, self._dense, base_weight, multiplier, *self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {

@@ -36,10 +36,9 @@ from loradex.core.kinds.base import (
     check_fits,
     compute_dtype,
     fields_from,
-    fit_to,
     require,
 )
-from loradex.core.kinds.dora import dora_delta, dora_on_output
+from loradex.core.kinds.dora import additive_delta, dora_on_output
 from loradex.core.linalg import svd_truncate, truncate_factors
 
 
@@ -133,13 +132,7 @@ class LoraPatch(Patch):
         return ((up * self.scale) @ down).reshape(self.shape)
 
     def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-        if self.dora_scale is not None:
-            if base_weight is None:
-                raise ValueError("a DoRA patch (dora_scale) needs the base weight")
-            d = dora_delta(base_weight, self._dense(torch.float64), self.dora_scale, multiplier)
-            return fit_to(d.float(), base_weight)
-        dt = compute_dtype(self.up, self.down, self.mid, base_weight)
-        return fit_to((self._dense(dt) * multiplier).float(), base_weight)
+        return additive_delta(self, self._dense, base_weight, multiplier, self.up, self.down, self.mid)
 
     def bias_delta(self, base_bias: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor | None:
         if self.bias is None:
