@@ -556,3 +556,29 @@ def test_ref_commands_use_the_recorded_arch(tmp_path, monkeypatch, capsys):
         main(["convert", "loha", "--to", "diffusers", "--save-as", "loha-d"])
     assert e.value.code == 0, capsys.readouterr().err
     assert reg.get("loha-d").arch == "tiny-sd1"
+
+
+def test_descriptions_are_shared_by_structure_not_by_metadata(tmp_path):
+    """Files of one structure (keys, shapes, dtypes, alphas) are read through the converters once;
+    each keeps its own metadata, and a different alpha is a different structure."""
+    from loradex.registry import registry as R
+
+    tensors = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.randn(4, 32),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.randn(32, 4, 1, 1),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0),
+    }
+    down = tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"]
+    save_file({**tensors, "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": down.reshape(4, 32, 1, 1)},
+              str(tmp_path / "a.safetensors"), metadata={"ss_output_name": "a"})
+    save_file({**tensors, "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": down.reshape(4, 32, 1, 1) * 2},
+              str(tmp_path / "b.safetensors"), metadata={"ss_output_name": "b"})
+    ka = R._structure_key(tmp_path / "a.safetensors", "kohya", "tiny-sd1")
+    assert ka == R._structure_key(tmp_path / "b.safetensors", "kohya", "tiny-sd1")
+    da = R.describe_path(tmp_path / "a.safetensors", arch="tiny-sd1")
+    db = R.describe_path(tmp_path / "b.safetensors", arch="tiny-sd1")
+    assert da["metadata"]["ss_output_name"] == "a" and db["metadata"]["ss_output_name"] == "b"
+    assert da["kinds"] == db["kinds"] and da["ranks"] == db["ranks"] and da["modules"] == db["modules"] == 1
+    save_file({**tensors, "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": down.reshape(4, 32, 1, 1),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(3.0)}, str(tmp_path / "c.safetensors"))
+    assert R._structure_key(tmp_path / "c.safetensors", "kohya", "tiny-sd1") != ka

@@ -924,6 +924,14 @@ def describe_path(path: Path, arch=None) -> dict:
         return {"format": ck["format"], "arch": arch or ck["arch"], "kinds": {}, "ranks": {}, "modules": 0,
                 "embeddings": [], "metadata": meta, "notes": [], "artifact": "checkpoint",
                 "base_model": _base_model(meta)}
+    key = _structure_key(path, conv.name, arch)
+    if key is not None and key in _DESCRIPTIONS:
+        d = dict(_DESCRIPTIONS[key])
+        from loradex.converters import safetensors_io as sio
+
+        d["metadata"] = dict(sio.read_header(path).metadata)
+        d["base_model"] = _base_model(d["metadata"])
+        return d
     try:
         adapter = _load_structure(path, conv.name, arch)
     except ArchError as e:
@@ -938,9 +946,47 @@ def describe_path(path: Path, arch=None) -> dict:
                 "artifact": "embedding" if conv.name.endswith("-ti") else "adapter", "base_model": _base_model(meta)}
     d = api.describe(adapter)
     artifact = "embedding" if not adapter.patches and adapter.embeddings else "adapter"
-    return {"format": d["format"], "arch": d["arch"], "kinds": d["kinds"], "ranks": d["ranks"],
-            "modules": d["modules"], "embeddings": list(d["embeddings"]), "metadata": dict(adapter.metadata),
-            "notes": list(adapter.notes)[:50], "artifact": artifact, "base_model": _base_model(adapter.metadata)}
+    out = {"format": d["format"], "arch": d["arch"], "kinds": d["kinds"], "ranks": d["ranks"],
+           "modules": d["modules"], "embeddings": list(d["embeddings"]), "metadata": dict(adapter.metadata),
+           "notes": list(adapter.notes)[:50], "artifact": artifact, "base_model": _base_model(adapter.metadata)}
+    if key is not None:
+        if len(_DESCRIPTIONS) >= 256:
+            _DESCRIPTIONS.pop(next(iter(_DESCRIPTIONS)))
+        _DESCRIPTIONS[key] = out
+    return out
+
+
+#: Descriptions by structure key (see ``_structure_key``); a folder of LoRAs trained on one base
+#: model at one rank shares a structure, so each structure is read through the converters once.
+_DESCRIPTIONS: dict[str, dict] = {}
+#: Formats whose reading depends only on the header (keys, dtypes, shapes, metadata) and the
+#: scalar tensors (alphas): the same structure gives the same description.
+_STRUCTURAL_FORMATS = ("kohya", "lycoris", "diffusers", "comfy")
+
+
+def _structure_key(path: Path, fmt: str, arch) -> str | None:
+    """sha256 of what a description depends on: the format, the ``arch`` asked for, every tensor's
+    name, dtype and shape, and the bytes of the one-element tensors (alphas). None where the
+    description may depend on more (embeddings, folders, pickles)."""
+    import hashlib
+    import math
+
+    from loradex.converters import safetensors_io as sio
+
+    if fmt not in _STRUCTURAL_FORMATS or not path.is_file():
+        return None
+    h = sio.read_header(path)
+    m = hashlib.sha256(f"{fmt}|{getattr(arch, 'name', arch)}|".encode())
+    with open(h.path, "rb") as f:
+        for k in sorted(h.tensors):
+            t = h.tensors[k]
+            m.update(f"{k}|{t.dtype}|{t.shape};".encode())
+            if math.prod(t.shape) <= 1 and t.nbytes:
+                f.seek(h.data_offset + t.start)
+                m.update(f.read(t.nbytes))
+    # the diffusers reader takes alphas from this metadata key
+    m.update(h.metadata.get("lora_adapter_metadata", "").encode())
+    return m.hexdigest()
 
 
 def _load_structure(path: Path, fmt: str, arch):
