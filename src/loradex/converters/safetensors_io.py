@@ -227,20 +227,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 _DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
 
 
-def _source_range(t: torch.Tensor) -> tuple[str, int, int] | None:
+def _source_range(t: torch.Tensor, stamps: dict[str, tuple[int, int] | None]) -> tuple[str, int, int] | None:
     """(file, offset, length) when ``t`` still holds exactly the bytes ``load`` read from a file
-    that has not changed since (same size and mtime)."""
+    that has not changed since (same size and mtime). ``stamps`` caches each file's stat for one write."""
     src = getattr(t, "_loradex_src", None)
     if src is None:
         return None
     path, offset, nbytes, version, ptr, stamp = src
     if t._version != version or t.data_ptr() != ptr or t.numel() * t.element_size() != nbytes:
         return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (path, offset, nbytes) if (st.st_size, st.st_mtime_ns) == stamp else None
+    if path not in stamps:
+        try:
+            st = os.stat(path)
+            stamps[path] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamps[path] = None
+    return (path, offset, nbytes) if stamps[path] == stamp else None
 
 
 def _write_all(fd: int, data) -> None:
@@ -295,6 +297,7 @@ def _serialize(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mappin
     head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     head += b" " * ((8 - len(head) % 8) % 8)
     sources: dict[str, int] = {}
+    stamps: dict[str, tuple[int, int] | None] = {}
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o644)
     try:
         _write_all(fd, len(head).to_bytes(8, "little") + head)
@@ -302,7 +305,7 @@ def _serialize(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mappin
             t = tensors[k]
             if t.numel() == 0:
                 continue
-            src = _source_range(t)
+            src = _source_range(t, stamps)
             if src is not None:
                 if src[0] not in sources:
                     sources[src[0]] = os.open(src[0], os.O_RDONLY)

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from loradex.core.kinds.base import Shape, compute_dtype, fit_to, require
+from loradex.core.kinds.base import Patch, Shape, compute_dtype, fit_to, require
 from loradex.errors import FormatError
 
 #: The eps lycoris adds to every norm (its dora_scale parameters are float32).
@@ -109,16 +109,26 @@ def magnitude_from_dora_scale(dora_scale: torch.Tensor, weight_shape: Shape) -> 
     return dora_scale.reshape(1, out, *([1] * (len(weight_shape) - 2)))
 
 
-def additive_delta(
-    patch, dense, base_weight: torch.Tensor | None, multiplier: float, *dtype_from: torch.Tensor | None
-) -> torch.Tensor:
-    """``delta`` of the additive kinds (LoRA, LoHa, LoKr), whose full-strength update is
-    ``dense(dtype)``: ``m * dW`` in the widest dtype of ``dtype_from`` and the base weight, or, when
-    the patch carries DoRA's ``dora_scale``, the DoRA epilogue in float64 (the base is required)."""
-    if patch.dora_scale is not None:
-        if base_weight is None:
-            raise ValueError("a DoRA patch (dora_scale) needs the base weight")
-        d = dora_delta(base_weight, dense(torch.float64), patch.dora_scale, multiplier)
-        return fit_to(d.float(), base_weight)
-    dt = compute_dtype(*dtype_from, base_weight)
-    return fit_to((dense(dt) * multiplier).float(), base_weight)
+
+class AdditivePatch(Patch):
+    """The additive kinds (LoRA, LoHa, LoKr): a full-strength update ``self._dense(dtype)``, scaled
+    linearly by the multiplier, optionally with DoRA's ``dora_scale`` on top (then the base weight
+    is required and the epilogue runs in float64)."""
+
+    def _dtype_sources(self):
+        """The tensors whose widest dtype the update is computed in."""
+        return self.tensors().values()
+
+    @property
+    def dora_on_output(self) -> bool | None:
+        """DoRA norm axis: True per output row, False per input column, None without DoRA."""
+        return None if self.dora_scale is None else dora_on_output(self.dora_scale, self.shape)
+
+    def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
+        if self.dora_scale is not None:
+            if base_weight is None:
+                raise ValueError("a DoRA patch (dora_scale) needs the base weight")
+            d = dora_delta(base_weight, self._dense(torch.float64), self.dora_scale, multiplier)
+            return fit_to(d.float(), base_weight)
+        dt = compute_dtype(*self._dtype_sources(), base_weight)
+        return fit_to((self._dense(dt) * multiplier).float(), base_weight)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 
 from loradex.core.kinds.base import (
-    Patch,
     Shape,
     alpha_scale,
     as_alpha,
@@ -42,7 +41,7 @@ from loradex.core.kinds.base import (
     fields_from,
     require,
 )
-from loradex.core.kinds.dora import additive_delta, dora_on_output
+from loradex.core.kinds.dora import AdditivePatch, dora_on_output
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import truncate_factors
 
@@ -67,7 +66,7 @@ def hadamard_lora_factors(
 
 
 @dataclass(eq=False)
-class LohaPatch(Patch):
+class LohaPatch(AdditivePatch):
     """A LoHa. Fields are the on-disk tensors (see the module docstring for layouts);
     ``weight_shape`` (not stored in files) is the module weight's shape when known."""
 
@@ -158,11 +157,6 @@ class LohaPatch(Patch):
     def scale(self) -> float:
         return alpha_scale(self.alpha, self.rank)
 
-    @property
-    def dora_on_output(self) -> bool | None:
-        """DoRA norm axis: True per output row, False per input column, None without DoRA."""
-        return None if self.dora_scale is None else dora_on_output(self.dora_scale, self.shape)
-
     def halves(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(A1, B1), (A2, B2)]``: 2-D factors ``(out, r_i)``, ``(r_i, in*kh*kw)`` of each half
         (Tucker cores folded into ``B``), without gamma."""
@@ -181,9 +175,6 @@ class LohaPatch(Patch):
     def _dense(self, dt: torch.dtype) -> torch.Tensor:
         (a1, b1), (a2, b2) = self.halves(dt)
         return ((a1 @ b1) * (a2 @ b2) * self.scale).reshape(self.shape)
-
-    def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-        return additive_delta(self, self._dense, base_weight, multiplier, *self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import torch
 
 from loradex.core.kinds.base import (
-    Patch,
     Shape,
     as_alpha,
     as_shape,
@@ -48,7 +47,7 @@ from loradex.core.kinds.base import (
     require,
     scalar,
 )
-from loradex.core.kinds.dora import additive_delta, dora_on_output
+from loradex.core.kinds.dora import AdditivePatch, dora_on_output
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import truncate_factors
 
@@ -66,7 +65,7 @@ def _full_as_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(eq=False)
-class LokrPatch(Patch):
+class LokrPatch(AdditivePatch):
     """A LoKr. Every tensor field is optional; exactly one layout per half must be present (see
     the module docstring). ``weight_shape`` (not stored in files) is the module weight's shape
     when known (needed for a conv whose ``lokr_w2_b`` is flattened)."""
@@ -171,11 +170,6 @@ class LokrPatch(Patch):
             return 1.0
         return a / r
 
-    @property
-    def dora_on_output(self) -> bool | None:
-        """DoRA norm axis: True per output row, False per input column, None without DoRA."""
-        return None if self.dora_scale is None else dora_on_output(self.dora_scale, self.shape)
-
     # ---- math ----------------------------------------------------------------------------------
     def halves(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``[(A1, B1), (A2, B2)]`` with ``w1 = A1 @ B1`` ``(a, c)`` and ``w2_flat = A2 @ B2``
@@ -208,9 +202,6 @@ class LokrPatch(Patch):
 
     def _dense(self, dt: torch.dtype) -> torch.Tensor:
         return (torch.kron(self.w1(dt), self.w2(dt)) * self.scale).reshape(self.shape)
-
-    def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-        return additive_delta(self, self._dense, base_weight, multiplier, *self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.SUFFIXES if getattr(self, k) is not None}

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 
 from loradex.core.kinds.base import (
-    Patch,
     Shape,
     alpha_scale,
     as_alpha,
@@ -38,12 +37,12 @@ from loradex.core.kinds.base import (
     fields_from,
     require,
 )
-from loradex.core.kinds.dora import additive_delta, dora_on_output
+from loradex.core.kinds.dora import AdditivePatch, dora_on_output
 from loradex.core.linalg import svd_truncate, truncate_factors
 
 
 @dataclass(eq=False)
-class LoraPatch(Patch):
+class LoraPatch(AdditivePatch):
     """A (Lo)Con LoRA. Fields hold the on-disk tensors as they are (any float dtype).
 
     ``up`` ``(out, r[, 1, 1])``, ``down`` ``(r, in[, kh, kw])`` (Tucker: ``(r, in, 1, 1)``),
@@ -108,11 +107,6 @@ class LoraPatch(Patch):
         """``gamma = alpha / rank`` (1 when alpha is missing or 0)."""
         return alpha_scale(self.alpha, self.rank)
 
-    @property
-    def dora_on_output(self) -> bool | None:
-        """DoRA norm axis: True per output row, False per input column, None without DoRA."""
-        return None if self.dora_scale is None else dora_on_output(self.dora_scale, self.shape)
-
     def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(up, down)`` as 2-D matrices ``(out, r)`` and ``(r, in*kh*kw)`` with the Tucker
         ``mid`` folded into ``down`` and without gamma; in ``dtype`` (default: the compute dtype)."""
@@ -131,8 +125,8 @@ class LoraPatch(Patch):
         up, down = self.factors(dt)
         return ((up * self.scale) @ down).reshape(self.shape)
 
-    def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-        return additive_delta(self, self._dense, base_weight, multiplier, self.up, self.down, self.mid)
+    def _dtype_sources(self):
+        return (self.up, self.down, self.mid)
 
     def bias_delta(self, base_bias: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor | None:
         if self.bias is None:
