@@ -20,12 +20,14 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -55,8 +57,10 @@ for _name, _attr, _size in (("U16", "uint16", 2), ("U32", "uint32", 4), ("U64", 
         DTYPES[_name] = (getattr(torch, _attr), _size)
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
+    """One header entry. A NamedTuple, not a dataclass: headers of a few thousand tensors are
+    parsed per file, and building these is most of that time."""
+
     dtype: str
     shape: tuple[int, ...]
     start: int
@@ -83,23 +87,30 @@ class Header:
 
 
 def _regular_file(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FormatError(f"{p}: no such file")
-    if p.is_dir():
+    return _stat_regular(Path(path))[0]
+
+
+def _stat_regular(p: Path) -> tuple[Path, os.stat_result]:
+    """``p`` and its stat (one system call), or FormatError naming what it is instead."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise FormatError(f"{p}: no such file") from None
+    except OSError as e:
+        raise FormatError(f"{p}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
         raise FormatError(f"{p}: is a directory, not a weights file")
-    if not p.is_file():
+    if not stat.S_ISREG(st.st_mode):
         raise FormatError(f"{p}: not a regular file")
-    return p
+    return p, st
 
 
 def read_header(path: str | os.PathLike) -> Header:
     """Parse and validate the header of a safetensors file. Raises FormatError.
 
-    Cached per (path, size, mtime): detection and reading both ask for it."""
-    p = _regular_file(path)
-    st = p.stat()
-    return _read_header(p.resolve(), st.st_size, st.st_mtime_ns)
+    Cached per (absolute path, size, mtime): detection and reading both ask for it."""
+    p, st = _stat_regular(Path(path))
+    return _read_header(Path(os.path.abspath(p)), st.st_size, st.st_mtime_ns)
 
 
 @lru_cache(maxsize=64)
@@ -111,6 +122,14 @@ def _read_header(p: Path, size: int, _mtime_ns: int) -> Header:
         if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
             raise FormatError(f"{p}: not a safetensors file (header length {n} does not fit the {size}-byte file)")
         raw = f.read(n)
+    return parse_header(raw, size, p)
+
+
+def parse_header(raw: bytes, size: int, p: Path) -> Header:
+    """Validate the JSON header ``raw`` of a ``size``-byte safetensors file named ``p`` (for the
+    messages): dtypes known, shapes non-negative ints, offsets inside the data section, each
+    tensor's byte count equal to its shape times its item size, no two tensors overlapping."""
+    n = len(raw)
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -118,28 +137,32 @@ def _read_header(p: Path, size: int, _mtime_ns: int) -> Header:
     if not isinstance(obj, dict):
         raise FormatError(f"{p}: safetensors header is not a JSON object")
     meta = obj.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+    if not isinstance(meta, dict) or not all(type(k) is str and type(v) is str for k, v in meta.items()):
         raise FormatError(f"{p}: safetensors __metadata__ must map strings to strings")
     data_size = size - 8 - n
     tensors: dict[str, TensorInfo] = {}
+    # plain loops with exact type checks (``type(x) is int`` also rejects bools): this runs for
+    # every tensor of every file a folder import looks at
     for name, info in obj.items():
-        if not isinstance(info, dict):
+        if type(info) is not dict:
             raise FormatError(f"{p}: tensor {name!r}: header entry is not an object")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in DTYPES:
+        item = DTYPES.get(dtype) if type(dtype) is str else None
+        if item is None:
             raise FormatError(f"{p}: tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if type(shape) is not list:
             raise FormatError(f"{p}: tensor {name!r}: bad shape {shape!r}")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-            or not 0 <= offs[0] <= offs[1] <= data_size
-        ):
+        count = 1
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise FormatError(f"{p}: tensor {name!r}: bad shape {shape!r}")
+            count *= d
+        if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int \
+                or not 0 <= offs[0] <= offs[1] <= data_size:
             raise FormatError(f"{p}: tensor {name!r}: data offsets {offs!r} outside the {data_size}-byte data section")
-        expected = math.prod(shape) * DTYPES[dtype][1]
-        if offs[1] - offs[0] != expected:
-            raise FormatError(f"{p}: tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape} {dtype} (needs {expected})")
+        if offs[1] - offs[0] != count * item[1]:
+            raise FormatError(f"{p}: tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape} {dtype} "
+                              f"(needs {count * item[1]})")
         tensors[name] = TensorInfo(dtype, tuple(shape), offs[0], offs[1])
     spans = sorted((t.start, t.end, k) for k, t in tensors.items() if t.end > t.start)
     for (_s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:]):
@@ -423,6 +446,40 @@ def data_section_hashes(path: str | os.PathLike, header: Header | None = None) -
     return full.hexdigest(), legacy
 
 
+def structure_digest(path: str | os.PathLike, header: Header | None = None) -> str:
+    """sha256 of a safetensors file's structure: every tensor's name, dtype and shape, and the bytes
+    of its one-element tensors (alphas, scales), in name order. Two files with equal digests are
+    read into the same adapter structure (kinds, ranks, alphas) by every reader whose result does
+    not depend on tensor values; the registry memoizes descriptions by it. The scalars are read
+    with one read when the data section is small, else one ``pread`` each."""
+    import hashlib
+
+    h = header or read_header(path)
+    m = hashlib.sha256()
+    scalars = [(k, t) for k, t in h.tensors.items() if t.nbytes and math.prod(t.shape) <= 1]
+    data_size = h.path.stat().st_size - h.data_offset
+    with open(h.path, "rb") as f:
+        if scalars and data_size <= 8 << 20:
+            f.seek(h.data_offset)
+            data = f.read(data_size)
+
+            def scalar(t: TensorInfo) -> bytes:
+                return data[t.start : t.end]
+        else:
+            fd = f.fileno()
+
+            def scalar(t: TensorInfo) -> bytes:
+                return os.pread(fd, t.nbytes, h.data_offset + t.start)
+
+        values = {k: scalar(t) for k, t in scalars}
+    for k in sorted(h.tensors):
+        t = h.tensors[k]
+        m.update(f"{k}|{t.dtype}|{t.shape};".encode())
+        if k in values:
+            m.update(values[k])
+    return m.hexdigest()
+
+
 def save_with_kohya_hashes(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]
 ) -> dict[str, str]:
@@ -459,6 +516,17 @@ def _serializer_dtype_order() -> dict[str, int]:
     return {dt: i for i, (_, dt) in enumerate(order)}
 
 
+def _max_compact_header(h: Header, meta: Mapping[str, str]) -> int:
+    """An upper bound of the length prefix + padded compact JSON header kohya's re-serialization
+    writes (only ``meta`` as metadata), computed without building it: JSON-escaped strings are
+    at most 6 bytes per character (\\uXXXX), numbers at most as many digits as the data size."""
+    digits = len(str(max(1, h.path.stat().st_size - h.data_offset)))
+    total = 64 + sum(6 * (len(k) + len(v)) + 6 for k, v in meta.items())
+    for k, t in h.tensors.items():
+        total += 6 * len(k) + 60 + len(t.dtype) + 2 * digits + sum(len(str(d)) + 1 for d in t.shape)
+    return 8 + total + 8
+
+
 def kohya_hashes(path: str | os.PathLike, header: Header | None = None, data_sha256: str | None = None) -> dict[str, str]:
     """kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` of a safetensors file, computed as
     kohya's ``precalculate_safetensors_hashes`` does (the tensors re-serialized by safetensors with
@@ -488,10 +556,13 @@ def kohya_hashes(path: str | os.PathLike, header: Header | None = None, data_sha
         layout.append((k, off, off + t.nbytes))
         off += t.nbytes
     canonical = off == h.path.stat().st_size - h.data_offset and all(h.tensors[k].start == s for k, s, _ in layout)
+    lo, hi = 0x100000, 0x110000
+    if canonical and data_sha256 and off + _max_compact_header(h, meta) <= lo:
+        # the re-serialized buffer ends before the legacy window: it hashes zero bytes
+        return {"sshs_model_hash": data_sha256, "sshs_legacy_hash": hashlib.sha256(b"").hexdigest()[:8]}
     head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     head += b" " * ((8 - len(head) % 8) % 8)
     prefix = len(head).to_bytes(8, "little") + head
-    lo, hi = 0x100000, 0x110000
     window = bytearray(prefix[lo:hi])
     d_lo, d_hi = max(0, lo - len(prefix)), max(0, hi - len(prefix))  # the window in data coordinates
     with open(h.path, "rb") as f:

@@ -27,7 +27,10 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,14 +340,15 @@ class Registry:
         raise RegistryError(f"{p}: could not store the file (its blob kept disappearing; is a gc running?)")
 
     def add_many(self, root: str | os.PathLike, *, prefix: str | None = None, tags: Iterable[str] = (),
-                 arch: str | None = None, batch: int = 64,
+                 arch: str | None = None, batch: int = 64, workers: int | None = None,
                  on_file: Callable[[str, str], None] | None = None,
                  progress: Callable[[int], None] | None = None) -> ImportReport:
         """Import every artifact under a folder (e.g. A1111's ``models/Lora``): each weights file,
         and each sub-folder that is one artifact (PEFT adapter, diffusers pipeline), named after its
         path relative to ``root`` (``prefix-`` prepended when given). Files loradex does not
         recognise are skipped with the reason. Blobs are made durable once per ``batch`` (one
-        ``syncfs``) and each batch's rows are written in one transaction."""
+        ``syncfs``) and each batch's rows are written in one transaction. ``workers`` threads (default:
+        one per CPU, at most 8) stage files ahead of the catalogue."""
         root = Path(root)
         if not root.is_dir():
             raise RegistryError(f"{root}: not a folder")
@@ -368,29 +372,61 @@ class Registry:
                     report.added.append(self.add(pe.info["_path"], pe.name, tags=pe.tags, arch=arch))
             pending.clear()
 
-        for path in candidates:
-            rel = path.relative_to(root).as_posix()
-            stem = rel[: -len(path.suffix)] if path.is_file() and path.suffix else rel
-            name = sanitize_name(f"{prefix}-{stem}" if prefix else stem)
+        def prepare(path: Path):  # runs in a worker thread: bytes, hashes, description; no rows
+            return None if path.is_dir() else self._prepare_file(path, arch, progress, shortcut=False)
+
+        # Files are read, hashed and described by ``workers`` threads (hashing and file I/O run
+        # outside the GIL), in a bounded window ahead of the main thread, which alone touches the
+        # catalogue and decides, in the folder's order, what each staged file becomes.
+        workers = max(1, min(workers if workers is not None else (os.cpu_count() or 1), 8))
+        window = 4 * workers
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loradex-import") as pool:
+            futures: deque = deque()
+            todo = iter(candidates)
+            for path in todo:
+                futures.append((path, pool.submit(prepare, path)))
+                if len(futures) >= window:
+                    break
             try:
-                pend = self._stage(path, name, arch, None, durable=False, progress=progress)
-            except (LoradexError, OSError) as e:
-                report.skipped.append((rel, _reason(e, path)))
-                if on_file:
-                    on_file(rel, "skipped")
-                continue
-            if isinstance(pend, Version):
-                self._apply(name, tags, {}, pend)
-                report.existing.append(pend)
-            else:
-                pend.tags = tags
-                pend.edges = self._edges((), "import", None, str(path.resolve()))
-                pend.info = {"_path": str(path)}
-                pending.append(pend)
-                if len(pending) >= batch:
-                    flush()
-            if on_file:
-                on_file(rel, "ok")
+                while futures:
+                    path, fut = futures.popleft()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        futures.append((nxt, pool.submit(prepare, nxt)))
+                    rel = path.relative_to(root).as_posix()
+                    stem = rel[: -len(path.suffix)] if path.is_file() and path.suffix else rel
+                    name = sanitize_name(f"{prefix}-{stem}" if prefix else stem)
+                    try:
+                        staged = fut.result()
+                        if staged is None:
+                            pend = self._stage(path, name, arch, None, durable=False, progress=progress)
+                        else:
+                            pend = self._stage_prepared(path, name, staged[0], staged[1], None, durable=False)
+                    except (LoradexError, OSError) as e:
+                        report.skipped.append((rel, _reason(e, path)))
+                        if on_file:
+                            on_file(rel, "skipped")
+                        continue
+                    if isinstance(pend, Version):
+                        self._apply(name, tags, {}, pend)
+                        report.existing.append(pend)
+                    else:
+                        pend.tags = tags
+                        pend.edges = self._edges((), "import", None, str(path.resolve()))
+                        pend.info = {"_path": str(path)}
+                        pending.append(pend)
+                        if len(pending) >= batch:
+                            flush()
+                    if on_file:
+                        on_file(rel, "ok")
+            except BaseException:
+                for _path, fut in futures:  # staged temporaries of files not reached: drop them
+                    fut.cancel()
+                    with contextlib.suppress(Exception):
+                        got = fut.result()
+                        if got is not None:
+                            self.store.discard(got[0])
+                raise
         flush()
         return report
 
@@ -398,13 +434,36 @@ class Registry:
         """Put the bytes of ``p`` in the store and describe them; no row yet."""
         if p.is_dir():
             return self._stage_folder(p, name, arch, base_model, durable, progress)
+        item, desc = self._prepare_file(p, arch, progress, shortcut=True, name=name)
+        return self._stage_prepared(p, name, item, desc, base_model, durable)
+
+    def _prepare_file(self, p: Path, arch, progress, shortcut: bool, name: str | None = None
+                      ) -> tuple[Ingested, dict | None]:
+        """Stream ``p`` into a temporary file of the store and describe those bytes. Without
+        ``shortcut`` the catalogue is not consulted (safe in a worker thread); with it, bytes that
+        ``name`` already has are not described (desc None) and a description is copied from
+        another version with the same bytes and file name."""
         item = self.store.ingest(p, progress)
         try:
+            if shortcut and name is not None and _db.fetch_versions(
+                    self.db, "a.name = ? AND v.sha256 = ?", (name, item.sha256), limit=1, with_tags=False):
+                return item, None
+            return item, self._describe_ingested(item, p, arch, shortcut=shortcut)
+        except BaseException:
+            self.store.discard(item)
+            raise
+
+    def _stage_prepared(self, p: Path, name: str, item: Ingested, desc: dict | None, base_model,
+                        durable: bool) -> _Pending | Version:
+        """Commit a prepared file's blob and build its row, or return ``name``'s version that has
+        these bytes already (the temporary is then dropped)."""
+        try:
             same = _db.fetch_versions(self.db, "a.name = ? AND v.sha256 = ?", (name, item.sha256), limit=1)
-            if same:
+            if same or desc is None:
                 self.store.discard(item)
-                return same[0]
-            desc = self._describe_ingested(item, p, arch)
+                if same:
+                    return same[0]
+                raise RegistryError(f"{p}: its version of {name!r} vanished while it was added; add it again")
         except BaseException:
             self.store.discard(item)
             raise
@@ -419,12 +478,12 @@ class Registry:
             record["base_model"] = base_model
         return _Pending(name, record, [(item.sha256, item.size)])
 
-    def _describe_ingested(self, item: Ingested, src: Path, arch) -> dict:
+    def _describe_ingested(self, item: Ingested, src: Path, arch, shortcut: bool = True) -> dict:
         """The description of freshly ingested bytes: copied from a version with the same bytes
         and file name when there is one, else read through ``loradex.api`` from a hard link of
         the temporary file under the original name (readers may use the name, e.g. a TI token)."""
         filename = src.name
-        if arch is None:
+        if arch is None and shortcut:
             prev = _db.fetch_versions(self.db, "v.sha256 = ? AND v.filename = ?", (item.sha256, filename),
                                       limit=1, with_tags=False)
             if prev:
@@ -925,8 +984,9 @@ def describe_path(path: Path, arch=None) -> dict:
                 "embeddings": [], "metadata": meta, "notes": [], "artifact": "checkpoint",
                 "base_model": _base_model(meta)}
     key = _structure_key(path, conv.name, arch)
-    if key is not None and key in _DESCRIPTIONS:
-        d = dict(_DESCRIPTIONS[key])
+    memo = _DESCRIPTIONS.get(key) if key is not None else None
+    if memo is not None:
+        d = dict(memo)
         from loradex.converters import safetensors_io as sio
 
         d["metadata"] = dict(sio.read_header(path).metadata)
@@ -950,15 +1010,17 @@ def describe_path(path: Path, arch=None) -> dict:
            "modules": d["modules"], "embeddings": list(d["embeddings"]), "metadata": dict(adapter.metadata),
            "notes": list(adapter.notes)[:50], "artifact": artifact, "base_model": _base_model(adapter.metadata)}
     if key is not None:
-        if len(_DESCRIPTIONS) >= 256:
-            _DESCRIPTIONS.pop(next(iter(_DESCRIPTIONS)))
-        _DESCRIPTIONS[key] = out
+        with _DESCRIPTIONS_LOCK:  # import workers describe concurrently
+            if len(_DESCRIPTIONS) >= 256:
+                _DESCRIPTIONS.pop(next(iter(_DESCRIPTIONS)))
+            _DESCRIPTIONS[key] = out
     return out
 
 
 #: Descriptions by structure key (see ``_structure_key``); a folder of LoRAs trained on one base
 #: model at one rank shares a structure, so each structure is read through the converters once.
 _DESCRIPTIONS: dict[str, dict] = {}
+_DESCRIPTIONS_LOCK = threading.Lock()
 #: Formats whose reading depends only on the header (keys, dtypes, shapes, metadata) and the
 #: scalar tensors (alphas): the same structure gives the same description.
 _STRUCTURAL_FORMATS = ("kohya", "lycoris", "diffusers", "comfy")
@@ -969,21 +1031,13 @@ def _structure_key(path: Path, fmt: str, arch) -> str | None:
     name, dtype and shape, and the bytes of the one-element tensors (alphas). None where the
     description may depend on more (embeddings, folders, pickles)."""
     import hashlib
-    import math
 
     from loradex.converters import safetensors_io as sio
 
     if fmt not in _STRUCTURAL_FORMATS or not path.is_file():
         return None
     h = sio.read_header(path)
-    m = hashlib.sha256(f"{fmt}|{getattr(arch, 'name', arch)}|".encode())
-    with open(h.path, "rb") as f:
-        for k in sorted(h.tensors):
-            t = h.tensors[k]
-            m.update(f"{k}|{t.dtype}|{t.shape};".encode())
-            if math.prod(t.shape) <= 1 and t.nbytes:
-                f.seek(h.data_offset + t.start)
-                m.update(f.read(t.nbytes))
+    m = hashlib.sha256(f"{fmt}|{getattr(arch, 'name', arch)}|{sio.structure_digest(path, h)}|".encode())
     # the diffusers reader takes alphas from this metadata key
     m.update(h.metadata.get("lora_adapter_metadata", "").encode())
     return m.hexdigest()
