@@ -4,6 +4,8 @@ else a truncated SVD at the requested rank, and the report says which modules we
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -11,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from loradex.core.adapter import Adapter
-from loradex.core.kinds.base import Patch
+from loradex.core.kinds.base import Patch, scalar
 from loradex.errors import ConversionError, FormatError
 
 #: Suffixes of the kohya/LyCORIS family (the on-disk names that patch kinds use), longest first
@@ -209,6 +211,41 @@ class Converter:
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, **options) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+@dataclass
+class PeftPatterns:
+    """The rank/alpha part of a PEFT config (diffusers' ``lora_adapter_metadata`` is one too):
+    the most common rank and alpha as ``r``/``lora_alpha``, and a pattern for every module that
+    differs. PEFT's scale is ``alpha / r`` with r read from the tensors' shapes, so only alpha
+    must be exact per module; ``rank_pattern`` is written so PEFT builds layers of the right size."""
+
+    r: int
+    alpha: float
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    targets: list[str]
+
+
+def peft_patterns(patches: dict[str, Patch], target: Callable[[str], str], pattern: Callable[[str], str]
+                  ) -> PeftPatterns:
+    """``target(name)`` is the module's ``target_modules`` entry, ``pattern(target)`` the regex PEFT
+    matches it with (diffusers: a suffix at a ``.`` boundary; PEFT folders anchor with ``^``).
+    Missing or zero alpha means alpha = rank (kohya's convention, which PEFT scale 1 matches)."""
+    ranks = {n: p.rank for n, p in patches.items()}
+    alphas = {n: scalar(getattr(p, "alpha", None)) or float(p.rank) for n, p in patches.items()}
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    a0 = Counter(alphas.values()).most_common(1)[0][0]
+    out = PeftPatterns(r0, a0, {}, {}, [])
+    for n in patches:
+        key = target(n)
+        out.targets.append(key)
+        if ranks[n] != r0:
+            out.rank_pattern[pattern(key)] = ranks[n]
+        if alphas[n] != a0:
+            out.alpha_pattern[pattern(key)] = alphas[n]
+    out.targets.sort()
+    return out
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -35,11 +35,12 @@ from loradex.converters.common import (
     conform,
     dora_all_or_none,
     fit_kinds,
+    peft_patterns,
     resolve_arch,
 )
 from loradex.converters.metadata import modelspec
 from loradex.core.adapter import COMPONENTS, Adapter, component_of
-from loradex.core.kinds.base import check_fits, scalar
+from loradex.core.kinds.base import check_fits
 from loradex.core.kinds.dora import dora_scale_from_magnitude, magnitude_from_dora_scale
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import ArchError, FormatError
@@ -216,23 +217,12 @@ class Diffusers(Converter):
             pats = {n: adapter.patches[n] for n in names}
             if a is not None:  # 1x1 convs need 4-D factors in diffusers, Linears 2-D
                 pats = {n: conform(p, a.modules[n].shape if n in a.modules else None) for n, p in pats.items()}
-            ranks = {n: p.rank for n, p in pats.items()}
-            alphas = {n: scalar(p.alpha) or float(p.rank) for n, p in pats.items()}
-            r0 = Counter(ranks.values()).most_common(1)[0][0]
-            a0 = Counter(alphas.values()).most_common(1)[0][0]
-            rank_pattern, alpha_pattern, targets = {}, {}, []
+            # PEFT matches patterns as suffixes at a '.' boundary; CLIP's text_model level may or
+            # may not exist in the live model, so match without it.
+            pp = peft_patterns(pats, lambda n: n.partition(".")[2].removeprefix("text_model."), re.escape)
             has_bias = any(p.bias is not None for p in pats.values())
             use_dora = dora_all_or_none(pats, comp, self.name)
             for n, p in pats.items():
-                path_ = n.partition(".")[2]
-                # PEFT matches patterns as suffixes at a '.' boundary; CLIP's text_model level may
-                # or may not exist in the live model, so match without it.
-                key = path_[len("text_model.") :] if path_.startswith("text_model.") else path_
-                targets.append(key)
-                if ranks[n] != r0:
-                    rank_pattern[re.escape(key)] = ranks[n]
-                if alphas[n] != a0:
-                    alpha_pattern[re.escape(key)] = alphas[n]
                 pre = f"{n}."
                 out[pre + "lora_A.weight"] = cast(p.down, dtype)
                 out[pre + "lora_B.weight"] = cast(p.up, dtype)
@@ -242,11 +232,11 @@ class Diffusers(Converter):
                 if use_dora:
                     out[pre + "lora_magnitude_vector"] = cast(magnitude_from_dora_scale(p.dora_scale, p.shape), dtype)
             fields = {
-                "r": r0,
-                "lora_alpha": a0,
-                "rank_pattern": rank_pattern,
-                "alpha_pattern": alpha_pattern,
-                "target_modules": sorted(targets),
+                "r": pp.r,
+                "lora_alpha": pp.alpha,
+                "rank_pattern": pp.rank_pattern,
+                "alpha_pattern": pp.alpha_pattern,
+                "target_modules": pp.targets,
                 "lora_bias": has_bias,
                 "use_dora": use_dora,
                 "use_rslora": False,

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -34,12 +33,13 @@ from loradex.converters.common import (
     dora_all_or_none,
     fit_kinds,
     live_path,
+    peft_patterns,
     resolve_arch,
 )
 from loradex.converters.diffusers import _pattern_value, clip_canonical
 from loradex.core.adapter import COMPONENTS, Adapter, component_of
 from loradex.core.kinds import patch_from_tensors
-from loradex.core.kinds.base import Patch, scalar
+from loradex.core.kinds.base import Patch
 from loradex.core.kinds.dora import dora_scale_from_magnitude, magnitude_from_dora_scale
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import ArchError, FormatError
@@ -212,20 +212,11 @@ class Peft(Converter):
     @staticmethod
     def _write_one(pats: dict[str, Patch], folder: Path, ptype: str, dtype) -> None:
         out: dict[str, torch.Tensor] = {}
-        ranks = {n: p.rank for n, p in pats.items()}
-        alphas = {n: scalar(getattr(p, "alpha", None)) or float(p.rank) for n, p in pats.items()}
-        r0 = Counter(ranks.values()).most_common(1)[0][0]
-        a0 = Counter(alphas.values()).most_common(1)[0][0]
-        rank_pattern, alpha_pattern, targets = {}, {}, []
+        pp = peft_patterns(pats, live_path, lambda t: "^" + re.escape(t))
         use_dora = dora_all_or_none(pats, component_of(next(iter(pats))), "peft")
         has_bias = any(getattr(p, "bias", None) is not None for p in pats.values())
         for n, p in pats.items():
             mpath = live_path(n)
-            targets.append(mpath)
-            if ranks[n] != r0:
-                rank_pattern["^" + re.escape(mpath)] = ranks[n]
-            if alphas[n] != a0:
-                alpha_pattern["^" + re.escape(mpath)] = alphas[n]
             pre = PREFIX + mpath + "."
             if ptype == "LORA":
                 out[pre + "lora_A.weight"] = cast(p.down, dtype)
@@ -241,8 +232,8 @@ class Peft(Converter):
                         out[pre + s] = cast(t, dtype)
         if ptype == "LORA":
             cfg = {
-                "peft_type": "LORA", "r": r0, "lora_alpha": a0, "rank_pattern": rank_pattern,
-                "alpha_pattern": alpha_pattern, "target_modules": sorted(targets), "use_dora": use_dora,
+                "peft_type": "LORA", "r": pp.r, "lora_alpha": pp.alpha, "rank_pattern": pp.rank_pattern,
+                "alpha_pattern": pp.alpha_pattern, "target_modules": pp.targets, "use_dora": use_dora,
                 "lora_bias": has_bias,
                 "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False, "use_rslora": False,
                 "init_lora_weights": True, "inference_mode": True, "task_type": None,
@@ -250,8 +241,8 @@ class Peft(Converter):
             }
         else:
             cfg = {
-                "peft_type": "LOHA", "r": r0, "alpha": a0, "rank_pattern": rank_pattern,
-                "alpha_pattern": alpha_pattern, "target_modules": sorted(targets), "rank_dropout": 0.0,
+                "peft_type": "LOHA", "r": pp.r, "alpha": pp.alpha, "rank_pattern": pp.rank_pattern,
+                "alpha_pattern": pp.alpha_pattern, "target_modules": pp.targets, "rank_dropout": 0.0,
                 "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True,
                 "inference_mode": True, "task_type": None, "base_model_name_or_path": None, "modules_to_save": None,
             }
