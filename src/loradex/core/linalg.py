@@ -45,6 +45,8 @@ def svd(
     power_iters: int = 4,
     seed: int = 0,
     exact: bool | None = None,
+    tol: float | None = None,
+    total: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD ``(U, S, Vh)`` of a 2-D matrix (all of it when ``rank`` is None).
 
@@ -52,6 +54,15 @@ def svd(
     randomized path (``oversample`` extra columns, default ``max(16, rank // 4)``, and
     ``power_iters`` power iterations) is deterministic for a given ``seed``. Results are float32, or float64 when
     ``mat`` is float64 or the exact float64 path was taken.
+
+    ``tol`` makes the power iterations adaptive (``power_iters`` is then their maximum): after
+    each one the energy the top ``rank`` directions capture, ``E = sum S_k^2``, is compared with
+    the previous iteration's, and iterating stops once ``E`` grew by at most ``tol`` times the
+    residual ``||M||^2 - E`` (``total``: ``||M||_F^2`` when the caller has it), i.e. once the
+    truncation error moves by less than about ``tol / 2`` of itself. Each check is free of extra
+    products: ``B = Q^T M`` is the transpose of the ``M^T Q`` the next iteration needs anyway.
+    Matrices with a spectral gap at ``rank`` (a low-rank fine-tune plus noise) stop after one
+    iteration; slowly decaying spectra take more.
     """
     if mat.ndim != 2:
         raise ValueError(f"svd needs a 2-D matrix, got shape {tuple(mat.shape)}")
@@ -72,11 +83,25 @@ def svd(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     sketch = torch.randn(n, width, generator=gen, dtype=dt).to(a.device)
     q, _ = torch.linalg.qr(a @ sketch)
-    for _ in range(power_iters):
-        z, _ = torch.linalg.qr(a.T @ q)
+    if tol is not None and total is None:
+        total = float(torch.linalg.vector_norm(a, dtype=torch.float64)) ** 2
+    captured = None
+    it = 0
+    while True:
+        bt = a.T @ q  # (n, width) = B^T with B = Q^T M
+        if it >= power_iters:
+            break
+        if tol is not None:
+            b64 = bt.double()
+            ev = torch.linalg.eigvalsh(b64.T @ b64)  # S^2 of B, ascending: a (width x width) problem
+            now = float(ev[-k:].clamp_min(0).sum()) if k else 0.0
+            if captured is not None and now - captured <= tol * max(total - now, 0.0):
+                break
+            captured = now
+        z, _ = torch.linalg.qr(bt)
         q, _ = torch.linalg.qr(a @ z)
-    b = (q.T @ a).double()
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+        it += 1
+    ub, s, vh = torch.linalg.svd(bt.T.double(), full_matrices=False)
     u = q.double() @ ub[:, :k]
     return u.to(dt), s[:k].to(dt), vh[:k].to(dt)
 
