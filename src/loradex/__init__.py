@@ -17,12 +17,12 @@ from loradex.errors import (
     RegistryError,
     UnsafeFileError,
 )
-from loradex.merge import merge, resize
+from loradex.merge import bake, extract, merge, resize
 from loradex.registry import Registry
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "ArchError", "ConversionError", "Embedding", "FormatError", "LoradexError", "Registry", "RegistryError",
-    "UnsafeFileError", "convert", "describe", "inspect", "load", "merge", "resize", "save",
+    "UnsafeFileError", "bake", "convert", "describe", "extract", "inspect", "load", "merge", "resize", "save",
 ]

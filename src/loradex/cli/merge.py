@@ -106,37 +106,94 @@ def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, save_as, as_jso
     emit(d, as_json, "\n".join(text))
 
 
+def _parse_merge_item(arg: str) -> tuple[str, float, str | None]:
+    """``IN[:W[:BLOCKS]]``: ``BLOCKS`` (a preset name or ``w,w,...``) after a numeric weight; else as
+    :func:`_parse_item`."""
+    from pathlib import Path
+
+    if not Path(arg).exists():
+        parts = arg.rsplit(":", 2)
+        if len(parts) == 3 and parts[0] and parts[2]:
+            try:
+                return parts[0], float(parts[1]), parts[2]
+            except ValueError:
+                pass
+    path, w = _parse_item(arg)
+    return path, w, None
+
+
+_METHOD_HELP = ("concat: the exact weighted sum (ranks add up; one input: only scaled, kinds kept); "
+                "svd: that sum reduced to the rank policy; ties / dare / dare_ties / magnitude: peft's "
+                "sparsifying merges of the dense updates (--density), then the same reduction")
+
+
 @cli.command("merge")
-@click.argument("inputs", nargs=-1, required=True, metavar="IN[:W]...")
+@click.argument("inputs", nargs=-1, required=True, metavar="IN[:W[:BLOCKS]]...")
 @click.option("-o", "--output", "dst", default=None, type=click.Path(), help="output file; optional with --save-as")
-@click.option("--method", type=click.Choice(["concat"]), default="concat", show_default=True,
-              help="concat: the exact weighted sum (ranks add up)")
+@click.option("--method", type=click.Choice(["concat", "svd", "ties", "dare", "dare_ties", "magnitude"]),
+              default="concat", show_default=True, help=_METHOD_HELP)
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="svd/ties/dare/magnitude: fixed rank (with --fro/--ratio/--cumulative: a cap)")
+@click.option("--fro", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="keep the smallest rank with ||dW_k|| >= F ||dW|| per module")
+@click.option("--ratio", type=click.FloatRange(0, min_open=True), default=None,
+              help="keep the singular values S_i > S_0 / R per module")
+@click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="keep the smallest rank with sum(S[:k]) >= C sum(S) per module")
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="ties/dare/magnitude: the kept fraction of each input's entries, in (0, 1]")
+@click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the drop masks")
+@click.option("--blocks", default=None,
+              help="block weights for every input without its own :BLOCKS: a preset (ALL, INALL, MIDD, OUTALL, ...) "
+                   "or w,w,... (SD1 17/26, SDXL 12/20, FLUX 61 entries)")
 @click.option("--to", "to", default=None,
               help="output format (default: the first input's when it can hold the result, else kohya)")
 @click.option("--arch", default=None, help=ARCH_HELP)
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def merge_cmd(inputs, dst, method, to, arch, save_as, as_json):
+def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, arch, save_as, as_json):
     """Merge adapters IN (files or registry REFs), each with an optional weight W (default 1,
-    negative allowed): the result's update is exactly sum_i W_i dW_i (LoHa/LoKr through their
-    exact LoRA form). Embeddings are kept (a token in several inputs: weighted average)."""
+    negative allowed) and block weights BLOCKS. concat: the result's update is exactly
+    sum_i W_i dW_i (LoHa/LoKr through their exact LoRA form). Embeddings are kept (a token in
+    several inputs: weighted average). One input with --blocks applies block weights."""
     import contextlib
+    import sys
 
     from loradex.api import load
     from loradex.merge import merge
 
-    parsed = [_parse_item(a) for a in inputs]
+    if sum(v is not None for v in (fro, ratio, cumulative)) > 1:
+        raise click.UsageError("give at most one of --fro, --ratio, --cumulative")
+    if method == "concat" and any(v is not None for v in (rank, fro, ratio, cumulative, density)):
+        raise click.UsageError("--rank/--fro/--ratio/--cumulative/--density apply to --method svd, ties, dare, "
+                               "dare_ties or magnitude (concat is exact)")
+    if method == "svd" and density is not None:
+        raise click.UsageError("--density applies to ties, dare, dare_ties and magnitude")
+    parsed = [_parse_merge_item(a) for a in inputs]
     with contextlib.ExitStack() as stack:
         items, parents = [], []
-        for path, w in parsed:
+        for path, w, spec in parsed:
             p, version = stack.enter_context(input_path(path))
-            items.append((load(p, arch=ref_arch(arch, version)), w))
+            items.append((load(p, arch=ref_arch(arch, version)), w, spec))
             parents.append(version or p)
-        out, report = merge(items, method=method)
-        params = {"method": method, "weights": [w for _, w in parsed], **({"to": to} if to else {})}
+        out, report = merge(items, method=method, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative,
+                            density=density, seed=seed, blocks=blocks, arch=arch,
+                            progress=not as_json and sys.stderr.isatty())
+        params = {"method": method, "weights": [w for _, w, _ in parsed], **report.params,
+                  **({"blocks": blocks} if blocks else {}),
+                  **({"input_blocks": [b for _, _, b in parsed]} if any(b for _, _, b in parsed) else {}),
+                  **({"to": to} if to else {})}
         to, wreport, saved = _write(out, to, dst, save_as, "merge", parents, params, arch)
-    d = {"inputs": [p for p, _ in parsed], **report.to_dict()}
+    d = {"inputs": [p for p, _, _ in parsed], **report.to_dict()}
     text = [f"merged: {report.summary()}"]
+    if report.method not in ("concat",):
+        for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1].get("error", 0.0))[:10]:
+            if m.get("rank") is not None:
+                text.append(f"  {name}: rank {m['rank']}, energy {m['energy']:.4f}, rel. error {m['error']:.3g}")
+    for i, b in report.blocks.items():
+        w = b["block_weights"]
+        text.append(f"  input {i}: block weights {w['spec']} ({w['layout']} entries): {len(b['dropped'])} modules "
+                    f"dropped, {len(b['outside'])} outside the blocks kept at 1")
     text += [f"  warning: {w}" for w in report.warnings]
     _tail(d, text, dst, to, wreport, saved)
     emit(d, as_json, "\n".join(text))

@@ -1,9 +1,8 @@
-"""Full models (DreamBooth / fine-tuned checkpoints): recognised from their header or folder layout.
+"""Full models (DreamBooth / fine-tuned checkpoints): detection, lazy reading, streaming rewrite.
 
-Only detection lives here for now (the registry stores checkpoints as artifacts; reading their
-weights lazily belongs to extract/bake): nothing is loaded, a safetensors header or a diffusers
-``model_index.json`` is all that is read, and a pickled ``.ckpt`` is recognised by its container
-magic without being unpickled.
+Detection (``describe_checkpoint``) reads nothing but a safetensors header or a diffusers
+``model_index.json``; a pickled ``.ckpt`` is recognised by its container magic without being
+unpickled.
 
 * single-file safetensors: LDM/SGM names (``model.diffusion_model.*``, ``first_stage_model.*``,
   ``cond_stage_model.*``, ``conditioner.embedders.*``) or BFL FLUX names (``double_blocks.N.*``
@@ -11,14 +10,49 @@ magic without being unpickled.
 * single-file pickle (``.ckpt``/``.pt``/``.bin`` with the torch zip or pickle magic): format
   ``ckpt``, never opened;
 * diffusers folder: a ``model_index.json`` naming the pipeline class.
+
+Reading (``CheckpointReader``) maps every stored tensor to the canonical module it belongs to,
+``<component>.<diffusers/transformers module path>`` plus the parameter (``weight``/``bias``),
+without loading anything, and loads tensors one at a time on request. The name maps (facts from
+diffusers' ``loaders/single_file_utils.py`` and ComfyUI's ``comfy/utils.py``; code not copied):
+
+* ``model.diffusion_model.<SGM name>``: the UNet through ``Arch.from_sgm``; FLUX BFL names (with or
+  without that prefix) likewise, with the fused ``qkv``/``linear1`` rows split by the arch's parts,
+  the ``final_layer.adaLN_modulation.1`` half swap, and BFL's RMSNorm ``scale`` = diffusers ``weight``;
+* ``cond_stage_model.transformer.*`` (SD1) and ``conditioner.embedders.0.transformer.*`` (SDXL
+  CLIP-L): transformers CLIP names, ``text_model.`` level included;
+* OpenCLIP (``cond_stage_model.model.*`` SD2, ``conditioner.embedders.1.model.*`` SDXL bigG):
+  ``transformer.resblocks.N`` = ``text_model.encoder.layers.N`` with ``attn.in_proj_weight/bias``
+  rows [q | k | v], ``attn.out_proj`` = ``self_attn.out_proj``, ``ln_1/ln_2`` = ``layer_norm1/2``,
+  ``mlp.c_fc/c_proj`` = ``mlp.fc1/fc2``, ``token_embedding``, ``positional_embedding``, ``ln_final``
+  = ``final_layer_norm``, and ``text_projection`` stored transposed (``x @ P`` vs ``Linear``);
+* diffusers folders: ``<component>/<name>.safetensors`` (sharded through its ``.index.json``),
+  or a pickled ``.bin`` opened only with ``weights_only``; CLIP keys are given the ``text_model.``
+  level that transformers 5's ``CLIPTextModel`` no longer writes.
+
+Writing (``CheckpointReader.rewrite``) produces a model in the SAME layout as the source with some
+canonical tensors replaced: tensors nobody changes are copied file-to-file (the kernel's
+``copy_file_range``, as ``safetensors_io`` does), changed ones are computed one at a time while the
+output is written, so memory holds one tensor (plus the output's header). Single files are written
+atomically; a diffusers folder is assembled in a temporary folder next to the output (unchanged
+files copied, only changed component files rewritten) and renamed into place.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from loradex.converters import safetensors_io as sio
-from loradex.errors import FormatError
+from loradex.core.arch import Part
+from loradex.errors import ArchError, FormatError
 
 _PIPELINE_ARCH = {
     "StableDiffusionPipeline": "sd1",  # SD2 uses the same class: told apart by its text encoder below
@@ -95,3 +129,493 @@ def describe_checkpoint(path: str | Path) -> dict | None:
         return {"format": "checkpoint", "arch": _arch_from_keys(keys, h.metadata), "metadata": dict(h.metadata),
                 "layout": "file"}
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# lazy reading
+# ----------------------------------------------------------------------------------------------
+
+#: diffusers pipeline folders: the components whose weights adapters patch
+COMPONENT_DIRS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+#: weight file names diffusers / transformers write (no variants such as ``.fp16``)
+_WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
+_PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+#: single-file prefixes of the CLIP text encoders stored with transformers names
+_CLIP_PREFIXES = {"cond_stage_model.transformer.": "text_encoder", "conditioner.embedders.0.transformer.": "text_encoder"}
+#: single-file prefixes of OpenCLIP text encoders
+_OPENCLIP_PREFIXES = {"cond_stage_model.model.": "text_encoder", "conditioner.embedders.1.model.": "text_encoder_2"}
+_OPENCLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
+_OPENCLIP_SUB = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                 "attn.out_proj": "self_attn.out_proj"}
+_OPENCLIP_TOP = {"token_embedding.weight": ("text_model.embeddings.token_embedding", "weight"),
+                 "positional_embedding": ("text_model.embeddings.position_embedding", "weight"),
+                 "ln_final.weight": ("text_model.final_layer_norm", "weight"),
+                 "ln_final.bias": ("text_model.final_layer_norm", "bias"),
+                 "text_projection": ("text_projection", "weight")}
+
+@dataclass
+class Stored:
+    """One tensor as stored: its file and key, and the canonical module parameters it holds.
+
+    ``parts`` are ``(canonical module, rows)`` as ``Arch.split_rows`` takes them (several for a
+    fused projection), ``param`` is ``weight`` or ``bias``, ``transpose`` is True where the file
+    stores the matrix transposed (OpenCLIP's ``text_projection``). ``parts`` is empty for tensors
+    no adapter patches (VAE, buffers...): they are copied through untouched."""
+
+    file: Path
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    parts: list[Part] = field(default_factory=list)
+    param: str = "weight"
+    transpose: bool = False
+
+
+@dataclass
+class _File:
+    path: Path
+    kind: str  # "safetensors" | "pickle"
+    header: sio.Header | None
+    keys: list[str]
+    component: str | None  # folder layout: the component directory
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    for name, (d, _) in sio.DTYPES.items():
+        if d == dt:
+            return name
+    raise FormatError(f"dtype {dt} has no safetensors name")
+
+
+class CheckpointReader:
+    """A full model opened lazily: a diffusers pipeline folder or a single-file checkpoint.
+
+    ``arch`` (name or Arch; detected from ``model_index.json`` / the keys when omitted) gives the
+    SGM/BFL name maps and the module table; with it, only modules the arch lists are yielded (the
+    extra 24th OpenCLIP layer of SD2 files, say, is copied through). Nothing is loaded until
+    ``weight`` / ``modules`` ask for it."""
+
+    def __init__(self, path: str | os.PathLike, arch=None) -> None:
+        self.path = Path(path)
+        info = describe_checkpoint(self.path)
+        if info is None:
+            if not self.path.exists():
+                raise FormatError(f"{self.path}: no such file or folder")
+            raise FormatError(f"{self.path}: not a full model (a diffusers pipeline folder or a single-file checkpoint)")
+        if info["format"] == "ckpt":
+            raise FormatError(f"{self.path}: a pickled .ckpt checkpoint; convert it to safetensors first "
+                              "(loradex opens pickles only for small files, with weights_only)")
+        self.layout: str = info["layout"]
+        self.metadata: dict[str, str] = dict(info["metadata"])
+        from loradex.converters.common import resolve_arch
+
+        name = arch if arch is not None else info["arch"]
+        if name is None:
+            raise ArchError(f"{self.path}: cannot tell which base model this is; pass --arch (sd1, sd2, sdxl, flux1)")
+        self.arch = resolve_arch(name, {}, required=True, path=self.path)
+        self.files: list[_File] = []
+        self.stored: list[Stored] = []
+        self.notes: list[str] = []
+        self._index: dict[tuple[str, str], Stored] = {}
+        self._cache: tuple[tuple[Path, str], torch.Tensor] | None = None
+        self._pickles: dict[Path, dict] = {}
+        self._new_shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+        if self.layout == "folder":
+            self._open_folder()
+        else:
+            self._open_file()
+        table = self._table()
+        for st in self.stored:
+            if table is not None and st.parts:
+                if any(n not in table for n, _ in st.parts):
+                    st.parts = []
+                    continue
+                self._check_rows(st, table)
+            for n, _ in st.parts:
+                self._index.setdefault((n, st.param), st)
+        if not any(st.parts for st in self.stored):
+            raise ArchError(f"{self.path}: none of its tensors is a module of {self.arch.name}; wrong --arch?")
+
+    # ---- opening ------------------------------------------------------------------------
+    def _table(self):
+        try:
+            return self.arch.modules
+        except ArchError:
+            return None
+
+    def _check_rows(self, st: Stored, table) -> None:
+        rows = st.shape[1] if st.transpose and len(st.shape) == 2 else (st.shape[0] if st.shape else 0)
+        need = sum((r[1] - r[0]) if r else table[n].shape[0] for n, r in st.parts)
+        if st.parts[0][1] is not None and rows != need:
+            raise ArchError(f"{self.path}: {st.key} has {rows} rows, {self.arch.name} splits it into {need}; wrong --arch?")
+        if st.parts[0][1] is None and st.param == "weight" and st.shape and table[st.parts[0][0]].shape[0] != rows:
+            raise ArchError(f"{self.path}: {st.key} has shape {list(st.shape)}, {self.arch.name}'s "
+                            f"{st.parts[0][0]} has {list(table[st.parts[0][0]].shape)}; wrong --arch?")
+
+    def _add_file(self, path: Path, component: str | None) -> _File:
+        if path.suffix == ".safetensors":
+            h = sio.read_header(path)
+            f = _File(path, "safetensors", h, list(h.tensors), component)
+            for k, t in h.tensors.items():
+                self.stored.append(Stored(path, k, t.dtype, t.shape))
+        else:
+            sd = self._load_pickle(path)
+            f = _File(path, "pickle", None, list(sd), component)
+            for k, t in sd.items():
+                self.stored.append(Stored(path, k, _dtype_name(t.dtype), tuple(t.shape)))
+        self.files.append(f)
+        return f
+
+    def _load_pickle(self, path: Path) -> dict:
+        if path not in self._pickles:
+            sd = sio.load_pickle(path)
+            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                sd = sd["state_dict"]
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise FormatError(f"{path}: not a state dict of tensors")
+            self._pickles = {path: sd}  # one pickle in memory at a time
+        return self._pickles[path]
+
+    def _component_files(self, d: Path) -> list[Path]:
+        for stem in _WEIGHT_NAMES:
+            idx = d / f"{stem}.safetensors.index.json"
+            if idx.is_file():
+                wm = sio.read_json(idx).get("weight_map")
+                if not isinstance(wm, dict):
+                    raise FormatError(f"{idx}: no weight_map")
+                files = []
+                for v in wm.values():
+                    f = (d / str(v)).resolve()
+                    if f.parent != d.resolve() or not f.is_file():
+                        raise FormatError(f"{idx}: shard {v!r} is missing or outside the folder")
+                    if f not in files:
+                        files.append(f)
+                return files
+            single = d / f"{stem}.safetensors"
+            if single.is_file():
+                return [single]
+        for name in _PICKLE_NAMES:
+            if (d / name).is_file():
+                return [d / name]
+        return []
+
+    def _open_folder(self) -> None:
+        for comp in COMPONENT_DIRS:
+            d = self.path / comp
+            if not d.is_dir():
+                continue
+            files = self._component_files(d)
+            if not files:
+                raise FormatError(f"{d}: no weights (diffusion_pytorch_model / model .safetensors or .bin)")
+            clip = False
+            if (d / "config.json").is_file():
+                cfg = sio.read_json(d / "config.json")
+                archs = cfg.get("architectures") or []
+                clip = any(str(a).startswith("CLIPTextModel") for a in archs) or cfg.get("model_type") == "clip_text_model"
+            for fp in files:
+                n0 = len(self.stored)
+                self._add_file(fp, comp)
+                for st in self.stored[n0:]:
+                    mod, _, param = st.key.rpartition(".")
+                    if param not in ("weight", "bias") or not mod:
+                        continue
+                    if clip and not mod.startswith(("text_model.", "text_projection")):
+                        mod = "text_model." + mod
+                    st.parts, st.param = [(f"{comp}.{mod}", None)], param
+        if not self.files:
+            raise FormatError(f"{self.path}: a diffusers folder without unet/transformer/text_encoder weights")
+
+    def _open_file(self) -> None:
+        self._add_file(self.path, None)
+        sgm = self.arch.style in ("sd", "sdxl", "flux")
+        for st in self.stored:
+            k = st.key
+            for pre, comp in _CLIP_PREFIXES.items():
+                if k.startswith(pre):
+                    mod, _, param = k[len(pre):].rpartition(".")
+                    if param in ("weight", "bias"):
+                        if not mod.startswith("text_model."):
+                            mod = "text_model." + mod
+                        st.parts, st.param = [(f"{comp}.{mod}", None)], param
+                    break
+            else:
+                for pre, comp in _OPENCLIP_PREFIXES.items():
+                    if k.startswith(pre):
+                        self._openclip(st, comp, k[len(pre):])
+                        break
+                else:
+                    if sgm and not k.startswith(("first_stage_model.", "cond_stage_model.", "conditioner.", "vae.",
+                                                "text_encoders.")):
+                        mod, _, param = k.rpartition(".")
+                        if param == "scale":  # BFL RMSNorm
+                            param = "weight"
+                        if param in ("weight", "bias"):
+                            try:
+                                st.parts, st.param = self.arch.from_sgm(mod), param
+                            except ArchError:
+                                pass
+
+    def _openclip(self, st: Stored, comp: str, rest: str) -> None:
+        if rest in _OPENCLIP_TOP:
+            mod, param = _OPENCLIP_TOP[rest]
+            st.parts, st.param = [(f"{comp}.{mod}", None)], param
+            st.transpose = rest == "text_projection"
+            return
+        m = _OPENCLIP_LAYER.match(rest)
+        if not m:
+            return
+        layer = f"{comp}.text_model.encoder.layers.{m.group(1)}"
+        sub = m.group(2)
+        if sub in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            n = st.shape[0] // 3
+            st.parts = [(f"{layer}.self_attn.{x}_proj", (i * n, (i + 1) * n)) for i, x in enumerate("qkv")]
+            st.param = "weight" if sub.endswith("weight") else "bias"
+            return
+        mod, _, param = sub.rpartition(".")
+        if mod in _OPENCLIP_SUB and param in ("weight", "bias"):
+            st.parts, st.param = [(f"{layer}.{_OPENCLIP_SUB[mod]}", None)], param
+
+    # ---- access -------------------------------------------------------------------------
+    def modules(self) -> list[str]:
+        """Canonical names of the modules with a weight, in storage order (fused parts together)."""
+        seen: dict[str, None] = {}
+        for st in self.stored:
+            if st.param == "weight":
+                for n, _ in st.parts:
+                    if self._index.get((n, "weight")) is st:
+                        seen.setdefault(n, None)
+        return list(seen)
+
+    def has(self, module: str, param: str = "weight") -> bool:
+        return (module, param) in self._index
+
+    def shape(self, module: str, param: str = "weight") -> tuple[int, ...]:
+        st = self._stored(module, param)
+        shape = st.shape[::-1] if st.transpose else st.shape
+        if st.parts[0][1] is None:
+            return tuple(shape)
+        rows = sum(r[1] - r[0] for n, r in st.parts if n == module)
+        return (rows, *shape[1:])
+
+    def _stored(self, module: str, param: str) -> Stored:
+        st = self._index.get((module, param))
+        if st is None:
+            raise ArchError(f"{self.path}: has no {param} for {module}")
+        return st
+
+    def _load(self, st: Stored) -> torch.Tensor:
+        key = (st.file, st.key)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        if st.file.suffix == ".safetensors":
+            t = sio.load(st.file, keys=[st.key], header=sio.read_header(st.file))[st.key]
+        else:
+            t = self._load_pickle(st.file)[st.key]
+        self._cache = (key, t)
+        return t
+
+    def _canonical_view(self, st: Stored) -> dict[str, torch.Tensor]:
+        t = self._load(st)
+        if st.transpose:
+            t = t.T
+        from loradex.core.arch import Arch
+
+        return Arch.split_rows(st.parts, t)
+
+    def weight(self, module: str, param: str = "weight") -> torch.Tensor:
+        """One canonical parameter as stored (dtype of the file), loaded now."""
+        return self._canonical_view(self._stored(module, param))[module]
+
+    def iter_weights(self, params: tuple[str, ...] = ("weight", "bias")) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """``(module, {param: tensor})`` one module at a time, in storage order."""
+        for name in self.modules():
+            yield name, {p: self.weight(name, p) for p in params if self.has(name, p)}
+
+    # ---- writing ------------------------------------------------------------------------
+    def rewrite(
+        self,
+        out: str | os.PathLike,
+        changed: set[tuple[str, str]],
+        update: Callable[[str, str, torch.Tensor], torch.Tensor | None],
+        metadata: dict[str, str] | None = None,
+        progress: Callable[[int], None] | None = None,
+        extra_files: dict[str, bytes] | None = None,
+        new_shapes: dict[tuple[str, str], tuple[int, ...]] | None = None,
+    ) -> list[str]:
+        """Write the model to ``out`` in this reader's layout with the canonical parameters in
+        ``changed`` (``(module, param)``) replaced by ``update(module, param, current)`` (None:
+        keep). Everything else is copied. ``metadata`` is merged into the (single file's or
+        changed files') safetensors metadata. ``extra_files`` (folder layout only): relative path
+        -> bytes written instead of the source's file (tokenizer files). ``new_shapes``: parameters
+        whose shape ``update`` changes (appended embedding rows; unfused tensors only). Returns notes."""
+        self._new_shapes = dict(new_shapes or {})
+        missing = sorted(n for n, p in changed if (n, p) not in self._index)
+        if missing:
+            raise ArchError(f"{self.path}: has no module {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        touched: dict[Path, list[Stored]] = {}
+        for st in self.stored:
+            if any((n, st.param) in changed for n, _ in st.parts):
+                touched.setdefault(st.file, []).append(st)
+        out = Path(out)
+        if self.layout == "file":
+            if out.resolve() == self.path.resolve():
+                raise FormatError(f"{out}: is the input; write to another path")
+            self._write_file(self.files[0], out, changed, update, metadata, progress)
+            return []
+        return self._write_folder(out, touched, changed, update, metadata, progress, extra_files or {})
+
+    def _producer(self, st: Stored, changed, update) -> Callable[[], torch.Tensor]:
+        def make() -> torch.Tensor:
+            from loradex.core.arch import Arch
+
+            t = self._load(st)
+            view = t.T if st.transpose else t
+            split = Arch.split_rows(st.parts, view)
+            any_change = False
+            for n in split:
+                if (n, st.param) in changed:
+                    new = update(n, st.param, split[n])
+                    if new is not None:
+                        want = self._new_shapes.get((n, st.param), tuple(split[n].shape))
+                        if tuple(new.shape) != tuple(want):
+                            raise FormatError(f"{n}.{st.param}: new shape {tuple(new.shape)} != {tuple(want)}")
+                        split[n] = new.to(t.dtype)
+                        any_change = True
+            self._cache = None
+            if not any_change:
+                return t
+            fused = Arch.fuse_rows(st.parts, split)
+            return (fused.T if st.transpose else fused).contiguous()
+
+        return make
+
+    def _write_file(self, f: _File, dst: Path, changed, update, metadata, progress) -> None:
+        entries = []
+        for st in self.stored:
+            if st.file != f.path:
+                continue
+            if any((n, st.param) in changed for n, _ in st.parts) or f.kind == "pickle":
+                if any((n, st.param) in changed for n, _ in st.parts):
+                    shape = st.shape
+                    if len(st.parts) == 1 and (st.parts[0][0], st.param) in self._new_shapes:
+                        shape = tuple(self._new_shapes[(st.parts[0][0], st.param)])
+                    entries.append((st.key, st.dtype, shape, self._producer(st, changed, update)))
+                else:
+                    entries.append((st.key, st.dtype, st.shape, (lambda st=st: self._load(st))))
+            else:
+                info = f.header.tensors[st.key]
+                entries.append((st.key, st.dtype, st.shape, (f.path, f.header.data_offset + info.start, info.nbytes)))
+        meta = dict(f.header.metadata) if f.header is not None else {"format": "pt"}
+        meta.update(metadata or {})
+        stream_safetensors(dst, entries, meta, progress)
+
+    def _write_folder(self, out: Path, touched, changed, update, metadata, progress, extra_files) -> list[str]:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FormatError(f"{out}: exists; give a new folder name")
+        parent = out.parent if str(out.parent) else Path(".")
+        if not parent.is_dir():
+            raise FormatError(f"{parent}: output folder does not exist")
+        notes: list[str] = []
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+            by_path = {f.path.resolve(): f for f in self.files}
+            for src in sorted(self.path.rglob("*")):
+                rel = src.relative_to(self.path)
+                dst = tmp / rel
+                if src.is_dir():
+                    dst.mkdir(parents=True, exist_ok=True)
+                    continue
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if str(rel) in extra_files:
+                    continue
+                f = by_path.get(src.resolve())
+                if f is not None and f.path in touched:
+                    if f.kind == "pickle":
+                        dst = dst.with_name(("model" if f.path.name == "pytorch_model.bin" else "diffusion_pytorch_model")
+                                            + ".safetensors")
+                        notes.append(f"{rel}: a pickle; written as {dst.name}")
+                    self._write_file(f, dst, changed, update, metadata, progress)
+                else:
+                    shutil.copy2(src, dst)
+            for rel, data in extra_files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+            for d in [tmp, *[p for p in tmp.rglob("*") if p.is_file()]]:
+                fd = os.open(d, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return notes
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def stream_safetensors(
+    dst: str | os.PathLike,
+    entries: list[tuple[str, str, tuple[int, ...], object]],
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Write a safetensors file from ``(key, dtype, shape, source)`` entries without holding more
+    than one tensor: ``source`` is ``(file, offset, nbytes)`` (copied file-to-file) or a callable
+    returning the tensor when its turn comes. The layout is the safetensors serializer's (dtype,
+    widest first, then name; compact header padded to 8 bytes), as ``safetensors_io.save`` writes
+    it, so the data-section hashes match other tools'. Atomic (``safetensors_io.atomic_path``)."""
+    import json
+
+    order = sio._serializer_dtype_order()
+    names = sorted(range(len(entries)), key=lambda i: (order.get(entries[i][1], len(order)), entries[i][0]))
+    head: dict[str, object] = {}
+    if metadata:
+        head["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    off = 0
+    for i in names:
+        key, dtype, shape, _ = entries[i]
+        if dtype not in sio.DTYPES:
+            raise FormatError(f"{dst}: {key}: unknown dtype {dtype}")
+        n = sio.DTYPES[dtype][1]
+        for s in shape:
+            n *= s
+        head[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    with sio.atomic_path(dst) as tmp:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it a normal file's mode
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o644)
+        sources: dict[str, int] = {}
+        try:
+            sio._write_all(fd, len(raw).to_bytes(8, "little") + raw)
+            for i in names:
+                key, dtype, shape, src = entries[i]
+                if isinstance(src, tuple):
+                    path, offset, nbytes = src
+                    if str(path) not in sources:
+                        sources[str(path)] = os.open(path, os.O_RDONLY)
+                    sio._copy_range(sources[str(path)], fd, offset, nbytes)
+                else:
+                    t = src()
+                    if tuple(t.shape) != tuple(shape) or _dtype_name(t.dtype) != dtype:
+                        raise FormatError(f"{dst}: {key}: produced {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+                    flat = t.detach().reshape(-1).contiguous()
+                    if flat.numel():
+                        sio._write_all(fd, flat.view(torch.uint8).numpy())
+                    del t, flat
+                if progress is not None:
+                    progress(1)
+        finally:
+            os.close(fd)
+            for sfd in sources.values():
+                os.close(sfd)

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loradex.core.adapter import Adapter, Embedding
+from loradex.core.adapter import Embedding
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import LoradexError
 
-METHODS = ("concat",)
 EXACT_LORA_KINDS = ("lora", "loha", "lokr")
 
 
@@ -42,15 +41,28 @@ class MergeReport:
     embeddings: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: rank policy, density and seed of the svd / sparse methods (empty for concat)
+    params: dict = field(default_factory=dict)
+    #: per input index (as a string): what its block weights did (``BlockReport.to_dict()``)
+    blocks: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def max_error(self) -> float:
+        return max((m.get("error", 0.0) for m in self.modules.values()), default=0.0)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "weights": self.weights, "modules": self.modules,
-                "embeddings": self.embeddings, "warnings": self.warnings, "notes": self.notes}
+                "embeddings": self.embeddings, "warnings": self.warnings, "notes": self.notes,
+                "params": self.params, "blocks": self.blocks, "max_error": self.max_error}
 
     def summary(self) -> str:
-        ranks = [m["rank"] for m in self.modules.values()]
-        rank = f"ranks {min(ranks)}-{max(ranks)}" if ranks else "no modules"
-        s = f"{len(self.weights)} inputs, {len(self.modules)} modules ({rank}), exact ({self.method})"
+        ranks = [m["rank"] for m in self.modules.values() if m.get("rank") is not None]
+        rank = f"ranks {min(ranks)}-{max(ranks)}" if ranks else "no modules" if not self.modules else "1-D only"
+        if self.method in ("concat", "scale"):
+            how = f"exact ({self.method})"
+        else:
+            how = f"{self.method}, max rel. error {self.max_error:.3g}"
+        s = f"{len(self.weights)} inputs, {len(self.modules)} modules ({rank}), {how}"
         if self.embeddings:
             s += f", {len(self.embeddings)} embeddings"
         if self.warnings:
@@ -133,33 +145,12 @@ def _merge_embeddings(items, report: MergeReport) -> dict[str, Embedding]:
     return out
 
 
-def merge(items: list[tuple[Adapter, float]], method: str = "concat") -> tuple[Adapter, MergeReport]:
-    """Merge ``[(adapter, weight), ...]`` into one adapter. ``concat`` (the only method so far):
-    exactly ``sum_i w_i dW_i`` per module, as LoRA with alpha = rank (see the module docstring).
-    Modules present in only some inputs are fine. Returns ``(adapter, report)``."""
-    if method not in METHODS:
-        raise LoradexError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
-    items = [(a, float(w)) for a, w in items]
-    if not items:
-        raise LoradexError("merge needs at least one input")
-    for _, w in items:
-        if not math.isfinite(w):
-            raise LoradexError(f"merge weights must be finite numbers, got {w}")
-    archs = {getattr(a.arch, "name", a.arch) for a, _ in items if a.arch is not None}
-    if len(archs) > 1:
-        raise LoradexError(f"the inputs are for different architectures ({', '.join(sorted(map(str, archs)))})")
-    report = MergeReport(method=method, weights=[w for _, w in items])
-    by_module: dict[str, list[tuple[int, object, float]]] = {}
-    for i, (a, w) in enumerate(items):
-        for name, p in a.patches.items():
-            by_module.setdefault(name, []).append((i, p, w))
-    patches = {}
+def merge_concat(by_module: dict, progress=None) -> tuple[dict, dict]:
+    """``by_module``: name -> ``[(input index, patch, weight), ...]``. Returns ``(patches, module
+    infos)``: per module exactly ``sum_i w_i dW_i`` as one LoRA with alpha = total rank."""
+    patches, infos = {}, {}
     for name, parts in by_module.items():
-        patches[name], report.modules[name] = _merge_module(name, parts)
-    embeddings = _merge_embeddings(items, report)
-    arch = next((a.arch for a, _ in items if a.arch is not None), None)
-    out = Adapter(patches=patches, embeddings=embeddings, metadata={}, arch=arch,
-                  source_format=items[0][0].source_format)
-    for i, (a, _) in enumerate(items):
-        report.notes += [f"input {i + 1}: {n}" for n in a.notes]
-    return out, report
+        patches[name], infos[name] = _merge_module(name, parts)
+        if progress is not None:
+            progress.update(1)
+    return patches, infos

@@ -1,0 +1,261 @@
+"""Block weights ("LBW"): one multiplier per UNet block, as the sd-webui-lora-block-weight extension
+(hako-mikan) defines them, applied exactly to an adapter's patches.
+
+Layouts (facts from the extension's ``BLOCKID*`` tables; ``BASE`` is every text-encoder module):
+
+* SD1/SD2, 26 entries: ``BASE, IN00..IN11, M00, OUT00..OUT11``;
+  17 entries: ``BASE, IN01, IN02, IN04, IN05, IN07, IN08, M00, OUT03..OUT11`` (the blocks that hold
+  attention layers, i.e. where a plain LoRA lives).
+* SDXL, 20 entries: ``BASE, IN00..IN08, M00, OUT00..OUT08``;
+  12 entries: ``BASE, IN04, IN05, IN07, IN08, M00, OUT00..OUT05``.
+* FLUX.1, 61 entries: ``CLIP, T5, IN, D00..D18, S00..S37, OUT`` (``IN``: img_in, txt_in,
+  time_in, vector_in, guidance_in; ``D``/``S``: double/single blocks; ``OUT``: final_layer). For
+  an arch with other block counts (the tiny test models) the layout has ``3 + doubles + singles + 1``
+  entries in the same order.
+
+A block of a UNet module is read from its SGM ("ldm") name (:meth:`Arch.sgm_name`):
+``input_blocks.N`` -> ``INnn``, ``middle_block`` -> ``M00``, ``output_blocks.N`` -> ``OUTnn``
+(FLUX: the BFL name). As in the extension:
+
+* a short layout (17 / 12 entries) gives weight **0** to the blocks it does not list (its ``to26``
+  fills the missing entries with 0): a LoCon's ``IN00``/``IN03``/... modules vanish under a 17-entry
+  vector. They are reported (``unlisted``);
+* modules outside every block (``time_embed``, ``label_emb``, ``out.*``; FLUX modules outside the
+  named parts) keep weight 1 and are reported (``outside``).
+
+Named presets: the extension's built-in table (``DEF_WEIGHT_PRESET``, also in its README), all
+17-entry SD1 vectors: ``NONE, ALL, INS, IND, INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5``, and
+``FLUXALL``. ``NONE``, ``ALL``, ``ALL0.5`` and ``FLUXALL`` are uniform and used for any arch; the
+others are SD1/SD2 vectors and refused for SDXL/FLUX (the extension would silently map them onto
+the SD1 positions, zeroing SDXL's OUT00-OUT02). Note: the extension's shipped ``lbwpresets.txt``
+differs from its built-in table (``IND``, ``MIDD``, ``OUTD``, ``OUTS``, ``OUTALL`` there have
+``BASE = 0``); the built-in table is used here.
+
+Applying weight ``w`` to a patch: ``w = 1`` keeps it as is, ``w = 0`` drops it (its update is
+exactly 0), otherwise ``Patch.scaled(w)`` (exact for LoRA/LoHa/LoKr/full/norm/(IA)^3; OFT, BOFT,
+GLoRA and DoRA patches are not linear in a multiplier: LoradexError unless w is 0 or 1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from loradex.core.adapter import Adapter
+from loradex.errors import ArchError, LoradexError
+
+SD26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
+SD17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12)))
+SDXL20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
+SDXL12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
+
+_U = {"NONE": 0.0, "ALL": 1.0, "ALL0.5": 0.5, "FLUXALL": 1.0}
+#: The extension's built-in 17-entry presets (uniform ones are in ``_U``).
+SD1_PRESETS: dict[str, tuple[float, ...]] = {
+    name: tuple(float(c) for c in bits)
+    for name, bits in {
+        "INS": "11110000000000000",
+        "IND": "10001110000000000",
+        "INALL": "11111110000000000",
+        "MIDD": "10001111111100000",
+        "OUTD": "10000000111100000",
+        "OUTS": "10000000000011111",
+        "OUTALL": "10000000111111111",
+    }.items()
+}
+PRESETS = (*_U, *SD1_PRESETS)
+
+_SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.|^middle_block\.")
+_BFL_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.")
+
+
+def _arch(arch):
+    from loradex.core.arch import get_arch
+
+    if arch is None:
+        raise ArchError("block weights need the adapter's architecture (give arch=, or --arch)")
+    return get_arch(arch) if isinstance(arch, str) else arch
+
+
+def family(arch) -> str:
+    """``sd`` (SD1/SD2 UNet with one text encoder), ``sdxl`` (UNet with two) or ``flux``."""
+    a = _arch(arch)
+    if a.denoiser == "transformer":
+        return "flux"
+    return "sdxl" if "text_encoder_2" in a.components else "sd"
+
+
+def _flux_counts(a) -> tuple[int, int]:
+    doubles, singles = set(), set()
+    for n in a.component_modules("transformer"):
+        m = re.match(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.", n)
+        if m:
+            (doubles if m.group(1) == "transformer_blocks" else singles).add(int(m.group(2)))
+    return len(doubles), len(singles)
+
+
+def layouts(arch) -> dict[int, tuple[str, ...]]:
+    """The accepted layouts of ``arch``: number of entries -> block ids (the full one last)."""
+    fam = family(arch)
+    if fam == "sd":
+        return {17: SD17, 26: SD26}
+    if fam == "sdxl":
+        return {12: SDXL12, 20: SDXL20}
+    d, s = _flux_counts(_arch(arch))
+    ids = ("CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(d)), *(f"S{i:02d}" for i in range(s)), "OUT")
+    return {len(ids): ids}
+
+
+def block_of(arch, canonical: str) -> str | None:
+    """The LBW block id of a canonical module name, or None when it lies outside every block
+    (weight 1, as in the extension)."""
+    a = _arch(arch)
+    comp = canonical.split(".", 1)[0]
+    fam = family(a)
+    if comp.startswith("text_encoder"):
+        if fam != "flux":
+            return "BASE"
+        return "T5" if a.component_kind(comp) == "t5" else "CLIP"
+    try:
+        native = a.sgm_name(canonical)
+    except ArchError:
+        return None
+    if fam == "flux":
+        m = _BFL_BLOCK.match(native)
+        if m:
+            return f"{'D' if m.group(1) == 'double_blocks' else 'S'}{int(m.group(2)):02d}"
+        if native.startswith("final_layer."):
+            return "OUT"
+        head = native.split(".", 1)[0]
+        return "IN" if head.endswith("_in") else None
+    m = _SGM_BLOCK.match(native)
+    if m is None:
+        return None
+    if m.group(1) is None:
+        return "M00"
+    return f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02d}"
+
+
+@dataclass
+class BlockWeights:
+    """A resolved block-weight vector: ``weights`` block id -> multiplier over the full layout of
+    the arch (blocks missing from a short layout are 0), ``given``: the ids the vector named."""
+
+    spec: str
+    family: str
+    given: tuple[str, ...]
+    weights: dict[str, float]
+
+    def weight(self, block: str | None) -> float:
+        return 1.0 if block is None else self.weights.get(block, 0.0)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "layout": len(self.given), "weights": dict(zip(self.given, (self.weights[b] for b in self.given)))}
+
+
+def parse_block_weights(spec: str | Sequence[float], arch) -> BlockWeights:
+    """``spec``: a preset name (case-insensitive), ``"w,w,..."`` or a sequence of numbers with as
+    many entries as one of the arch's layouts. LoradexError otherwise."""
+    fam = family(arch)
+    lays = layouts(arch)
+    full = lays[max(lays)]
+    if isinstance(spec, str):
+        text = spec.strip()
+        name = text.upper()
+        if name in _U:
+            vals = [_U[name]] * len(full)
+        elif name in SD1_PRESETS:
+            if fam != "sd":
+                raise LoradexError(
+                    f"block-weight preset {name} is an SD1/SD2 vector (17 entries); for {fam.upper()} give "
+                    f"{' or '.join(str(n) for n in sorted(lays))} weights (or NONE, ALL, ALL0.5)"
+                )
+            vals = list(SD1_PRESETS[name])
+        elif "," in text or _is_number(text):
+            try:
+                vals = [float(x) for x in text.split(",")]
+            except ValueError:
+                raise LoradexError(f"block weights {spec!r}: every entry must be a number") from None
+        else:
+            raise LoradexError(f"unknown block-weight preset {spec!r}; presets: {', '.join(PRESETS)} (or w,w,...)")
+    else:
+        vals = [float(x) for x in spec]
+    if not all(math.isfinite(v) for v in vals):
+        raise LoradexError(f"block weights {spec!r}: every entry must be a finite number")
+    if len(vals) not in lays:
+        want = " or ".join(str(n) for n in sorted(lays))
+        names = f" ({lays[max(lays)][0]}, {lays[max(lays)][1]}, ..., {lays[max(lays)][-1]})"
+        raise LoradexError(f"block weights {spec!r} have {len(vals)} entries; {fam.upper()} layouts have {want}{names}")
+    given = lays[len(vals)]
+    weights = {b: 0.0 for b in full}
+    weights.update(zip(given, vals))
+    return BlockWeights(spec if isinstance(spec, str) else ",".join(map(str, vals)), fam, given, weights)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class BlockReport:
+    """What block weights did: ``blocks`` module -> block id (None outside), ``weights`` module ->
+    multiplier applied, ``dropped`` (weight 0), ``unlisted`` (dropped because a short layout does not
+    list their block), ``outside`` (kept at weight 1)."""
+
+    weights_spec: dict = field(default_factory=dict)
+    blocks: dict[str, str | None] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)
+    outside: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"block_weights": self.weights_spec, "blocks": self.blocks, "weights": self.weights,
+                "dropped": self.dropped, "unlisted": self.unlisted, "outside": self.outside}
+
+    def summary(self) -> str:
+        kept = sum(1 for w in self.weights.values() if w != 0)
+        s = f"block weights {self.weights_spec.get('spec')}: {kept} modules kept, {len(self.dropped)} dropped (weight 0)"
+        if self.unlisted:
+            s += f" of which {len(self.unlisted)} in blocks the {self.weights_spec.get('layout')}-entry layout omits"
+        if self.outside:
+            s += f", {len(self.outside)} outside the blocks (weight 1)"
+        return s
+
+
+def apply_block_weights(adapter: Adapter, spec: str | Sequence[float] | BlockWeights, arch=None) -> tuple[Adapter, BlockReport]:
+    """Scale every patch of ``adapter`` by its block's weight (see the module docstring). ``arch``
+    defaults to ``adapter.arch``. Embeddings and metadata are carried over."""
+    a = _arch(arch if arch is not None else adapter.arch)
+    bw = spec if isinstance(spec, BlockWeights) else parse_block_weights(spec, a)
+    report = BlockReport(weights_spec=bw.to_dict())
+    patches = {}
+    for name, p in adapter.patches.items():
+        block = block_of(a, name)
+        w = bw.weight(block)
+        report.blocks[name] = block
+        report.weights[name] = w
+        if block is None:
+            report.outside.append(name)
+        if w == 0:
+            report.dropped.append(name)
+            if block is not None and block not in bw.given:
+                report.unlisted.append(name)
+            continue
+        if w == 1:
+            patches[name] = p
+            continue
+        try:
+            patches[name] = p.scaled(w)
+        except ValueError as e:
+            raise LoradexError(f"{name}: block weight {w} cannot be applied ({e}); only 0 or 1 works for it") from None
+    out = Adapter(patches=patches, embeddings=dict(adapter.embeddings), metadata=dict(adapter.metadata),
+                  arch=adapter.arch if adapter.arch is not None else a.name, source_format=adapter.source_format,
+                  notes=list(adapter.notes))
+    return out, report
