@@ -1,0 +1,124 @@
+"""``loradex serve``: the inference engine over HTTP (uvicorn), or as a Ray Serve deployment."""
+
+from __future__ import annotations
+
+import click
+
+from loradex.cli import cli
+from loradex.errors import LoradexError
+
+#: request defaults for the tiny embedded pipeline (a 64x64, 2-step image in well under a second)
+TINY_DEFAULTS = {"steps": 2, "width": 64, "height": 64}
+
+
+@cli.command("serve")
+@click.option("--base", default=None, metavar="BASE",
+              help="diffusers folder or single-file checkpoint (default: the tiny embedded pipeline, offline)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to listen on")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="port (0: a free one)")
+@click.option("--registry-home", default=None, type=click.Path(file_okay=False),
+              help="registry folder adapters are resolved in (default: LORADEX_HOME or the default home)")
+@click.option("--no-registry", is_flag=True, help="no registry: adapters are file paths (needs --allow-paths)")
+@click.option("--allow-paths", is_flag=True,
+              help="also accept adapter file paths in requests (any file the server can read: trusted clients only)")
+@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1...)")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="pipeline dtype (default: fp32 on CPU)")
+@click.option("--slots", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="adapters stacked per request at most (LoRA slots per module)")
+@click.option("--max-rank", default=64, show_default=True, type=click.IntRange(1, 4096), help="rank capacity of a slot")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1, 100000),
+              help="requests waiting beyond the running batch; more get 429")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 1024),
+              help="requests per engine call at most")
+@click.option("--window-ms", default=10.0, show_default=True, type=click.FloatRange(0, 10000),
+              help="micro-batching window: how long the first request of a batch waits for company")
+@click.option("--ray", "use_ray", is_flag=True, help="serve with Ray Serve (model multiplexing by adapter REF)")
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 1024), help="with --ray: replicas")
+@click.option("--ray-address", default=None, help="with --ray: an existing cluster (default: RAY_ADDRESS or a local one)")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve_cmd(base, host, port, registry_home, no_registry, allow_paths, device, dtype, slots, max_rank, max_queue, max_batch,
+              window_ms, use_ray, replicas, ray_address, log_level):
+    """Serve one base model with adapters hot-swapped per request.
+
+    \b
+    POST /v1/generate  {"prompt": "...", "adapters": ["alice:0.8"], "steps": 20, "seed": 1,
+                        "width": 512, "height": 512, "negative_prompt": "", "guidance_scale": 7.5,
+                        "response": "png" | "json"}
+    GET /v1/adapters, POST /v1/adapters/prefetch {"refs": [...]}, GET /healthz, GET /metrics
+    400 bad input, 404 unknown adapter, 429 queue full.
+    With --ray the adapter REF is also Serve's multiplexed model id: send it in the
+    `serve_multiplexed_model_id` header to reach a replica where it is warm.
+    """
+    import torch
+
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    engine_kwargs = {"device": device, "dtype": dtypes.get(dtype), "max_rank": max_rank, "slots": slots,
+                     "allow_paths": allow_paths}
+    defaults = TINY_DEFAULTS if base is None else None
+    if registry_home is not None and no_registry:
+        raise click.UsageError("--registry-home and --no-registry exclude each other")
+    if no_registry and not allow_paths:
+        raise click.UsageError("with --no-registry, give --allow-paths (adapters would have nothing to resolve from)")
+    if use_ray:
+        from loradex.inference import ray_serve
+
+        click.echo(f"loradex: Ray Serve, {replicas} replica(s), http://{host}:{port} "
+                   f"(adapter REF in the '{ray_serve.MODEL_ID_HEADER}' header)", err=True)
+        import os
+        import signal
+        import time
+
+        def _stop(signum, frame):  # SIGTERM (e.g. from a process manager): the same clean exit as Ctrl-C
+            raise KeyboardInterrupt
+
+        try:
+            ray_serve.run(base, host=host, port=port, ray_address=ray_address, replicas=replicas,
+                          engine_kwargs=engine_kwargs, registry_home=None if no_registry else _home(registry_home),
+                          defaults=defaults, max_queue=max_queue, max_batch=max_batch, window_ms=window_ms)
+            # after ray.init, which installs its own SIGTERM handler (a stack dump, then death)
+            signal.signal(signal.SIGTERM, _stop)
+            click.echo(f"loradex: serving on http://{host}:{port} (Ctrl-C to stop)", err=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            ray_serve.shutdown(joined=bool(ray_address or os.environ.get("RAY_ADDRESS")))
+        return
+    from loradex.inference.server import bind_socket, create_app, serve_forever
+
+    sock = bind_socket(host, port)  # a taken port fails now, not after the model load
+    from loradex.inference.engine import Engine
+
+    registry = None
+    if not no_registry:
+        from loradex.registry import Registry
+
+        try:
+            registry = Registry(registry_home, create=registry_home is None)
+        except LoradexError:
+            if registry_home is not None:
+                raise
+    if base is None:
+        from loradex.tiny import tiny_sd_pipeline
+
+        base = tiny_sd_pipeline()
+    click.echo(f"loradex: loading the engine ({'tiny embedded pipeline' if defaults else base})", err=True)
+    engine = Engine(base, registry=registry, **engine_kwargs)
+    app = create_app(engine, max_queue=max_queue, max_batch=max_batch, window_ms=window_ms, defaults=defaults)
+    click.echo(f"loradex: serving on http://{host}:{sock.getsockname()[1]}", err=True)
+    serve_forever(app, host=host, port=port, log_level=log_level, sock=sock)
+
+
+def _home(registry_home: str | None) -> str | None:
+    """The registry folder Ray replicas open (they do not inherit a Registry object)."""
+    if registry_home is not None:
+        return registry_home
+    import os
+
+    from loradex.registry.registry import default_home
+
+    home = os.environ.get("LORADEX_HOME") or str(default_home())
+    return home if os.path.isdir(home) else None

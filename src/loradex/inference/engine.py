@@ -1,0 +1,491 @@
+"""``Engine``: one diffusers pipeline, loaded once, serving requests that each bring their adapters.
+
+Tiers (fastest first): the slots (slots.py: fixed-capacity LoRA buffers inside every target Linear /
+Conv2d of the denoiser and the text encoders), the ready cache (cache.py: converted, cast, pinned
+tensors in CPU memory, LRU bounded in bytes), and the registry / disk. A request's adapters are
+routed per sample, so a batch can mix adapters (one forward pass, equal to running them one by one).
+
+What cannot go into the slots (DoRA, (IA)^3, OFT, GLoRA, norms, LoHa/LoKr whose exact LoRA rank is
+above ``max_rank``...) is applied by in-place weight patching ``W += delta(W, m)`` for the batch and
+restored after by copying back a pristine copy of the touched weights kept on the CPU: no
+fuse/unfuse arithmetic, so the base weights come back bit-identical. Such requests run in their own
+batches (the patch is shared by every sample of a batch).
+
+Textual inversion: ``ti_tokens`` placeholder tokens are added to every tokenizer at start and their
+rows reserved in the embedding tables; a request's TI token is rewritten to placeholders (one per
+vector, as diffusers' ``maybe_convert_prompt`` expands ``<tok>`` to ``<tok> <tok>_1 ...``) whose rows
+receive the vectors for the batch, and are restored after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loradex.core.adapter import COMPONENTS
+from loradex.errors import FormatError, LoradexError, RegistryError, UnsafeFileError
+from loradex.inference.cache import Ready, ReadyCache, percentile, prepare
+from loradex.inference.slots import SlotBank, live_modules
+from loradex.inference.types import BadRequestError, GenerateRequest, UnknownAdapterError
+
+_TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+TI_PLACEHOLDER = "<loradex-ti-{}>"
+
+
+def _defuse(text: str) -> str:
+    """Break any reserved placeholder spelled in user text so the tokenizer cannot match it."""
+    return text.replace("<loradex-ti-", "<loradex ti-")
+
+
+def load_pipeline(base, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A diffusers pipeline from a folder, a single-file safetensors checkpoint, or as given."""
+    if not isinstance(base, (str, os.PathLike)):
+        pipe = base
+    else:
+        p = Path(base)
+        from diffusers import DiffusionPipeline
+
+        from loradex.tiny import quiet
+
+        try:
+            if p.is_dir():
+                if not (p / "model_index.json").is_file():
+                    raise FormatError(f"{p}: not a diffusers pipeline folder (no model_index.json)")
+                with quiet():
+                    pipe = DiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype)
+            elif p.is_file():
+                pipe = _from_single_file(p, dtype)
+            else:
+                raise FormatError(f"{p}: no such base model (a diffusers folder or a .safetensors checkpoint)")
+        except LoradexError:
+            raise
+        except Exception as e:  # diffusers raises many types for unusable folders/files
+            raise FormatError(f"{p}: cannot load the base pipeline ({type(e).__name__}: {e})") from None
+    from loradex.tiny import quiet
+
+    with contextlib.suppress(Exception):
+        pipe.set_progress_bar_config(disable=True)
+    with quiet():  # diffusers warns about casting modules it would keep in fp32 (none in SD/SDXL/FLUX)
+        return pipe.to(torch.device(device), dtype) if dtype is not None else pipe.to(torch.device(device))
+
+
+def _from_single_file(p: Path, dtype):
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from loradex.converters.checkpoint import describe_checkpoint
+    from loradex.tiny import quiet
+
+    if p.suffix.lower() != ".safetensors":
+        raise UnsafeFileError(f"{p}: a single-file base must be .safetensors (pickles are not loaded)")
+    desc = describe_checkpoint(p)
+    if not desc or desc.get("format") != "checkpoint":
+        raise FormatError(f"{p}: not a single-file diffusion checkpoint")
+    cls = {"sdxl": StableDiffusionXLPipeline, "flux1": FluxPipeline}.get(desc.get("arch"), StableDiffusionPipeline)
+    with quiet():
+        return cls.from_single_file(str(p), torch_dtype=dtype)
+
+
+def _style(components: dict[str, nn.Module]) -> str:
+    if "transformer" in components:
+        return "flux"
+    return "sdxl" if "text_encoder_2" in components else "sd"
+
+
+class _TIRows:
+    """Reserved placeholder tokens and embedding rows, per text encoder."""
+
+    def __init__(self, pipe, n: int) -> None:
+        self.tokens = [TI_PLACEHOLDER.format(i) for i in range(n)]
+        self.tables: dict[str, tuple[nn.Embedding, list[int], torch.Tensor]] = {}
+        if n <= 0:
+            return
+        for comp, tname in _TOKENIZER_OF.items():
+            te, tok = getattr(pipe, comp, None), getattr(pipe, tname, None)
+            if not isinstance(te, nn.Module) or tok is None or not hasattr(te, "get_input_embeddings"):
+                continue
+            tok.add_tokens(self.tokens)
+            ids = [int(i) for i in tok.convert_tokens_to_ids(self.tokens)]
+            if max(ids) >= te.get_input_embeddings().num_embeddings:
+                te.resize_token_embeddings(len(tok))
+            emb = te.get_input_embeddings()
+            with torch.no_grad():
+                emb.weight[ids] = 0
+            self.tables[comp] = (emb, ids, emb.weight[ids].detach().clone())
+
+    def width(self, comp: str) -> int | None:
+        t = self.tables.get(comp)
+        return None if t is None else t[0].weight.shape[1]
+
+    @torch.no_grad()
+    def write(self, start: int, vectors: dict[str, torch.Tensor]) -> None:
+        for comp, vec in vectors.items():
+            if comp in self.tables:
+                emb, ids, _ = self.tables[comp]
+                emb.weight[ids[start:start + vec.shape[0]]] = vec.to(emb.weight.device, emb.weight.dtype)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for emb, ids, pristine in self.tables.values():
+            emb.weight[ids] = pristine
+
+
+class Engine:
+    """One pipeline on ``device``; adapters swapped per request (see the module docstring).
+
+    ``base``: a diffusers folder, a single-file ``.safetensors`` checkpoint, or a pipeline object.
+    ``max_rank`` / ``slots``: capacity of each slot layer (rank per adapter, adapters resident at
+    once; also the most slot adapters one batch can use). ``registry``: a ``loradex.Registry`` for
+    REFs (else adapters are file paths). ``cache_bytes``: the CPU tier's budget. ``ti_tokens``:
+    reserved placeholder tokens per text encoder. ``targets``: only wrap modules whose canonical
+    name contains one of these substrings (default: every Linear and Conv2d). ``allow_paths``:
+    accept file paths as adapter refs. ``max_batch``: most requests per forward pass.
+    ``compile``: ``torch.compile`` the denoiser (the slot rank is then fixed at ``max_rank``).
+    """
+
+    def __init__(self, base, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 max_rank: int = 64, slots: int = 4, registry=None, cache_bytes: int = 2**30, ti_tokens: int = 16,
+                 targets: Sequence[str] | None = None, allow_paths: bool = True, max_batch: int = 16,
+                 compile: bool = False) -> None:
+        from loradex.core.arch import arch_from_models
+
+        self.device = torch.device(device)
+        if dtype is None and self.device.type == "cuda" and isinstance(base, (str, os.PathLike)):
+            dtype = torch.float16
+        self.pipe = load_pipeline(base, self.device, dtype)
+        comps = {c: getattr(self.pipe, c) for c in COMPONENTS if isinstance(getattr(self.pipe, c, None), nn.Module)}
+        denoiser = comps.get("unet", comps.get("transformer"))
+        if denoiser is None:
+            raise FormatError("the base pipeline has no unet or transformer")
+        self.dtype = dtype or next(denoiser.parameters()).dtype
+        self.ti = _TIRows(self.pipe, ti_tokens)
+        comps = {c: getattr(self.pipe, c) for c in comps}  # resize_token_embeddings keeps the objects
+        self.arch = arch_from_models(f"engine-{type(self.pipe).__name__}", comps, _style(comps))
+        self.bank = SlotBank(comps, slots=slots, max_rank=max_rank, device=self.device, dtype=self.dtype,
+                             targets=tuple(targets) if targets else None)
+        self.modules: dict[str, nn.Module] = {
+            canon: mod for comp, model in comps.items() for canon, _, mod in live_modules(comp, model)
+            if isinstance(getattr(mod, "weight", None), torch.Tensor)
+        }
+        self.max_rank, self.slots, self.max_batch = max_rank, slots, max_batch
+        self.registry = registry
+        self.allow_paths = allow_paths
+        self.cache = ReadyCache(cache_bytes, self._load_ready)
+        self._lock = threading.RLock()
+        self._sources: dict[str, tuple[str, object]] = {}
+        self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._slot_used = [0] * slots
+        self._tick = 0
+        self._swap_times: deque[float] = deque(maxlen=10000)
+        self.swaps = self.batches = self.images = 0
+        self.patched_batches = 0
+        try:
+            self._accepts = set(inspect.signature(type(self.pipe).__call__).parameters)
+        except (TypeError, ValueError):  # pragma: no cover
+            self._accepts = set()
+        if compile:
+            self.bank.routing.fixed_rank = True
+            name = "unet" if "unet" in comps else "transformer"
+            setattr(self.pipe, name, torch.compile(getattr(self.pipe, name)))
+
+    # ---- references -----------------------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """The canonical id of an adapter REF (``sha256:<hex>`` of the stored version) or file path
+        (``file:<absolute path>#<size>-<mtime_ns>``); UnknownAdapterError when it names nothing."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise UnknownAdapterError("empty adapter reference")
+        if self.registry is not None:
+            try:
+                with self._lock:
+                    v = self.registry.get(ref)
+            except RegistryError:
+                v = None
+            if v is not None:
+                aid = f"sha256:{v.sha256}"
+                self._sources.setdefault(aid, ("registry", v))
+                return aid
+        if self.allow_paths:
+            p = Path(ref).expanduser()
+            if p.exists():
+                st = p.stat()  # size and mtime in the id: a file rewritten in place is a new adapter
+                aid = f"file:{p.resolve()}#{st.st_size}-{st.st_mtime_ns}"
+                self._sources.setdefault(aid, ("file", p.resolve()))
+                return aid
+        where = "in the registry" if self.registry is not None else "(no registry; not a file)"
+        raise UnknownAdapterError(f"unknown adapter {ref!r} {where}".strip())
+
+    def _load_ready(self, aid: str) -> Ready:
+        import loradex
+
+        kind, src = self._sources[aid]
+        try:
+            if kind == "registry":
+                with self._lock:
+                    adapter = self.registry.load(src, arch=self.arch)
+            else:
+                adapter = loradex.load(src, arch=self.arch)
+        except UnknownAdapterError:
+            raise
+        except LoradexError as e:
+            raise BadRequestError(f"adapter {aid}: cannot be used with this base ({e})") from None
+        unknown = [n for n in adapter.patches if n not in self.modules]
+        if unknown:
+            raise BadRequestError(f"adapter {aid}: {len(unknown)} module(s) not in this base, e.g. {unknown[0]}")
+        for tok, emb in adapter.embeddings.items():
+            for comp, vec in emb.vectors.items():
+                w = self.ti.width(comp)
+                if w is not None and vec.shape[-1] != w:
+                    raise BadRequestError(f"adapter {aid}: embedding {tok!r} is {vec.shape[-1]} wide, {comp} is {w}")
+        return prepare(aid, adapter, self.bank.layers, max_rank=self.max_rank, dtype=self.dtype,
+                       pin=self.device.type == "cuda")
+
+    def ready(self, ref: str) -> Ready:
+        """The ready form of an adapter (from the CPU cache, else loaded and converted)."""
+        return self.cache.get(self.resolve(ref))
+
+    def prefetch(self, refs: Iterable[str]) -> dict:
+        """Load adapters into the CPU tier ahead of their requests: ``{ref: ready.describe()}``."""
+        return {ref: self.ready(ref).describe() for ref in refs}
+
+    def list_adapters(self) -> list[dict]:
+        """The registry's adapters (when there is one) and every adapter in the CPU cache or a slot."""
+        out: list[dict] = []
+        cached = {r.id: r for r in self.cache.entries()}
+        if self.registry is not None:
+            with self._lock:
+                rows = self.registry.list()
+            for row in rows:
+                out.append({"ref": row["name"], "versions": row.get("versions"), "arch": row.get("arch"),
+                            "kinds": row.get("kinds"), "tags": row.get("tags")})
+        in_slot = {o for o in self.bank.occupant if o}
+        for aid, r in cached.items():
+            out.append({"id": aid, "cached": True, "in_slot": aid in in_slot, **r.describe()})
+        return out
+
+    def stats(self) -> dict:
+        times = list(self._swap_times)
+        return {
+            "hits": self.cache.hits, "misses": self.cache.misses, "evictions": self.cache.evictions,
+            "swaps": self.swaps, "swap_latency_p50_s": percentile(times, 50),
+            "swap_latency_p99_s": percentile(times, 99), "cached_bytes": self.cache.nbytes,
+            "cached_adapters": len(self.cache), "slot_bytes": self.bank.nbytes(), "slots": self.slots,
+            "slot_occupants": list(self.bank.occupant), "batches": self.batches, "images": self.images,
+            "patched_batches": self.patched_batches,
+        }
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerateRequest]) -> list:
+        """One PIL image per request, in order (see ``run``)."""
+        return self.run(requests, output_type="pil")
+
+    def run(self, requests: Sequence[GenerateRequest], output_type: str = "pil") -> list:
+        """Group the requests by ``batch_key`` (and by patch-mode adapters), run each group as mixed
+        batches, return one output per request in order (``output_type="latent"``: the final latents
+        ``[C, h, w]``; ``"pt"`` / ``"np"`` as diffusers gives them)."""
+        reqs = list(requests)
+        for r in reqs:
+            if not isinstance(r, GenerateRequest):
+                raise BadRequestError("requests must be GenerateRequest objects")
+            r.validate()
+        routed: list[list[tuple[Ready, float]]] = []
+        for r in reqs:
+            items = [(self.cache.get(self.resolve(ref)), float(w)) for ref, w in r.adapters]
+            n_slot = len({rd.id for rd, _ in items if rd.mode == "slots" and rd.factors})
+            if n_slot > self.slots:
+                raise BadRequestError(f"{n_slot} LoRA-slot adapters in one request; this engine has {self.slots} slots")
+            if sum(e.num_vectors for rd, _ in items for e in rd.embeddings.values()) > len(self.ti.tokens):
+                raise BadRequestError(f"more than {len(self.ti.tokens)} textual-inversion vectors in one request")
+            routed.append(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(reqs):
+            patch_key = tuple((rd.id, w) for rd, w in routed[i] if rd.mode == "patch")
+            groups.setdefault((r.batch_key(), patch_key), []).append(i)
+        out: list = [None] * len(reqs)
+        for idxs in groups.values():
+            for chunk in self._chunks(idxs, routed):
+                results = self._run_chunk([reqs[i] for i in chunk], [routed[i] for i in chunk], output_type)
+                for i, res in zip(chunk, results):
+                    out[i] = res
+        return out
+
+    def _chunks(self, idxs: list[int], routed) -> Iterable[list[int]]:
+        """Split a group so that each batch uses at most ``slots`` slot adapters, ``max_batch``
+        requests and the reserved TI rows."""
+        chunk: list[int] = []
+        ids: set[str] = set()
+        vecs = 0
+        for i in idxs:
+            mine = {rd.id for rd, _ in routed[i] if rd.mode == "slots" and rd.factors}
+            nv = sum(e.num_vectors for rd, _ in routed[i] for e in rd.embeddings.values())
+            if chunk and (len(chunk) >= self.max_batch or len(ids | mine) > self.slots
+                          or vecs + nv > len(self.ti.tokens)):
+                yield chunk
+                chunk, ids, vecs = [], set(), 0
+            chunk.append(i)
+            ids |= mine
+            vecs += nv
+        if chunk:
+            yield chunk
+
+    def _acquire_slots(self, needed: list[Ready]) -> dict[str, int]:
+        """Slot index per adapter id, swapping in what is missing (least recently used slot first)."""
+        where: dict[str, int] = {}
+        occ = self.bank.occupant
+        want = {r.id for r in needed}
+        for r in needed:
+            if r.id in occ:
+                where[r.id] = occ.index(r.id)
+        for r in needed:
+            if r.id in where:
+                continue
+            free = [s for s in range(self.slots) if occ[s] not in want and s not in where.values()]
+            s = min(free, key=lambda k: (occ[k] is not None, self._slot_used[k]))
+            t0 = time.perf_counter()
+            self.bank.load_slot(s, r.id, r.factors)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._swap_times.append(time.perf_counter() - t0)
+            self.swaps += 1
+            where[r.id] = s
+        for s in where.values():
+            self._tick += 1
+            self._slot_used[s] = self._tick
+        return where
+
+    def remove_all(self) -> None:
+        """Empty every slot (the base model exactly as loaded)."""
+        with self._lock:
+            for s in range(self.slots):
+                self.bank.clear_slot(s)
+
+    @contextlib.contextmanager
+    def activate(self, per_sample: Sequence[Sequence[tuple[str, float]]]):
+        """Route sample ``b`` of the next forward passes through ``per_sample[b]`` = [(ref, weight)]
+        (slot adapters, patch-mode adapters applied to the weights, shared by every sample), for
+        code that calls the pipeline's models directly (tests, benchmarks). TI is not handled here."""
+        with self._lock:
+            items = [[(self.ready(ref), float(w)) for ref, w in row] for row in per_sample]
+            patches = [(rd, w) for rd, w in items[0] if rd.mode == "patch"] if items else []
+            touched = self._apply_patches(patches)
+            try:
+                self._route(items)
+                yield self
+            finally:
+                self.bank.routing.clear()
+                self._restore(touched)
+
+    def _route(self, items: list[list[tuple[Ready, float]]]) -> None:
+        slot_readies: dict[str, Ready] = {}
+        for row in items:
+            for rd, _ in row:
+                if rd.mode == "slots" and rd.factors:
+                    slot_readies[rd.id] = rd
+        if len(slot_readies) > self.slots:
+            raise BadRequestError(f"{len(slot_readies)} LoRA-slot adapters at once; this engine has {self.slots} slots")
+        where = self._acquire_slots(list(slot_readies.values()))
+        rows = [[(where[rd.id], w) for rd, w in row if rd.id in where] for row in items]
+        self.bank.routing.set(rows, rank=max((r.rank for r in slot_readies.values()), default=0))
+
+    @torch.no_grad()
+    def _apply_patches(self, patches: list[tuple[Ready, float]]) -> list[str]:
+        """``W += delta(W, m)`` for each patch-mode adapter in order; returns the touched modules."""
+        touched: list[str] = []
+        try:
+            for rd, w in patches:
+                for name, patch in rd.patches.items():
+                    mod = self.modules[name]
+                    weight = mod.weight
+                    bias = getattr(mod, "bias", None)
+                    if name not in self._pristine:
+                        self._pristine[name] = (weight.detach().to("cpu", copy=True),
+                                                None if bias is None else bias.detach().to("cpu", copy=True))
+                    if name not in touched:
+                        touched.append(name)
+                    cur = weight.detach().float().cpu()
+                    try:
+                        d = patch.delta(cur, multiplier=w)
+                        bd = patch.bias_delta(None if bias is None else bias.detach().float().cpu(), multiplier=w)
+                    except ValueError as e:
+                        raise BadRequestError(f"adapter {rd.id}: {name}: {e}") from None
+                    weight.copy_((cur + d.reshape(cur.shape)).to(weight.device, weight.dtype))
+                    if bd is not None and bias is not None:
+                        bias.copy_((bias.detach().float().cpu() + bd.reshape(bias.shape)).to(bias.device, bias.dtype))
+        except BaseException:
+            self._restore(touched)
+            raise
+        return touched
+
+    @torch.no_grad()
+    def _restore(self, touched: list[str]) -> None:
+        for name in touched:
+            mod = self.modules[name]
+            w, b = self._pristine[name]
+            mod.weight.copy_(w)
+            if b is not None:
+                mod.bias.copy_(b)
+
+    @staticmethod
+    def _rewrite(text: str, mapping: list[tuple[str, str]]) -> str:
+        """Replace every TI token by its placeholders in one pass (longest token first), so a
+        placeholder is never rewritten again."""
+        if not mapping:
+            return text
+        table = dict(mapping)
+        pattern = re.compile("|".join(re.escape(t) for t, _ in mapping))
+        return pattern.sub(lambda m: table[m.group(0)], text)
+
+    def _run_chunk(self, reqs: list[GenerateRequest], items: list[list[tuple[Ready, float]]], output_type: str) -> list:
+        r0 = reqs[0]
+        with self._lock:
+            patches = [(rd, w) for rd, w in items[0] if rd.mode == "patch"]
+            touched = self._apply_patches(patches)
+            try:
+                self._route(items)
+                prompts, negatives = self._write_ti(reqs, items)
+                kw = dict(prompt=prompts, num_inference_steps=r0.steps, width=r0.width, height=r0.height,
+                          guidance_scale=r0.guidance_scale, output_type=output_type,
+                          generator=[torch.Generator("cpu").manual_seed(r.seed) for r in reqs])
+                if "negative_prompt" in self._accepts and ("true_cfg_scale" not in self._accepts or any(negatives)):
+                    kw["negative_prompt"] = negatives
+                with torch.inference_mode():
+                    res = self.pipe(**kw)
+            finally:
+                self.bank.routing.clear()
+                self.ti.restore()
+                self._restore(touched)
+            self.batches += 1
+            self.images += len(reqs)
+            self.patched_batches += bool(patches)
+        images = res.images
+        return [images[i] for i in range(len(reqs))]
+
+    def _write_ti(self, reqs: list[GenerateRequest], items) -> tuple[list[str], list[str]]:
+        """Write each request's TI vectors into placeholder rows; the prompts rewritten to them."""
+        start = 0
+        placed: dict[tuple[str, str], str] = {}
+        prompts, negatives = [], []
+        for r, row in zip(reqs, items):
+            mapping: list[tuple[str, str]] = []
+            for rd, _ in row:
+                for tok, emb in rd.embeddings.items():
+                    key = (rd.id, tok)
+                    if key not in placed:
+                        n = emb.num_vectors
+                        self.ti.write(start, emb.vectors)
+                        placed[key] = " ".join(self.ti.tokens[start:start + n])
+                        start += n
+                    mapping.append((tok, placed[key]))
+            mapping.sort(key=lambda kv: -len(kv[0]))  # longest first: "<cat2>" before "<cat>"
+            # a prompt must not name the placeholders itself (it would read another request's vectors)
+            prompts.append(self._rewrite(_defuse(r.prompt), mapping))
+            negatives.append(self._rewrite(_defuse(r.negative_prompt), mapping))
+        return prompts, negatives

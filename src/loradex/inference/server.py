@@ -1,0 +1,472 @@
+"""The HTTP front end of the inference engine: a Starlette app served by uvicorn (extra ``serve``).
+
+Endpoints (all answers JSON unless said otherwise; errors are ``{"error": "..."}``):
+
+    POST /v1/generate            {"prompt": "...", "adapters": [{"ref": "alice", "weight": 0.8}] | ["alice:0.8"],
+                                  "steps", "width", "height", "seed", "negative_prompt", "guidance_scale",
+                                  "response": "png" | "json"}  -> image/png, or JSON with base64 PNG
+    GET  /v1/adapters            the engine's adapters (cached / in slots)
+    POST /v1/adapters/prefetch   {"refs": [...]} -> warm them in the engine's CPU cache
+    GET  /healthz                liveness + queue state (503 when the batch worker is gone)
+    GET  /metrics                Prometheus text exposition (format 0.0.4)
+
+Status codes: 400 bad JSON / wrong types / out of range (checked before queueing), 404 unknown
+adapter (resolved before queueing, so it is immediate), 413 body too large, 429 queue full, 500
+only for a server bug, never for user input.
+
+Requests go through a ``Batcher`` (bounded queue + short-window micro-batching) to
+``engine.generate``; the engine runs mixed-adapter batches in one forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import math
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import fields
+from typing import Any
+
+from loradex.errors import LoradexError
+from loradex.inference.batcher import Batcher
+from loradex.inference.types import (
+    LIMITS,
+    BadRequestError,
+    GenerateRequest,
+    QueueFullError,
+    UnknownAdapterError,
+)
+
+#: the largest request body accepted (a prompt is <= 2000 chars; 64 KiB leaves room for adapter lists)
+MAX_BODY_BYTES = 64 * 1024
+#: latency histogram buckets in seconds (tiny CPU models answer in ~0.1 s, real ones in seconds)
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+_REQUEST_FIELDS = {f.name for f in fields(GenerateRequest)}
+_BODY_FIELDS = _REQUEST_FIELDS | {"response"}
+
+
+# ---- request parsing (shared with ray_serve.py) -----------------------------------------------------
+def parse_adapter(item: Any) -> tuple[str, float]:
+    """One adapter of a request: ``{"ref": R, "weight": W}``, ``[R, W]``, ``"R:W"`` or ``"R"``.
+
+    In ``"R:W"`` the weight is what follows the last colon when it parses as a number; otherwise the
+    whole string is the REF (registry ``NAME:TAG`` references contain a colon too)."""
+    if isinstance(item, dict):
+        extra = set(item) - {"ref", "weight"}
+        if extra:
+            raise BadRequestError(f"unknown adapter field(s): {', '.join(sorted(extra))}")
+        ref, weight = item.get("ref"), item.get("weight", 1.0)
+    elif isinstance(item, (list, tuple)) and len(item) == 2:
+        ref, weight = item
+    elif isinstance(item, str):
+        ref, weight = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep and head:
+            try:
+                ref, weight = head, float(tail)
+            except ValueError:
+                pass
+    else:
+        raise BadRequestError("each adapter must be {\"ref\": ..., \"weight\": ...} or \"ref:weight\"")
+    if not isinstance(ref, str) or not ref:
+        raise BadRequestError("adapter ref must be a non-empty string")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise BadRequestError(f"adapter weight of {ref!r} must be a finite number")
+    return ref, float(weight)
+
+
+def parse_generate(body: Any, defaults: dict | None = None) -> tuple[GenerateRequest, str]:
+    """A JSON body -> (validated GenerateRequest, response kind "png" | "json").
+
+    ``defaults`` override GenerateRequest's defaults (e.g. a tiny model's 64x64, 2 steps). Unknown
+    fields are refused (a typo such as "step" would otherwise silently fall back to a default)."""
+    if not isinstance(body, dict):
+        raise BadRequestError("the body must be a JSON object")
+    unknown = set(body) - _BODY_FIELDS
+    if unknown:
+        raise BadRequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "prompt" not in body:
+        raise BadRequestError("prompt is required")
+    kind = body.get("response", "png")
+    if kind not in ("png", "json"):
+        raise BadRequestError('response must be "png" or "json"')
+    adapters = body.get("adapters", [])
+    if not isinstance(adapters, list):
+        raise BadRequestError("adapters must be a list")
+    if len(adapters) > LIMITS["adapters"]:
+        raise BadRequestError(f"at most {LIMITS['adapters']} adapters per request")
+    args = {k: v for k, v in (defaults or {}).items() if k in _REQUEST_FIELDS}
+    args.update({k: v for k, v in body.items() if k in _REQUEST_FIELDS and k != "adapters"})
+    # JSON has one number type: 30.0 for steps is fine, 30.5 is not
+    for k in ("steps", "width", "height", "seed"):
+        v = args.get(k)
+        if isinstance(v, float) and v.is_integer():
+            args[k] = int(v)
+    req = GenerateRequest(**args, adapters=[parse_adapter(a) for a in adapters])
+    return req.validate(), kind
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image as PNG bytes (lossless: clients can compare pixels)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def error_status(e: BaseException) -> int:
+    """HTTP status of an error: the contract of inference/types.py, other LoradexErrors (e.g. an
+    adapter file that does not fit the base model) are the request's fault (400), anything else is
+    a server bug (500)."""
+    if isinstance(e, UnknownAdapterError):
+        return 404
+    if isinstance(e, QueueFullError):
+        return 429
+    if isinstance(e, LoradexError):
+        return 400
+    return 500
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(v: float) -> str:
+    if v == math.inf:
+        return "+Inf"
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+class Histogram:
+    """A cumulative-bucket histogram as Prometheus defines it (``_bucket{le=...}``, ``_sum``, ``_count``)."""
+
+    def __init__(self, buckets: Iterable[float]) -> None:
+        self.bounds = tuple(sorted(buckets)) + (math.inf,)
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(self.bounds):
+            if v <= b:
+                self.counts[i] += 1
+                break
+        self.sum += v
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, acc = [], 0
+        for b, c in zip(self.bounds, self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{le="{_num(b)}"}} {acc}')
+        return out + [f"{name}_sum {_num(self.sum)}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    """Request counters by route and status, latency and batch-size histograms, thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.batch_latency = Histogram(LATENCY_BUCKETS)
+        self.batch_size = Histogram(BATCH_BUCKETS)
+        self.images = 0
+        self.started = time.time()
+
+    def count(self, method: str, route: str, status: int) -> None:
+        with self._lock:
+            key = (method, route, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+
+    def observe_generate(self, seconds: float) -> None:
+        with self._lock:
+            self.latency.observe(seconds)
+            self.images += 1
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        with self._lock:
+            self.batch_size.observe(size)
+            self.batch_latency.observe(seconds)
+
+    def render(self, batcher: Batcher, engine_stats: dict) -> str:
+        """The text exposition format 0.0.4: ``# HELP``/``# TYPE`` then samples, one family each."""
+        b = batcher.stats()
+        L: list[str] = []
+
+        def family(name: str, typ: str, help_: str, samples: list[str]) -> None:
+            L.extend([f"# HELP {name} {help_}", f"# TYPE {name} {typ}", *samples])
+
+        with self._lock:
+            family("loradex_http_requests_total", "counter", "HTTP requests by method, route and status code.",
+                   [f'loradex_http_requests_total{{method="{_esc(m)}",route="{_esc(r)}",code="{c}"}} {n}'
+                    for (m, r, c), n in sorted(self.requests.items())])
+            family("loradex_images_total", "counter", "Images generated and returned.",
+                   [f"loradex_images_total {self.images}"])
+            family("loradex_generate_latency_seconds", "histogram",
+                   "Time from accepting a generate request to its image (queue + batch).",
+                   self.latency.lines("loradex_generate_latency_seconds"))
+            family("loradex_batch_latency_seconds", "histogram", "Duration of one engine.generate call.",
+                   self.batch_latency.lines("loradex_batch_latency_seconds"))
+            family("loradex_batch_size", "histogram", "Requests per engine.generate call.",
+                   self.batch_size.lines("loradex_batch_size"))
+            uptime = time.time() - self.started
+        family("loradex_queue_depth", "gauge", "Requests waiting in the queue.",
+               [f"loradex_queue_depth {b['queue_depth']}"])
+        family("loradex_queue_capacity", "gauge", "Bound of the queue (429 beyond).",
+               [f"loradex_queue_capacity {b['max_queue']}"])
+        family("loradex_in_flight", "gauge", "Requests in the batch being generated.",
+               [f"loradex_in_flight {b['in_flight']}"])
+        family("loradex_queue_rejected_total", "counter", "Requests refused because the queue was full.",
+               [f"loradex_queue_rejected_total {b['rejected']}"])
+        family("loradex_generate_failed_total", "counter", "Queued requests that ended in an error.",
+               [f"loradex_generate_failed_total {b['failed']}"])
+        family("loradex_uptime_seconds", "gauge", "Seconds since the server started.",
+               [f"loradex_uptime_seconds {_num(uptime)}"])
+        for key, value in sorted(_flatten(engine_stats).items()):
+            name = "loradex_engine_" + "".join(ch if ch.isalnum() else "_" for ch in key).strip("_").lower()
+            family(name, "gauge", f"Engine statistic {_esc(key)}.", [f"{name} {_num(value)}"])
+        return "\n".join(L) + "\n"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested stats dict, keys joined with '_' (booleans as 0/1)."""
+    out: dict[str, float] = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "_"))
+        elif isinstance(v, bool):
+            out[key] = int(v)
+        elif isinstance(v, (int, float)) and math.isfinite(v):
+            out[key] = v
+    return out
+
+
+# ---- the app ----------------------------------------------------------------------------------------
+def create_app(engine, *, max_queue: int = 64, max_batch: int = 8, window_ms: float = 10.0,
+               max_body_bytes: int = MAX_BODY_BYTES, defaults: dict | None = None):
+    """A Starlette app serving ``engine`` (a ``loradex.inference.Engine`` or anything with its
+    ``generate / resolve / prefetch / list_adapters / stats`` methods).
+
+    ``max_queue``: requests waiting beyond the one batch in progress (more -> 429); ``max_batch`` and
+    ``window_ms``: the micro-batching window; ``defaults``: request defaults (steps, width, height,
+    guidance_scale...) for fields a client leaves out. ``app.state.batcher`` / ``app.state.metrics``
+    are exposed for embedding; the batcher is closed at the app's shutdown."""
+    try:
+        from starlette.applications import Starlette
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse, PlainTextResponse, Response
+        from starlette.routing import Route
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise LoradexError("the HTTP server needs the 'serve' extra: pip install 'loradex[serve]'") from e
+
+    metrics = Metrics()
+    batcher = Batcher(engine.generate, max_queue=max_queue, max_batch=max_batch, window_ms=window_ms,
+                      on_batch=metrics.observe_batch)
+
+    class _TooLarge(Exception):
+        pass
+
+    async def read_json(request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+            raise _TooLarge()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise _TooLarge()
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw:
+            raise BadRequestError("empty body: send a JSON object")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadRequestError(f"invalid JSON: {e}") from None
+        except RecursionError:
+            raise BadRequestError("invalid JSON: nested too deeply") from None
+
+    def error(e: BaseException, status: int | None = None) -> JSONResponse:
+        status = status or error_status(e)
+        msg = str(e) if status != 500 else f"internal error ({type(e).__name__})"
+        return JSONResponse({"error": msg}, status_code=status)
+
+    def endpoint(route: str):
+        """Wrap a handler: map errors to statuses, count every answer by route and status."""
+        def deco(fn):
+            async def handler(request):
+                try:
+                    resp = await fn(request)
+                except _TooLarge:
+                    resp = JSONResponse({"error": f"body larger than {max_body_bytes} bytes"}, status_code=413)
+                except Exception as e:
+                    resp = error(e)
+                metrics.count(request.method, route, resp.status_code)
+                return resp
+            handler.__name__ = fn.__name__
+            return handler
+        return deco
+
+    async def ready_all(refs: list[str]) -> dict:
+        """Resolve and load the adapters in this request's thread, before queueing: an unknown REF
+        is a 404 at once, a file that does not fit the base a 400, and the batch worker finds them
+        in the engine's CPU cache instead of stalling every queued request on a disk read."""
+        refs = list(dict.fromkeys(refs))
+        return await run_in_threadpool(engine.prefetch, refs) if refs else {}
+
+    @endpoint("/v1/generate")
+    async def generate(request):
+        t0 = time.perf_counter()
+        req, kind = parse_generate(await read_json(request), defaults)
+        await ready_all([ref for ref, _ in req.adapters])
+        image = await asyncio.wrap_future(batcher.submit(req))
+        data = await run_in_threadpool(png_bytes, image)
+        dt = time.perf_counter() - t0
+        metrics.observe_generate(dt)
+        headers = {"X-Loradex-Latency-Ms": f"{dt * 1000:.1f}"}
+        if kind == "png":
+            return Response(data, media_type="image/png", headers=headers)
+        return JSONResponse({"image": base64.b64encode(data).decode("ascii"), "format": "png",
+                             "width": image.width, "height": image.height, "seed": req.seed, "steps": req.steps,
+                             "adapters": [{"ref": r, "weight": w} for r, w in req.adapters],
+                             "latency_ms": round(dt * 1000, 1)}, headers=headers)
+
+    @endpoint("/v1/adapters")
+    async def adapters(request):
+        return JSONResponse({"adapters": await run_in_threadpool(engine.list_adapters)})
+
+    @endpoint("/v1/adapters/prefetch")
+    async def prefetch(request):
+        body = await read_json(request)
+        refs = body.get("refs") if isinstance(body, dict) else body
+        if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+            raise BadRequestError('send {"refs": ["REF", ...]}')
+        if len(refs) > 1024:
+            raise BadRequestError("at most 1024 refs per prefetch")
+        return JSONResponse({"prefetched": await ready_all(refs)})
+
+    @endpoint("/healthz")
+    async def healthz(request):
+        alive = batcher.alive
+        s = batcher.stats()
+        return JSONResponse({"status": "ok" if alive else "worker stopped", "queue_depth": s["queue_depth"],
+                             "max_queue": s["max_queue"], "in_flight": s["in_flight"]},
+                            status_code=200 if alive else 503)
+
+    @endpoint("/metrics")
+    async def metrics_(request):
+        try:
+            engine_stats = await run_in_threadpool(engine.stats)
+        except Exception:  # metrics must answer even when the engine cannot report
+            engine_stats = {}
+        return PlainTextResponse(metrics.render(batcher, engine_stats),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def not_found(request, exc):
+        status = getattr(exc, "status_code", 404)
+        return JSONResponse({"error": getattr(exc, "detail", None) or "not found"}, status_code=status)
+
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(batcher.close)
+
+    app = Starlette(
+        routes=[Route("/v1/generate", generate, methods=["POST"]),
+                Route("/v1/adapters", adapters, methods=["GET"]),
+                Route("/v1/adapters/prefetch", prefetch, methods=["POST"]),
+                Route("/healthz", healthz, methods=["GET"]),
+                Route("/metrics", metrics_, methods=["GET"])],
+        exception_handlers={404: not_found, 405: not_found},
+        lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    app.state.metrics = metrics
+    app.state.engine = engine
+    return app
+
+
+# ---- uvicorn runners --------------------------------------------------------------------------------
+def _uvicorn():
+    try:
+        import uvicorn
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise LoradexError("the HTTP server needs the 'serve' extra: pip install 'loradex[serve]'") from e
+    return uvicorn
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind first, then hand the socket to uvicorn: port 0 picks a free port without a race, and a
+    port in use is a clean LoradexError instead of uvicorn's exit."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise LoradexError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)  # connections made before uvicorn's loop runs wait in the backlog, not refused
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_forever(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                  sock: socket.socket | None = None) -> None:
+    """Run ``app`` with uvicorn in this thread until interrupted (SIGINT/SIGTERM shut it down).
+    ``sock``: a socket from ``bind_socket`` (bind before a slow model load to fail fast)."""
+    uvicorn = _uvicorn()
+    sock = sock if sock is not None else bind_socket(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` in a daemon thread (tests, notebooks, embedding)::
+
+        with BackgroundServer(create_app(engine)) as srv:
+            urllib.request.urlopen(srv.url + "/healthz")
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        uvicorn = _uvicorn()
+        self._sock = bind_socket(host, port)
+        self.host, self.port = self._sock.getsockname()[:2]
+        self.url = f"http://{host}:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        name="loradex-uvicorn", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise LoradexError("the HTTP server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
