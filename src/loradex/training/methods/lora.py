@@ -1,0 +1,90 @@
+"""``lora``: PEFT LoRA layers (``peft.inject_adapter_in_model``) on the UNet's attention
+projections and optionally the text encoder(s), DoRA on request.
+
+Defaults follow diffusers' ``train_dreambooth_lora.py``: UNet targets ``to_q, to_k, to_v, to_out.0``,
+text encoder ``q_proj, k_proj, v_proj, out_proj``, ``lora_alpha = rank``, PEFT's default init (A
+Kaiming-uniform, B zero: the adapter starts as a no-op). ``peft.inject_adapter_in_model`` is used
+instead of ``model.add_adapter`` because transformers 5 needs peft >= 0.22 for the latter on text
+encoders. The trained factors are read straight from the PEFT layers into loradex ``LoraPatch``es
+(``up = lora_B``, ``down = lora_A``, ``alpha = lora_alpha``; DoRA's ``lora_magnitude_vector`` becomes
+``dora_scale``) and written by loradex's own writers (kohya, diffusers, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loradex.training.methods import Method, cast_frozen, te_canonical, training_metadata
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER = "default"
+
+
+def inject_lora(model: torch.nn.Module, rank: int, alpha: float, targets, dora: bool) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                     init_lora_weights=True, use_dora=dora)
+    inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+
+
+def lora_patches(model: torch.nn.Module, component: str) -> dict:
+    """LoraPatches of every PEFT LoRA layer of ``model`` keyed by canonical module name."""
+    from peft.tuners.lora import LoraLayer
+
+    from loradex.core.kinds.dora import dora_scale_from_magnitude
+    from loradex.core.kinds.lora import LoraPatch
+
+    out = {}
+    for path, m in model.named_modules():
+        if not isinstance(m, LoraLayer) or ADAPTER not in m.lora_A:
+            continue
+        down = m.lora_A[ADAPTER].weight.detach().float().cpu().clone()
+        up = m.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+        p = LoraPatch(up=up, down=down, alpha=torch.tensor(float(m.lora_alpha[ADAPTER])))
+        mag = getattr(m, "lora_magnitude_vector", None)
+        if mag is not None and ADAPTER in mag:
+            p.dora_scale = dora_scale_from_magnitude(mag[ADAPTER].weight.detach().float().cpu().clone(), p.shape)
+        name = f"unet.{path}" if component == "unet" else te_canonical(component, path)
+        out[name] = p
+    return out
+
+
+class LoraMethod(Method):
+    name = "lora"
+
+    def setup(self, ctx) -> None:
+        cfg = ctx.cfg
+        self.trains_text = cfg.text_encoder
+        inject_lora(ctx.unet, cfg.rank, cfg.lora_alpha, cfg.targets or UNET_TARGETS, cfg.dora)
+        if cfg.text_encoder:
+            for _, enc, _ in ctx.encoders():
+                inject_lora(enc, cfg.rank, cfg.lora_alpha, TE_TARGETS, cfg.dora)
+        cast_frozen(ctx, [ctx.unet] + [e for _, e, _ in ctx.encoders()])
+
+    def modules(self, ctx):
+        return [ctx.unet] + ([e for _, e, _ in ctx.encoders()] if self.trains_text else [])
+
+    def param_groups(self, ctx) -> list[dict]:
+        ps = [p for m in self.modules(ctx) for p in m.parameters() if p.requires_grad]
+        return [{"params": ps, "lr": ctx.cfg.learning_rate, "weight_decay": 1e-2}]
+
+    def patches(self, ctx) -> dict:
+        out = lora_patches(ctx.unet, "unet")
+        if self.trains_text:
+            for comp, enc, _ in ctx.encoders():
+                out.update(lora_patches(enc, comp))
+        return out
+
+    def export(self, ctx, result):
+        from loradex.core.adapter import Adapter
+        from loradex.training.loop import pipeline_arch
+
+        cfg = ctx.cfg
+        args = {"algo": "lora", **({"dora_wd": True} if cfg.dora else {}),
+                "targets": list(cfg.targets or UNET_TARGETS), "train_text_encoder": cfg.text_encoder}
+        md = training_metadata(ctx, result, "networks.lora", args)
+        return Adapter(patches=self.patches(ctx), metadata=md, arch=pipeline_arch(ctx.pipe), source_format="loradex-train")

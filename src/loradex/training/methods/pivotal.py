@@ -1,0 +1,51 @@
+"""``pivotal``: a UNet LoRA and a new token's embedding trained together (pivotal tuning as in
+diffusers' advanced DreamBooth LoRA script and cloneofsimo's lora, which train both at once with
+their own learning rates). The result is one kohya-style file: the LoRA keys plus the embedding
+as ``bundle_emb.<token>.string_to_param.*`` (A1111 / kohya convention, FORMATS.md §4), or a
+diffusers LoRA file plus a separate ``learned_embeds`` file.
+"""
+
+from __future__ import annotations
+
+from loradex.training.loop import DEFAULT_LR
+from loradex.training.methods import Method, training_metadata
+from loradex.training.methods.lora import UNET_TARGETS, inject_lora, lora_patches
+from loradex.training.methods.ti import TextualInversion
+
+
+class Pivotal(Method):
+    name = "pivotal"
+    trains_text = True
+
+    def setup(self, ctx) -> None:
+        cfg = ctx.cfg
+        inject_lora(ctx.unet, cfg.rank, cfg.lora_alpha, cfg.targets or UNET_TARGETS, cfg.dora)
+        self.ti = TextualInversion()
+        self.ti.setup(ctx)  # also casts the frozen weights for mixed precision
+
+    def modules(self, ctx):
+        return [ctx.unet] + self.ti.modules(ctx)
+
+    def param_groups(self, ctx) -> list[dict]:
+        cfg = ctx.cfg
+        lora = [p for p in ctx.unet.parameters() if p.requires_grad]
+        emb_lr = cfg.text_lr if cfg.text_lr is not None else DEFAULT_LR["ti"]
+        return [{"params": lora, "lr": cfg.learning_rate, "weight_decay": 1e-2},
+                {"params": self.ti.embedding_weights(ctx), "lr": emb_lr, "weight_decay": 0.0}]
+
+    def prompt(self, ctx, prompt: str) -> str:
+        return self.ti.prompt(ctx, prompt)
+
+    def after_backward(self, ctx) -> None:
+        self.ti.after_backward(ctx)
+
+    def export(self, ctx, result):
+        from loradex.core.adapter import Adapter
+        from loradex.training.loop import pipeline_arch
+
+        cfg = ctx.cfg
+        md = training_metadata(ctx, result, "networks.lora",
+                               {"algo": "lora", "pivotal": True, "targets": list(cfg.targets or UNET_TARGETS)})
+        md["ss_num_vectors_per_token"] = str(cfg.num_vectors)
+        return Adapter(patches=lora_patches(ctx.unet, "unet"), embeddings={cfg.token: self.ti.embedding(ctx)},
+                       metadata=md, arch=pipeline_arch(ctx.pipe), source_format="loradex-train")

@@ -1,0 +1,87 @@
+"""``ti``: textual inversion (Gal et al. 2022). A new token (``--vectors N``: ``tok, tok_1 ...
+tok_{N-1}``, diffusers' multi-vector convention, which its ``load_textual_inversion`` re-creates)
+is added to each tokenizer; its embedding rows start as the mean embedding of ``--init-word``
+(default: the class word) and are the only thing that learns.
+
+Every other row stays bit-identical: the embedding matrix is trained with weight decay 0 and the
+gradient of every other row zeroed before the optimizer step, so AdamW's moments for those rows
+stay exactly zero and their update is ``-lr * 0 / (sqrt(0) + eps) = -0.0`` (``x + -0.0 == x`` for
+every float). SDXL: both encoders (CLIP-L and bigG) get the token; the file holds ``clip_l`` and
+``clip_g`` (written by converters/embeddings.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from loradex.training.methods import Method, cast_frozen, training_metadata
+
+
+class TextualInversion(Method):
+    name = "ti"
+    trains_text = True
+
+    def setup(self, ctx) -> None:
+        from loradex.training.loop import TrainingError
+
+        cfg = ctx.cfg
+        self.tokens = [cfg.token] + [f"{cfg.token}_{i}" for i in range(1, cfg.num_vectors)]
+        init = cfg.init_word or cfg.class_word or "*"
+        self.ids: dict[str, torch.Tensor] = {}
+        self.frozen: dict[str, torch.Tensor] = {}
+        for comp, enc, tok in ctx.encoders():
+            if tok.add_tokens(self.tokens) != len(self.tokens):
+                raise TrainingError(f"token {cfg.token!r} is already in the vocabulary of {comp}: pick a new word")
+            ids = tok.convert_tokens_to_ids(self.tokens)
+            init_ids = tok(init, add_special_tokens=False).input_ids
+            if not init_ids:
+                raise TrainingError(f"--init-word {init!r} has no tokens")
+            enc.resize_token_embeddings(len(tok), mean_resizing=False)
+            w = enc.get_input_embeddings().weight
+            with torch.no_grad():
+                w[ids] = w[init_ids].mean(0, keepdim=True).expand(len(ids), -1)
+            w.requires_grad_(True)
+            self.ids[comp] = torch.tensor(ids, device=w.device)
+            mask = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+            mask[self.ids[comp]] = False
+            self.frozen[comp] = mask
+        cast_frozen(ctx, [e for _, e, _ in ctx.encoders()] + [ctx.unet])
+
+    def embedding_weights(self, ctx) -> list[torch.Tensor]:
+        return [enc.get_input_embeddings().weight for _, enc, _ in ctx.encoders()]
+
+    def modules(self, ctx):
+        return [e for _, e, _ in ctx.encoders()]
+
+    def param_groups(self, ctx) -> list[dict]:
+        cfg = ctx.cfg
+        lr = cfg.text_lr if cfg.text_lr is not None else cfg.learning_rate
+        return [{"params": self.embedding_weights(ctx), "lr": lr, "weight_decay": 0.0}]
+
+    def prompt(self, ctx, prompt: str) -> str:
+        if len(self.tokens) == 1:
+            return prompt
+        return re.sub(rf"(?<![\w]){re.escape(self.tokens[0])}(?![\w])", " ".join(self.tokens), prompt)
+
+    def after_backward(self, ctx) -> None:
+        for (comp, _, _), w in zip(ctx.encoders(), self.embedding_weights(ctx)):
+            if w.grad is not None:
+                w.grad[self.frozen[comp]] = 0
+
+    def embedding(self, ctx):
+        from loradex.core.adapter import Embedding
+
+        vec = {comp: enc.get_input_embeddings().weight[self.ids[comp]].detach().float().cpu().clone()
+               for comp, enc, _ in ctx.encoders()}
+        return Embedding(ctx.cfg.token, vec)
+
+    def export(self, ctx, result):
+        from loradex.core.adapter import Adapter
+        from loradex.training.loop import pipeline_arch
+
+        md = training_metadata(ctx, result)
+        md["ss_num_vectors_per_token"] = str(len(self.tokens))
+        return Adapter(embeddings={ctx.cfg.token: self.embedding(ctx)}, metadata=md, arch=pipeline_arch(ctx.pipe),
+                       source_format="loradex-train")
