@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
-from loradex.cli import convert as _convert  # noqa: E402,F401  (registers commands)
+from loradex.cli import checkpoint as _checkpoint  # noqa: E402,F401  (registers commands)
+from loradex.cli import convert as _convert  # noqa: E402,F401
 from loradex.cli import demo as _demo  # noqa: E402,F401
+from loradex.cli import generate as _generate  # noqa: E402,F401
 from loradex.cli import merge as _merge  # noqa: E402,F401
 from loradex.cli import registry as _registry  # noqa: E402,F401
+from loradex.cli import serve as _serve  # noqa: E402,F401
+from loradex.cli import train as _train  # noqa: E402,F401
