@@ -392,3 +392,23 @@ def test_unchanged_tensors_are_copied_changed_ones_are_not(tmp_path):
     safetensors.torch.save_file({"x": torch.zeros(6), "y": torch.zeros(4)}, str(src))
     sio.save({"x": loaded["x"]}, tmp_path / "out2.safetensors")
     assert torch.equal(safetensors.torch.load_file(str(tmp_path / "out2.safetensors"))["x"], torch.arange(6.0))
+
+
+def test_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700): the renamed output must have the
+    mode a plain open() would give it, or a web server / another user cannot read what we wrote."""
+    import torch
+
+    from loradex.converters import safetensors_io as sio
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "x.safetensors"
+        sio.save({"a": torch.zeros(2)}, out)
+        assert out.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        out2 = tmp_path / "y.safetensors"
+        sio.save({"a": torch.zeros(2)}, out2)
+        assert out2.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

@@ -518,7 +518,7 @@ class CheckpointReader:
         notes: list[str] = []
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
         try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+            os.chmod(tmp, 0o777 & ~sio.umask())  # mkdtemp makes it 0700
             by_path = {f.path.resolve(): f for f in self.files}
             for src in sorted(self.path.rglob("*")):
                 rel = src.relative_to(self.path)
@@ -556,12 +556,6 @@ class CheckpointReader:
         return notes
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def stream_safetensors(
     dst: str | os.PathLike,
     entries: list[tuple[str, str, tuple[int, ...], object]],
@@ -593,7 +587,6 @@ def stream_safetensors(
     raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * ((8 - len(raw) % 8) % 8)
     with sio.atomic_path(dst) as tmp:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it a normal file's mode
         fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o644)
         sources: dict[str, int] = {}
         try:

@@ -189,6 +189,7 @@ class Peft(Converter):
         # can leave a mixed folder behind
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
+            os.chmod(tmp, 0o777 & ~sio.umask())  # mkdtemp makes it 0700: a normal folder's mode
             for comp in comps:
                 folder = tmp if len(comps) == 1 else tmp / comp
                 folder.mkdir(exist_ok=True)

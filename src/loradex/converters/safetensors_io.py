@@ -235,9 +235,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     if not parent.is_dir():
         raise FormatError(f"{parent}: output folder does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=suffix + ".tmp", dir=parent)
-    os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600; outputs get a normal file's mode
+        os.close(fd)
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
@@ -245,6 +246,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter before Python 3.13's
+    os.umask semantics, and the value is needed to give atomically written outputs, made by mkstemp
+    / mkdtemp with modes 0600 / 0700, the mode a plain ``open(path, "w")`` would have)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 _DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
