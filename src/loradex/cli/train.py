@@ -74,7 +74,8 @@ def dataset_check(root, resolution, min_size, blur_threshold, dup_distance, face
 @click.option("--lr", type=float, default=None, help="learning rate [default per method]")
 @click.option("--text-lr", type=float, default=None, help="ti/pivotal: the embedding's learning rate")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--resolution", type=click.IntRange(min=8), default=512, show_default=True)
+@click.option("--resolution", type=click.IntRange(min=8), default=None,
+              help="training resolution [default: 512; 32 for the embedded tiny model]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--targets", default=None, help="comma-separated module names for LoRA [default: to_q,to_k,to_v,to_out.0]")
 @click.option("--text-encoder", is_flag=True, help="lora: also train LoRA on the text encoder(s); dreambooth: fine-tune it")
@@ -112,6 +113,8 @@ def train_cmd(method, base, data, token, class_word, steps, rank, alpha, lr, tex
 
     if not Path(data).is_dir():
         raise click.BadParameter(f"{data}: not a folder", param_hint="--data")
+    if resolution is None:  # the tiny model's VAE halves, so 32 px is a 16x16 latent: seconds on a CPU
+        resolution = 512 if base else 32
     cfg = TrainConfig(
         method=method, token=token, class_word=class_word, steps=steps, lr=lr, text_lr=text_lr,
         batch_size=batch_size, resolution=resolution, seed=seed, rank=rank, alpha=alpha,
