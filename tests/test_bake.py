@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loradex
-from loradex.cli import main
+from cli_util import bad, run
 from loradex.converters.checkpoint import CheckpointReader
 from loradex.core.adapter import Adapter, Embedding
 from loradex.demo import LYCORIS_ALGOS, Reference, lycoris_preset, make_peft_reference, randomize_
@@ -137,18 +137,6 @@ def test_with_embeddings_appends_tokens(bench, base_dir, tmp_path):
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(x) for x in args])
-    out, err = capsys.readouterr()
-    return (info.value.code or 0), out, err
-
-
-def bad(r, needle=""):
-    code, out, err = r
-    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, r
-    assert needle in err, r
 
 
 def test_cli_bake(bench, base_dir, tmp_path, monkeypatch, capsys):

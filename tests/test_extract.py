@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import loradex
-from loradex.cli import main
+from cli_util import bad, run
 from loradex.converters.checkpoint import CheckpointReader
 from loradex.core.linalg import rank_for
 from loradex.tiny import quiet
@@ -246,18 +246,6 @@ def test_sdxl_single_file_openclip_names(tmp_path):
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(x) for x in args])
-    out, err = capsys.readouterr()
-    return (info.value.code or 0), out, err
-
-
-def bad(r, needle=""):
-    code, out, err = r
-    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, r
-    assert needle in err, r
 
 
 def test_cli_extract(models, bench, tmp_path, monkeypatch, capsys):

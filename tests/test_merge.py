@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import loradex
-from loradex.cli import main
+from cli_util import bad, run
 from loradex.core.adapter import Adapter, Embedding
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import rank_for
@@ -186,18 +186,6 @@ def test_merge_partial_modules_embeddings_and_refusals():
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(x) for x in args])
-    out, err = capsys.readouterr()
-    return (info.value.code or 0), out, err
-
-
-def bad(r, needle=""):
-    code, out, err = r
-    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, r
-    assert needle in err, r
 
 
 def test_cli_resize_and_merge(bench, refs, tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import torch
 from peft.utils import merge_utils
 
 import loradex
-from loradex.cli import main
+from cli_util import bad, run
 from loradex.core.adapter import Adapter
 from loradex.core.arch import get_arch
 from loradex.core.kinds.full import FullPatch
@@ -332,18 +332,6 @@ def test_merged_file_with_blocks_loads_in_diffusers_and_lycoris(bench, refs, tmp
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(x) for x in args])
-    out, err = capsys.readouterr()
-    return (info.value.code or 0), out, err
-
-
-def bad(r, needle=""):
-    code, out, err = r
-    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, r
-    assert needle in err, r
 
 
 def test_cli_merge_methods_and_blocks(bench, refs, tmp_path, monkeypatch, capsys):
