@@ -99,8 +99,8 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
                      work_dir=tmp_path / kw.pop("work"), **kw)
 
     full = run(work="a")
-    assert [Path(c).name for c in full.checkpoints] == ["checkpoint-4"]
-    resumed = run(work="b", resume=tmp_path / "a")  # the work dir: its newest checkpoint
+    assert [Path(c).name for c in full.checkpoints] == ["checkpoint-4", "checkpoint-8"]  # the last, to extend
+    resumed = run(work="b", resume=tmp_path / "a" / "checkpoint-4")
     assert resumed.started_step == 4 and resumed.steps_done == 8
     a, b = full.method.state(full.ctx), resumed.method.state(resumed.ctx)
     assert a.keys() == b.keys() and any("magnitude" in k for k in a)
@@ -291,3 +291,31 @@ def test_cli_train_bad_input(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+def test_cli_resume_continues_bit_for_bit(data, tmp_path):
+    """The README's flow: train with --checkpoint-every, stop, run again with --resume WORKDIR: the
+    written file equals the one an uninterrupted CLI run writes, tensor for tensor."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from loradex.cli import cli
+
+    common = ["train", "lora", "--data", str(data), "--resolution", str(RES), "--blur-threshold", "0",
+              "--seed", "3", "--json"]
+    full = tmp_path / "full.safetensors"
+    r = CliRunner().invoke(cli, [*common, "--steps", "6", "-o", str(full)])
+    assert r.exit_code == 0, r.output
+    part = tmp_path / "part.safetensors"
+    # a finished 3-step run, extended to 6 steps from its last checkpoint
+    r = CliRunner().invoke(cli, [*common, "--steps", "3", "--checkpoint-every", "3", "--work-dir", str(tmp_path / "w"),
+                                 "-o", str(part)])
+    assert r.exit_code == 0, r.output
+    resumed = tmp_path / "resumed.safetensors"
+    r = CliRunner().invoke(cli, [*common, "--steps", "6", "--resume", str(tmp_path / "w"), "-o", str(resumed)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["resumed_from"] == 3 and d["steps"] == 6
+    a, b = load_file(full), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], load_file(part)[k]) for k in a)  # the last 3 steps did change it

@@ -511,7 +511,8 @@ def train(data: str | Path, cfg: TrainConfig, base: str | None = None, pipe=None
             samples.append(str(_sample(ctx, method, work, step)))
             for m in trainables:
                 m.train()
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        # the last step too, so that a finished run can be extended (--resume with more --steps)
+        if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             ck = work / f"checkpoint-{step}"
             _save_checkpoint(ck, step, method.state(ctx), optimizer, gen, queue, losses, cfg, scaler)
             checkpoints.append(str(ck))
