@@ -7,6 +7,7 @@ import sys
 import click
 
 from loradex.cli import cli, emit
+from loradex.cli.merge import dynamic_rank_options
 from loradex.cli.registry import input_path, output_path, ref_arch, save_as_option, store_output
 
 ARCH_HELP = "base model architecture (sd1, sd2, sdxl, flux1); read from the model when omitted"
@@ -25,12 +26,7 @@ def _progress(as_json: bool) -> bool:
               help="rank of linear layers (with --fro/--ratio/--cumulative: a cap)")
 @click.option("--conv-rank", type=click.IntRange(min=1), default=None,
               help="rank of 3x3 conv layers (LoCon); without it they are not extracted")
-@click.option("--fro", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="per module, the smallest rank with ||dW_k|| >= F ||dW||")
-@click.option("--ratio", type=click.FloatRange(0, min_open=True), default=None,
-              help="per module, the singular values S_i > S_0 / R")
-@click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="per module, the smallest rank with sum(S[:k]) >= C sum(S)")
+@dynamic_rank_options
 @click.option("--min-diff", type=click.FloatRange(0), default=0.0, show_default=True,
               help="skip a module as identical when ||dW|| <= MIN_DIFF ||W|| (0: only exactly equal ones)")
 @click.option("--to", "to", default="kohya", show_default=True, help="output format (kohya, diffusers, peft, comfy, ...)")

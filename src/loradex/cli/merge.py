@@ -64,17 +64,27 @@ def _tail(d: dict, text: list[str], dst, to, wreport, saved) -> None:
     text += [f"  note: {n}" for n in wreport.notes[:20]]
 
 
+def dynamic_rank_options(f):
+    """``--fro/--ratio/--cumulative``: the per-module rank policies of ``core.linalg.rank_for``
+    (resize, merge and extract take the same three; ``--rank`` is each command's own)."""
+    for opt in reversed((
+        click.option("--fro", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="per module, the smallest rank with ||dW_k|| >= F ||dW||"),
+        click.option("--ratio", type=click.FloatRange(0, min_open=True), default=None,
+                     help="per module, the singular values S_i > S_0 / R"),
+        click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="per module, the smallest rank with sum(S[:k]) >= C sum(S)"),
+    )):
+        f = opt(f)
+    return f
+
+
 @cli.command("resize")
 @click.argument("src", type=click.Path(exists=False), metavar="IN|REF")
 @click.option("-o", "--output", "dst", default=None, type=click.Path(), help="output file; optional with --save-as")
 @click.option("--rank", type=click.IntRange(min=1), default=None,
               help="fixed rank (with --fro/--ratio/--cumulative: a cap)")
-@click.option("--fro", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="keep the smallest rank with ||dW_k|| >= F ||dW|| per module")
-@click.option("--ratio", type=click.FloatRange(0, min_open=True), default=None,
-              help="keep the singular values S_i > S_0 / R per module")
-@click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="keep the smallest rank with sum(S[:k]) >= C sum(S) per module")
+@dynamic_rank_options
 @click.option("--to", "to", default=None, help="output format (default: the input's when it can hold the result, else kohya)")
 @click.option("--arch", default=None, help=ARCH_HELP)
 @save_as_option
@@ -134,12 +144,7 @@ _METHOD_HELP = ("concat: the exact weighted sum (ranks add up; one input: only s
               default="concat", show_default=True, help=_METHOD_HELP)
 @click.option("--rank", type=click.IntRange(min=1), default=None,
               help="svd/ties/dare/magnitude: fixed rank (with --fro/--ratio/--cumulative: a cap)")
-@click.option("--fro", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="keep the smallest rank with ||dW_k|| >= F ||dW|| per module")
-@click.option("--ratio", type=click.FloatRange(0, min_open=True), default=None,
-              help="keep the singular values S_i > S_0 / R per module")
-@click.option("--cumulative", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="keep the smallest rank with sum(S[:k]) >= C sum(S) per module")
+@dynamic_rank_options
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="ties/dare/magnitude: the kept fraction of each input's entries, in (0, 1]")
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the drop masks")
