@@ -59,7 +59,9 @@ def svd(
     each one the energy the top ``rank`` directions capture, ``E = sum S_k^2``, is compared with
     the previous iteration's, and iterating stops once ``E`` grew by at most ``tol`` times the
     residual ``||M||^2 - E`` (``total``: ``||M||_F^2`` when the caller has it), i.e. once the
-    truncation error moves by less than about ``tol / 2`` of itself. Each check is free of extra
+    truncation error moves by less than about ``tol / 2`` of itself, or once the gain still to
+    come, extrapolated from the last gain and the spectral gap (the captured energy converges
+    geometrically, by ``(S_width / S_k)^4`` per iteration), is that small. Each check is free of extra
     products: ``B = Q^T M`` is the transpose of the ``M^T Q`` the next iteration needs anyway.
     Matrices with a spectral gap at ``rank`` (a low-rank fine-tune plus noise) stop after one
     iteration; slowly decaying spectra take more.
@@ -93,10 +95,16 @@ def svd(
             break
         if tol is not None:
             b64 = bt.double()
-            ev = torch.linalg.eigvalsh(b64.T @ b64)  # S^2 of B, ascending: a (width x width) problem
-            now = float(ev[-k:].clamp_min(0).sum()) if k else 0.0
-            if captured is not None and now - captured <= tol * max(total - now, 0.0):
-                break
+            ev = torch.linalg.eigvalsh(b64.T @ b64).clamp_min(0)  # S^2 of B, ascending: width x width
+            now = float(ev[-k:].sum()) if k else 0.0
+            if captured is not None:
+                gain, resid = now - captured, max(total - now, 0.0)
+                # the missing energy shrinks geometrically, by ~(s_width / s_k)^4 per iteration
+                # (the error of q iterations goes as (s_width / s_k)^(4q+2)): what is left to
+                # gain is about gain * f / (1 - f) with f that factor
+                f = (float(ev[0]) / float(ev[-k])) ** 2 if k and float(ev[-k]) > 0 else 1.0
+                if gain <= tol * resid or (f < 1 and gain * f / (1 - f) <= tol * resid):
+                    break
             captured = now
         z, _ = torch.linalg.qr(bt)
         q, _ = torch.linalg.qr(a @ z)
