@@ -72,9 +72,13 @@ class Patch(ABC):
         """Change of the module's bias, or None when the patch leaves the bias alone."""
         return None
 
-    @abstractmethod
+    #: On-disk suffix -> dataclass field, in the order the tensors are listed.
+    SUFFIXES: ClassVar[dict[str, str]] = {}
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The on-disk tensors, keyed by suffix (``lora_up.weight``, ``alpha``, ``hada_w1_a``...)."""
+        """The on-disk tensors, keyed by suffix (``lora_up.weight``, ``alpha``, ``hada_w1_a``...):
+        every field of ``SUFFIXES`` that is set."""
+        return {k: v for k, f in self.SUFFIXES.items() if (v := getattr(self, f)) is not None}
 
     @classmethod
     @abstractmethod

@@ -98,14 +98,6 @@ class BoftPatch(Patch):
             x = x * self.rescale.double().reshape(out, *([1] * len(rest)))
         return fit_to((x - w).float(), base_weight)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"oft_blocks": self.oft_blocks}
-        if self.alpha is not None:
-            out["alpha"] = self.alpha
-        if self.rescale is not None:
-            out["rescale"] = self.rescale
-        return out
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> BoftPatch:
         return cls(**fields_from("boft", tensors, cls.SUFFIXES, ("oft_blocks",)), weight_shape=weight_shape)

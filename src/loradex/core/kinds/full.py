@@ -46,12 +46,6 @@ class FullPatch(Patch):
             return None
         return (self.diff_b.to(compute_dtype(self.diff_b)) * multiplier).float()
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"diff": self.diff}
-        if self.diff_b is not None:
-            out["diff_b"] = self.diff_b
-        return out
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> FullPatch:
         patch = cls(**fields_from("full", tensors, cls.SUFFIXES, ("diff",)))

@@ -164,14 +164,6 @@ class GloraPatch(Patch):
         dt = compute_dtype(self.a1, self.b1, base_weight)
         return fit_to((self._dense(base_weight, dt) * multiplier).float(), base_weight)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"a1.weight": self.a1, "a2.weight": self.a2, "b1.weight": self.b1, "b2.weight": self.b2}
-        if self.bm is not None:
-            out["bm.weight"] = self.bm
-        if self.alpha is not None:
-            out["alpha"] = self.alpha
-        return out
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> GloraPatch:
         vals = fields_from("glora", tensors, cls.SUFFIXES, cls.detect_suffixes)

@@ -89,9 +89,6 @@ class IA3Patch(Patch):
         d = w0.to(dt) * (self.weight.to(dt).reshape(view) * multiplier)
         return fit_to(d.float(), base_weight)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, "on_input": self.on_input}
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> IA3Patch:
         return cls(**fields_from("ia3", tensors, cls.SUFFIXES, ("weight", "on_input")), weight_shape=weight_shape)

@@ -176,22 +176,6 @@ class LohaPatch(AdditivePatch):
         (a1, b1), (a2, b2) = self.halves(dt)
         return ((a1 @ b1) * (a2 @ b2) * self.scale).reshape(self.shape)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {
-            "hada_w1_a": self.hada_w1_a,
-            "hada_w1_b": self.hada_w1_b,
-            "hada_w2_a": self.hada_w2_a,
-            "hada_w2_b": self.hada_w2_b,
-        }
-        if self.tucker:
-            out["hada_t1"] = self.hada_t1
-            out["hada_t2"] = self.hada_t2
-        if self.alpha is not None:
-            out["alpha"] = self.alpha
-        if self.dora_scale is not None:
-            out["dora_scale"] = self.dora_scale
-        return out
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> LohaPatch:
         """``weight_shape`` is needed to get a conv's 4-D shape from flattened factors (without it

@@ -203,9 +203,6 @@ class LokrPatch(AdditivePatch):
     def _dense(self, dt: torch.dtype) -> torch.Tensor:
         return (torch.kron(self.w1(dt), self.w2(dt)) * self.scale).reshape(self.shape)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in self.SUFFIXES if getattr(self, k) is not None}
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> LokrPatch:
         """``weight_shape`` gives a conv with a flattened ``lokr_w2_b`` its 4-D shape (without it the

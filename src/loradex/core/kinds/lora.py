@@ -133,18 +133,6 @@ class LoraPatch(AdditivePatch):
             return None
         return (self.bias.to(compute_dtype(self.bias)) * (self.scale * multiplier)).float()
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"lora_up.weight": self.up, "lora_down.weight": self.down}
-        if self.mid is not None:
-            out["lora_mid.weight"] = self.mid
-        if self.alpha is not None:
-            out["alpha"] = self.alpha
-        if self.bias is not None:
-            out["lora_up.bias"] = self.bias
-        if self.dora_scale is not None:
-            out["dora_scale"] = self.dora_scale
-        return out
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> LoraPatch:
         patch = cls(**fields_from("lora", tensors, cls.SUFFIXES, ("lora_up.weight", "lora_down.weight")))

@@ -45,12 +45,6 @@ class NormPatch(Patch):
             return None
         return (self.b_norm.to(compute_dtype(self.b_norm)) * multiplier).float()
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"w_norm": self.w_norm}
-        if self.b_norm is not None:
-            out["b_norm"] = self.b_norm
-        return out
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> NormPatch:
         patch = cls(**fields_from("norm", tensors, cls.SUFFIXES, ("w_norm",)))

@@ -102,14 +102,6 @@ class OftPatch(Patch):
             rotated = rotated * self.rescale.double().reshape(w.shape[0], *([1] * (w.ndim - 1)))
         return fit_to((rotated - w).float(), base_weight)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"oft_blocks": self.oft_blocks}
-        if self.alpha is not None:
-            out["alpha"] = self.alpha
-        if self.rescale is not None:
-            out["rescale"] = self.rescale
-        return out
-
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> OftPatch:
         return cls(**fields_from("oft", tensors, cls.SUFFIXES, ("oft_blocks",)), weight_shape=weight_shape)
