@@ -37,7 +37,7 @@ CONTENDERS = {
     # cold: a fresh process that loads the table from its disk cache in the timed call (the very
     # first run on a machine builds it instead, from the bundled configs: seconds, once)
     "loradex": (
-        "import loradex; from loradex.core.arch import get_arch; get_arch('sdxl').modules",
+        "import loradex; from loradex.core.archs import get_arch; get_arch('sdxl').modules",
         "loradex.convert(SRC, DST, to='diffusers', arch='sdxl')",
     ),
     "loradex-cold": (
@@ -69,7 +69,7 @@ def make_input(path: str, rank: int) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from loradex.core.arch import get_arch
+    from loradex.core.archs import get_arch
 
     arch = get_arch("sdxl")
     g = torch.Generator().manual_seed(0)

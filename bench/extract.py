@@ -47,7 +47,7 @@ SEED = 0
 
 def select_modules(small: bool) -> list[tuple[str, tuple[int, ...]]]:
     """(canonical name, weight shape) of the benchmarked SD1.5 modules."""
-    from loradex.core.arch import get_arch
+    from loradex.core.archs import get_arch
 
     mods = get_arch("sd1").modules
     out = []
@@ -89,7 +89,7 @@ def _tensors(i: int, shape: tuple[int, ...], rank: int, noise: float, tuned: boo
 def make_models(d: Path, small: bool, rank: int, noise: float) -> tuple[Path, Path, int]:
     """Write base.safetensors and tuned.safetensors (streamed, one tensor at a time)."""
     from loradex.converters.checkpoint import stream_safetensors
-    from loradex.core.arch import get_arch
+    from loradex.core.archs import get_arch
 
     arch = get_arch("sd1")
     mods = select_modules(small)
@@ -106,13 +106,13 @@ def make_models(d: Path, small: bool, rank: int, noise: float) -> tuple[Path, Pa
 # ---- workers (each in its own process) ---------------------------------------------------------------
 def worker_loradex(base: str, tuned: str, rank: int, out: str) -> dict:
     import loradex
-    import loradex.core.arch
+    import loradex.core.archs
 
     t0, c0 = time.perf_counter(), time.process_time()
     adapter, report = loradex.extract(base, tuned, rank=rank, arch="sd1")
     loradex.save(adapter, out, "kohya", arch="sd1")
     sec, cpu = time.perf_counter() - t0, time.process_time() - c0
-    arch = loradex.core.arch.get_arch("sd1")
+    arch = loradex.core.archs.get_arch("sd1")
     mods = {file_key(arch, n)[: -len(".weight")]: {"error": m["error"], "dw2": m["dw2"], "method": m["method"]}
             for n, m in report.modules.items()}
     return {"seconds": sec, "cpu_seconds": cpu, "modules": mods}

@@ -38,7 +38,7 @@ def sd15_pipeline(dtype: torch.dtype, device: str):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loradex.core.arch import _load_config
+    from loradex.core.archs.tables import load_config as _load_config
     from loradex.tiny import quiet, tiny_tokenizer
 
     torch.manual_seed(0)
@@ -63,10 +63,10 @@ def sd15_pipeline(dtype: torch.dtype, device: str):
 def make_files(pipe, out: Path, n: int, rank: int) -> list[str]:
     import loradex
     from loradex.core.adapter import Adapter
-    from loradex.core.arch import arch_from_models
+    from loradex.core.archs import arch_from_models
     from loradex.core.kinds.lora import LoraPatch
 
-    arch = arch_from_models("bench-sd", {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "sd")
+    arch = arch_from_models({"unet": pipe.unet, "text_encoder": pipe.text_encoder})
     mods = {name: info for name, info in arch.modules.items() if name.endswith(TARGETS) and info.type == "linear"}
     g = torch.Generator().manual_seed(0)
     paths = []

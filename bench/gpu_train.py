@@ -30,7 +30,7 @@ def sd15_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loradex.core.arch import _load_config
+    from loradex.core.archs.tables import load_config as _load_config
     from loradex.tiny import quiet, tiny_tokenizer
 
     torch.manual_seed(seed)

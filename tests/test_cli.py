@@ -26,7 +26,7 @@ import loradex
 import loradex.cli
 from loradex.cli import main
 from loradex.converters import safetensors_io as sio
-from loradex.core.arch import get_arch
+from loradex.core.archs import get_arch
 from loradex.demo import make_lycoris_reference
 
 ARCH = "tiny-sd1"  # registered by the ``bench`` fixture (loradex.tiny.tiny_arch("sd1"))

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import loradex
+from ckpt_util import flux_bfl_state_dict, sd1_single_file, sdxl_single_file
 from cli_util import bad, run
 from loradex.converters.checkpoint import CheckpointReader
 from loradex.core.linalg import rank_for
@@ -43,57 +44,6 @@ def module_of(pipe, canonical: str) -> torch.nn.Module:
     if comp.startswith("text_encoder") and not hasattr(model, "text_model"):
         path = path.removeprefix("text_model.")  # transformers 5's CLIPTextModel
     return model.get_submodule(path)
-
-
-def sd1_single_file(pipe, arch, path) -> None:
-    """An LDM single file of a tiny SD1 pipeline: UNet under ``model.diffusion_model.`` + its SGM
-    name (the arch's map), CLIP under ``cond_stage_model.transformer.text_model.``, VAE under
-    ``first_stage_model.`` (carried through untouched)."""
-    sd = {}
-    for k, v in pipe.unet.state_dict().items():
-        mod, _, param = k.rpartition(".")
-        sd[f"model.diffusion_model.{arch.sgm_name('unet.' + mod)}.{param}"] = v.contiguous()
-    for k, v in pipe.text_encoder.state_dict().items():
-        sd["cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k] = v
-    for k, v in pipe.vae.state_dict().items():
-        sd["first_stage_model." + k] = v
-    save_file(sd, str(path))
-
-
-def openclip_state_dict(te) -> dict[str, torch.Tensor]:
-    """A transformers CLIPTextModelWithProjection in OpenCLIP's names (SGM ``conditioner.embedders.1.model``),
-    written out by hand from the published layout: fused in_proj [q|k|v], ln_1/ln_2, c_fc/c_proj,
-    text_projection transposed."""
-    sd = te.state_dict()
-    out = {"token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
-           "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
-           "ln_final.weight": sd["text_model.final_layer_norm.weight"],
-           "ln_final.bias": sd["text_model.final_layer_norm.bias"],
-           "text_projection": sd["text_projection.weight"].T.contiguous()}
-    i = 0
-    while f"text_model.encoder.layers.{i}.self_attn.q_proj.weight" in sd:
-        src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
-        for p in ("weight", "bias"):
-            out[dst + f"attn.in_proj_{p}"] = torch.cat([sd[src + f"self_attn.{x}_proj.{p}"] for x in "qkv"])
-            out[dst + f"attn.out_proj.{p}"] = sd[src + f"self_attn.out_proj.{p}"]
-            out[dst + f"ln_1.{p}"] = sd[src + f"layer_norm1.{p}"]
-            out[dst + f"ln_2.{p}"] = sd[src + f"layer_norm2.{p}"]
-            out[dst + f"mlp.c_fc.{p}"] = sd[src + f"mlp.fc1.{p}"]
-            out[dst + f"mlp.c_proj.{p}"] = sd[src + f"mlp.fc2.{p}"]
-        i += 1
-    return out
-
-
-def sdxl_single_file(pipe, arch, path) -> None:
-    sd = {}
-    for k, v in pipe.unet.state_dict().items():
-        mod, _, param = k.rpartition(".")
-        sd[f"model.diffusion_model.{arch.sgm_name('unet.' + mod)}.{param}"] = v.contiguous()
-    for k, v in pipe.text_encoder.state_dict().items():
-        sd["conditioner.embedders.0.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k] = v
-    for k, v in openclip_state_dict(pipe.text_encoder_2).items():
-        sd["conditioner.embedders.1.model." + k] = v
-    save_file(sd, str(path))
 
 
 def add_deltas(pipe, seed: int, noise: float = 0.0) -> dict[str, torch.Tensor]:
@@ -284,26 +234,12 @@ def test_cli_extract(models, bench, tmp_path, monkeypatch, capsys):
 def test_flux_bfl_single_file(tmp_path):
     """FLUX BFL names: fused qkv / linear1 rows, RMSNorm ``scale``, the adaLN [shift | scale] swap;
     the file is written here from the tiny FluxTransformer2DModel with the arch's BFL parts."""
-    from loradex.core.arch import Arch
     from loradex.tiny import tiny_arch, tiny_flux_transformer
 
     arch = tiny_arch("flux1")
     model = tiny_flux_transformer()
     sd = {f"transformer.{k}": v for k, v in model.state_dict().items()}
-    groups: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for key, v in sd.items():
-        mod, _, param = key.rpartition(".")
-        try:
-            bfl = arch.sgm_name(mod)
-        except loradex.ArchError:
-            continue
-        groups.setdefault(bfl, {}).setdefault(param, {})[mod] = v
-    out = {}
-    for bfl, params in groups.items():
-        parts = arch.from_sgm(bfl)
-        for param, tensors in params.items():
-            name = "scale" if bfl.endswith(("query_norm", "key_norm")) else param
-            out[f"{bfl}.{name}"] = Arch.fuse_rows(parts, tensors).contiguous()
+    out = flux_bfl_state_dict(model, arch)
     assert "double_blocks.0.img_attn.qkv.weight" in out and "single_blocks.1.linear1.bias" in out
     save_file(out, str(tmp_path / "flux.safetensors"))
     r = CheckpointReader(tmp_path / "flux.safetensors", arch=arch)

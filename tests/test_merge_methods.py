@@ -14,12 +14,14 @@ from peft.utils import merge_utils
 import loradex
 from cli_util import bad, run
 from loradex.core.adapter import Adapter
-from loradex.core.arch import get_arch
+from loradex.core.archs import get_arch
+from loradex.core.archs.sd1 import SD17, SD26
+from loradex.core.archs.sdxl import SDXL12, SDXL20
 from loradex.core.kinds.full import FullPatch
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import rank_for
 from loradex.demo import consume_diffusers, consume_lycoris_kohya, make_lycoris_reference
-from loradex.merge.blocks import SD17, SD26, SDXL12, SDXL20, apply_block_weights, block_of
+from loradex.merge.blocks import apply_block_weights, block_of
 from loradex.merge.ties import combine, module_seed
 from loradex.tiny import tiny_arch
 
@@ -293,7 +295,7 @@ def test_block_weights_sdxl_and_flux():
     out, rep = apply_block_weights(src, vec12)
     _check_weighted(src, out, dict(zip(SDXL12, vec12)), TINY_SDXL_BLOCKS)
     assert {rep.blocks[n] for n in rep.unlisted} == {"IN00", "IN01", "IN02", "IN03"}
-    with pytest.raises(loradex.LoradexError, match="SD1"):
+    with pytest.raises(loradex.LoradexError, match="Stable Diffusion 1.x vector"):
         apply_block_weights(src, "INALL")  # a 17-entry SD1 preset
     with pytest.raises(loradex.LoradexError, match="12 or 20"):
         apply_block_weights(src, ",".join(["1"] * 17))

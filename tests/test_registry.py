@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save, save_file
 
 import loradex
+from ckpt_util import sd1_single_file
 from loradex import Registry, RegistryError
 from loradex.cli import main
 from loradex.core.adapter import Adapter, Embedding
@@ -262,7 +263,7 @@ def test_search_by_words_arch_kind_and_base(reg, refs, tmp_path, monkeypatch):
     assert names(reg.search("sks")) == ["portrait-face"]
     assert names(reg.search("", kind="loha")) == ["portrait-face"]
     assert names(reg.search("", kind="embedding")) == ["cat-token"]
-    assert names(reg.search("", arch="tiny-sd1")) == ["anime-style", "portrait-face"]
+    assert names(reg.search("", arch="tiny-sd1")) == ["anime-style", "cat-token", "portrait-face"]
     assert names(reg.search("", arch="sdxl")) == []
     assert names(reg.search("", base="stable-diffusion-v1-5")) == ["portrait-face"]
     assert names(reg.search("style", kind="lora")) == ["anime-style"]
@@ -381,13 +382,11 @@ def test_folder_import_reports_skips_and_duplicates(reg, refs, tmp_path, capsys)
 
 def test_checkpoints_single_file_and_diffusers_folder(reg, bench, tmp_path):
     # a single-file checkpoint (LDM names), and the tiny pipeline saved by diffusers itself
-    g = torch.Generator().manual_seed(0)
     ck = tmp_path / "dreambooth.safetensors"
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.randn(32, 4, 3, 3, generator=g),
-               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.randn(32, generator=g),
-               "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3, generator=g)}, ck)
+    sd1_single_file(bench.pipe, bench.arch, ck)
     v = reg.add(ck, "db-single")
-    assert (v.artifact, v.format, v.arch, v.layout) == ("checkpoint", "checkpoint", "sd1", "file")
+    # the arch is derived from the file's own shapes: the embedded tiny SD1 model
+    assert (v.artifact, v.format, v.arch, v.layout) == ("checkpoint", "checkpoint", "tiny-sd1", "file")
     pipe_dir = tmp_path / "pipe"
     bench.pipe.save_pretrained(pipe_dir)
     pv = reg.add(pipe_dir, "db-pipe", tags=["prod"])

@@ -187,7 +187,7 @@ def test_lora_sdxl_kohya_file_reproduces_the_trained_unet(tmp_path):
     kw = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 32, generator=g),
                                 "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}}
     with torch.no_grad():
-        y_trained = res.ctx.unet(x, torch.tensor([500]), h, **kw).sample
+        y_trained = res.ctx.denoiser(x, torch.tensor([500]), h, **kw).sample
         y_consumer = consumer.unet(x, torch.tensor([500]), h, **kw).sample
         y_base = tiny_sdxl_pipeline().unet(x, torch.tensor([500]), h, **kw).sample
     change = (y_trained - y_base).norm()

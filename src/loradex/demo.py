@@ -73,7 +73,7 @@ class TinyBench:
         from loradex.tiny import tiny_arch, tiny_sd_pipeline
 
         self.pipe = tiny_sd_pipeline(seed)
-        self.arch = tiny_arch("sd1")
+        self.arch = tiny_arch()
         g = torch.Generator().manual_seed(1)
         self.latents = torch.randn(2, 4, 8, 8, generator=g)
         self.t = torch.tensor([10, 500])

@@ -21,7 +21,7 @@ TINY_VOCAB_EXTRA = ("<|startoftext|>", "<|endoftext|>")
 
 def quiet():
     """Silence the config warnings diffusers/transformers/peft/lycoris print for toy-sized models."""
-    from loradex.core.arch import _quiet
+    from loradex.core.archs.tables import quiet as _quiet
 
     return _quiet(("peft", "lycoris", "LyCORIS"))
 
@@ -55,22 +55,23 @@ def tiny_tokenizer():
     return tok
 
 
+def _config(filename: str, **overrides) -> dict:
+    """A bundled tiny config (``core/configs``) as constructor arguments, with ``overrides``."""
+    from loradex.core.archs.tables import load_config
+
+    cfg = {k: v for k, v in load_config(filename).items() if not k.startswith("_") and k != "architectures"}
+    cfg.update(overrides)
+    return cfg
+
+
 def tiny_clip_config(hidden: int = TINY_TE_DIM, layers: int = 2, projection: bool = False):
+    """The tiny CLIP text config (``core/configs/tiny_clip_text*.json``), ``hidden`` wide."""
     from transformers import CLIPTextConfig
 
-    n = len(_vocab())
-    return CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_attention_heads=4,
-        num_hidden_layers=layers,
-        vocab_size=n,
-        max_position_embeddings=77,
-        projection_dim=hidden,
-        bos_token_id=n - 2,
-        eos_token_id=n - 1,
-        pad_token_id=n - 1,
-    )
+    over = {"num_hidden_layers": layers}
+    if hidden != TINY_TE_DIM:
+        over.update(hidden_size=hidden, intermediate_size=hidden * 2, projection_dim=hidden)
+    return CLIPTextConfig(**_config("tiny_clip_text_proj.json" if projection else "tiny_clip_text.json", **over))
 
 
 def tiny_text_encoder(seed: int = 0, hidden: int = TINY_TE_DIM, projection: bool = False):
@@ -83,60 +84,95 @@ def tiny_text_encoder(seed: int = 0, hidden: int = TINY_TE_DIM, projection: bool
 
 
 def tiny_unet(seed: int = 0, cross_attention_dim: int = TINY_TE_DIM, **overrides):
+    """The tiny SD1-style UNet (``core/configs/tiny_sd1_unet.json``): block_out_channels (32, 64),
+    one CrossAttn level, cross-attention 32, 8 norm groups; ``overrides`` change any argument."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    cfg = dict(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        norm_num_groups=8,
-        attention_head_dim=8,
-    )
-    cfg.update(overrides)
     with quiet():
-        return UNet2DConditionModel(**cfg).eval()
+        return UNet2DConditionModel(**_config("tiny_sd1_unet.json", cross_attention_dim=cross_attention_dim,
+                                              **overrides)).eval()
 
 
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, **overrides):
+    """The tiny AutoencoderKL (widths 32, 64; 4 latent channels); ``overrides`` change any argument
+    (flow-matching pipelines read a ``shift_factor``)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
+    cfg = dict(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    cfg.update(overrides)
     with quiet():
-        return AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-        ).eval()
+        return AutoencoderKL(**cfg).eval()
+
+
+def tiny_model(cfg: dict, seed: int = 0):
+    """A model from a bundled config (diffusers ``_class_name`` / transformers ``architectures``),
+    randomly initialised after ``torch.manual_seed(seed)``, in eval mode."""
+    import diffusers
+    import transformers
+
+    from loradex.core.archs.tables import class_name
+
+    kw = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "architectures"}
+    torch.manual_seed(seed)
+    with quiet():
+        if cfg.get("_class_name"):
+            return getattr(diffusers, class_name(cfg))(**kw).eval()
+        cls = getattr(transformers, class_name(cfg))
+        return cls(cls.config_class(**kw)).eval()
+
+
+def tiny_pipeline(name: str = "tiny-sd1", seed: int = 0):
+    """A complete pipeline of an embedded tiny arch (``tiny-sd1``, ``tiny-sdxl``, ``tiny-flux1``,
+    ``tiny-sd3``) with random weights, on the CPU: the family's text-to-image pipeline class, its
+    components from the bundled configs (the i-th text encoder seeded ``seed + i``), a tiny
+    tokenizer per text encoder (the byte-level CLIP one also serves T5), the tiny VAE and the
+    family's tiny scheduler (``Family.tiny_pipeline``)."""
+    import inspect
+
+    import diffusers
+
+    from loradex.core.archs import get_arch
+
+    arch = get_arch(name)
+    fam = arch.family
+    if arch.configs is None or not fam.pipelines:
+        from loradex.errors import ArchError
+
+        raise ArchError(f"{name}: no tiny pipeline for {fam.label}")
+    vae_overrides, (sched, sched_cfg) = fam.tiny_pipeline
+    parts: dict = {}
+    for i, comp in enumerate(arch.text_encoders):
+        parts[comp] = tiny_model(arch.configs[comp], seed + i)
+        parts[comp.replace("text_encoder", "tokenizer")] = tiny_tokenizer()
+    parts[arch.denoiser] = tiny_model(arch.configs[arch.denoiser], seed)
+    parts["vae"] = tiny_vae(seed, **vae_overrides)
+    parts["scheduler"] = getattr(diffusers, sched)(**sched_cfg)
+    cls = getattr(diffusers, fam.pipelines[0])
+    for pname, prm in inspect.signature(cls.__init__).parameters.items():
+        if pname == "requires_safety_checker":
+            parts[pname] = False
+        elif pname not in parts and pname != "self" and prm.default is inspect.Parameter.empty:
+            parts[pname] = None  # safety checker, feature extractor...
+    with quiet():
+        pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def tiny_sd_pipeline(seed: int = 0):
     """A complete StableDiffusionPipeline (SD1-style) with random weights, on the CPU."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    with quiet():
-        pipe = StableDiffusionPipeline(
-            vae=tiny_vae(seed),
-            text_encoder=tiny_text_encoder(seed),
-            tokenizer=tiny_tokenizer(),
-            unet=tiny_unet(seed),
-            scheduler=DDIMScheduler(num_train_timesteps=1000),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_pipeline("tiny-sd1", seed)
 
 
 # ---- SDXL- and FLUX-shaped tiny models (same classes and layout as the real ones, toy widths) ----
@@ -145,7 +181,8 @@ TINY_SDXL_TIME_EMBED = 8  # addition_time_embed_dim; SDXL's text_time embedding 
 
 
 def tiny_sdxl_unet(seed: int = 0, **overrides):
-    """An SDXL-structured UNet2DConditionModel in miniature (about 0.5 M parameters).
+    """An SDXL-structured UNet2DConditionModel in miniature (``core/configs/tiny_sdxl_unet.json``,
+    about 0.5 M parameters).
 
     Like SDXL: ``addition_embed_type="text_time"`` (pooled text of text_encoder_2 + 6 time ids),
     linear proj_in/proj_out, a first level without attention, more transformer blocks deeper down
@@ -154,20 +191,11 @@ def tiny_sdxl_unet(seed: int = 0, **overrides):
     cross_attention_dim 64 = 32 + 32 (the hidden states of both tiny text encoders, concatenated).
     Widths (16, 32) differ per level so a wrong block index shows up as a wrong shape.
     """
-    cfg = dict(
-        block_out_channels=(16, 32),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TINY_SDXL_TIME_EMBED,
-        projection_class_embeddings_input_dim=TINY_TE_DIM + 6 * TINY_SDXL_TIME_EMBED,
-    )
-    cfg.update(overrides)
-    return tiny_unet(seed, cross_attention_dim=2 * TINY_TE_DIM, **cfg)
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with quiet():
+        return UNet2DConditionModel(**_config("tiny_sdxl_unet.json", **overrides)).eval()
 
 
 def tiny_sdxl_text_encoders(seed: int = 0):
@@ -176,7 +204,8 @@ def tiny_sdxl_text_encoders(seed: int = 0):
 
 
 def tiny_flux_transformer(seed: int = 0, **overrides):
-    """A FluxTransformer2DModel in miniature: 2 double + 2 single blocks, 4 heads of 8 (width 32).
+    """A FluxTransformer2DModel in miniature (``core/configs/tiny_flux_transformer.json``): 2 double
+    + 2 single blocks, 4 heads of 8 (width 32).
 
     in_channels 16 = a 4-channel latent packed 2x2 (as FLUX packs its 16-channel latent to 64);
     joint_attention_dim 32 = the tiny T5 width, pooled_projection_dim 32 = the tiny CLIP width;
@@ -185,99 +214,37 @@ def tiny_flux_transformer(seed: int = 0, **overrides):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(seed)
-    cfg = dict(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=TINY_TE_DIM,
-        pooled_projection_dim=TINY_TE_DIM,
-        guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4),
-    )
-    cfg.update(overrides)
     with quiet():
-        return FluxTransformer2DModel(**cfg).eval()
+        return FluxTransformer2DModel(**_config("tiny_flux_transformer.json", **overrides)).eval()
 
 
 def tiny_t5(seed: int = 0, d_model: int = TINY_TE_DIM):
-    """A T5EncoderModel in miniature (T5 v1.1 layout: gated-gelu FF, no biases, relative attention).
-
-    Its vocabulary is the size of the tiny CLIP vocabulary, so the tiny tokenizer's ids fit.
-    """
+    """A T5EncoderModel in miniature (``core/configs/tiny_t5_encoder.json``; T5 v1.1 layout:
+    gated-gelu FF, no biases, relative attention). Its vocabulary is the size of the tiny CLIP
+    vocabulary, so the tiny tokenizer's ids fit."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    n = len(_vocab())
-    cfg = T5Config(
-        vocab_size=n,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=d_model * 2,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        pad_token_id=n - 1,
-        eos_token_id=n - 1,
-        decoder_start_token_id=0,
-        tie_word_embeddings=False,
-    )
+    over = {} if d_model == TINY_TE_DIM else {"d_model": d_model, "d_ff": 2 * d_model}
     with quiet():
-        return T5EncoderModel(cfg).eval()
+        return T5EncoderModel(T5Config(**_config("tiny_t5_encoder.json", **over))).eval()
 
 
-_TINY_ARCH_KINDS = ("sd1", "sdxl", "flux1")
-
-
-@lru_cache(maxsize=8)
 def tiny_arch(kind: str = "sd1"):
-    """Build and register the custom arch of the tiny models (``tiny-sd1``, ``tiny-sdxl``, ``tiny-flux1``).
+    """The arch of an embedded tiny model (``tiny-sd1``, ``tiny-sdxl``, ``tiny-flux1``...): built
+    from the same bundled configs as the models, named like its family's (SD1: diffusers paths;
+    SDXL: SGM paths + te1/te2; FLUX: BFL names + te1/te3), so converters are tested on it exactly
+    as on the real models."""
+    from loradex.core.archs import get_arch
 
-    Each uses the kohya naming of its big brother (diffusers paths / SGM paths + te1,te2 / BFL names
-    + te1,te3), so converters can be tested on it exactly as on the real models.
-    """
-    from loradex.core.arch import arch_from_models, register_arch
-
-    if kind == "sd1":
-        models, style = {"unet": tiny_unet(), "text_encoder": tiny_text_encoder()}, "sd"
-    elif kind == "sdxl":
-        te1, te2 = tiny_sdxl_text_encoders()
-        models, style = {"unet": tiny_sdxl_unet(), "text_encoder": te1, "text_encoder_2": te2}, "sdxl"
-    elif kind == "flux1":
-        models = {
-            "transformer": tiny_flux_transformer(),
-            "text_encoder": tiny_text_encoder(),
-            "text_encoder_2": tiny_t5(),
-        }
-        style = "flux"
-    else:
-        from loradex.errors import ArchError
-
-        raise ArchError(f"unknown tiny arch kind {kind!r} (expected one of {', '.join(_TINY_ARCH_KINDS)})")
-    arch = arch_from_models(f"tiny-{kind}", models, style)
-    register_arch(arch)
-    return arch
+    return get_arch(f"tiny-{kind}")
 
 
 def tiny_sdxl_pipeline(seed: int = 0):
     """A complete StableDiffusionXLPipeline from the tiny SDXL parts (two tokenizers, two encoders)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    return tiny_pipeline("tiny-sdxl", seed)
 
-    te1, te2 = tiny_sdxl_text_encoders(seed)
-    with quiet():
-        pipe = StableDiffusionXLPipeline(
-            vae=tiny_vae(seed),
-            text_encoder=te1,
-            text_encoder_2=te2,
-            tokenizer=tiny_tokenizer(),
-            tokenizer_2=tiny_tokenizer(),
-            unet=tiny_sdxl_unet(seed),
-            scheduler=EulerDiscreteScheduler(num_train_timesteps=1000),
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A complete FluxPipeline from the tiny FLUX parts (CLIP + T5, flow-matching scheduler)."""
+    return tiny_pipeline("tiny-flux1", seed)

@@ -142,10 +142,8 @@ def train_cmd(method, base, data, token, class_word, steps, rank, alpha, lr, tex
                   "dataset_sha256": result.dataset.fingerprint() if result.dataset is not None else None}
         saved = None
         if save_as:
-            from loradex.training.loop import pipeline_arch
-
             parents = [base] if base and Path(base).exists() else []
-            arch = pipeline_arch(result.ctx.pipe)
+            arch = result.ctx.arch.name
             saved = _registry().add(Path(written["paths"][0]), save_as, parents=parents, operation="train",
                                     params=params, arch=arch, trigger_words=[token],
                                     source=base or "loradex tiny model (embedded)")

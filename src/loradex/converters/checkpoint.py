@@ -41,7 +41,6 @@ files copied, only changed component files rewritten) and renamed into place.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -51,46 +50,115 @@ from pathlib import Path
 import torch
 
 from loradex.converters import safetensors_io as sio
-from loradex.core.arch import Part
+from loradex.core.archs import Part
 from loradex.errors import ArchError, FormatError
 
-_PIPELINE_ARCH = {
-    "StableDiffusionPipeline": "sd1",  # SD2 uses the same class: told apart by its text encoder below
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "FluxPipeline": "flux1",
-}
+#: diffusers pipeline folders: the components whose weights adapters patch
+COMPONENT_DIRS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _ADAPTER_SUFFIXES = (".alpha", ".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".hada_w1_a",
                      ".hada_w1_b", ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a", ".oft_blocks", ".diff", ".diff_b",
                      ".on_input", ".w_norm")
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 #: below this a pickle is an embedding or an adapter, not a full model
 MIN_CKPT_BYTES = 50 * 1024 * 1024
+#: the VAE's single-file prefixes (not patched by adapters; copied through)
+_VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 
-def _arch_from_keys(keys: list[str], metadata: dict[str, str]) -> str | None:
-    spec = metadata.get("modelspec.architecture", "")
-    for prefix, arch in (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
-                         ("stable-diffusion-v1", "sd1"), ("flux-1", "flux1")):
-        if spec.startswith(prefix):
-            return arch
-    text = " ".join(keys[:50000])
-    if "conditioner.embedders.1" in text:
-        return "sdxl"
-    if "cond_stage_model.model." in text:
-        return "sd2"
-    if "cond_stage_model.transformer." in text or "model.diffusion_model." in text:
-        return "sd1"
-    if "double_blocks." in text:
-        return "flux1"
-    return None
+def _checkpoint_prefixes() -> tuple[str, ...]:
+    """Every non-empty single-file prefix a family's component uses, and the VAE's."""
+    from loradex.core.archs import families
+
+    out = set(_VAE_PREFIXES)
+    for fam in families().values():
+        out.update(fam.checkpoint_hints)
+        for spec in fam.components:
+            out.update(p for p, _ in spec.checkpoint if p)
+    return tuple(sorted(out))
 
 
-def describe_checkpoint(path: str | Path) -> dict | None:
+def folder_configs(p: Path) -> tuple[str | None, dict[str, dict]]:
+    """A diffusers folder's pipeline class and component configs (``<component>/config.json`` of
+    every component its ``model_index.json`` lists with a class)."""
+    info = sio.read_json(p / "model_index.json")
+    configs: dict[str, dict] = {}
+    for comp in COMPONENT_DIRS:
+        entry = info.get(comp)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]) or not (p / comp / "config.json").is_file():
+            continue
+        cfg = sio.read_json(p / comp / "config.json")
+        if not isinstance(cfg, dict):
+            raise FormatError(f"{p / comp / 'config.json'}: not a JSON object")
+        if not cfg.get("_class_name") and not cfg.get("architectures"):
+            cfg = {**cfg, ("_class_name" if entry[0] == "diffusers" else "architectures"):
+                   entry[1] if entry[0] == "diffusers" else [entry[1]]}
+        configs[comp] = cfg
+    cls = info.get("_class_name")
+    return (str(cls) if cls else None), configs
+
+
+def _with_defaults(family, configs: dict[str, dict]) -> dict[str, dict]:
+    """Components a single file does not hold (FLUX/SD3 files without text encoders) get the
+    family's published ones, so adapters on them still resolve."""
+    from loradex.core.archs.tables import load_config
+
+    if not family.builtins:
+        return configs
+    files = next(iter(family.builtins.values()))
+    out = {c: load_config(files[c]) for c in family.component_names if c not in configs and c in files}
+    out.update(configs)
+    return out
+
+
+def single_file_arch(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]):
+    """The arch of a single-file checkpoint from its header: the family its metadata or keys name
+    (every family's key hints, or the one whose layout explains the file best), and component
+    configs rebuilt from the shapes (custom widths and depths included)."""
+    from loradex.core.archs import arch_from_configs, families
+    from loradex.errors import LoradexError
+
+    fams = list(families().values())
+    named = [f for f in fams if f.matches_metadata(metadata)]
+    hinted = [f for f in fams if any(k.startswith(f.checkpoint_hints) for k in shapes)] if not named else []
+    best = None
+    for fam in named or hinted or fams:
+        try:
+            configs = fam.infer_configs(shapes)
+        except LoradexError:
+            continue
+        score = fam.pipeline_score(None, configs) if fam.denoiser in configs else 0
+        if score > 0 and (best is None or score > best[0]):
+            best = (score, fam, configs)
+    if best is None:
+        raise ArchError("cannot tell which model family this checkpoint is (no layout loradex knows fits it)")
+    return arch_from_configs(best[1], _with_defaults(best[1], best[2]))
+
+
+def model_arch(path: str | Path):
+    """The arch of a full model — a diffusers folder (its configs) or a single-file checkpoint (its
+    header) — derived from its own configs and sizes: a built-in name when its modules are a
+    published size's, else a derived arch (``<family>-<hash>``) that works for any width and depth."""
+    from loradex.core.archs import arch_from_configs, select_family
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise FormatError(f"{p}: not a diffusers pipeline folder (no model_index.json)")
+        pipeline, configs = folder_configs(p)
+        return arch_from_configs(select_family(configs, pipeline), configs)
+    h = sio.read_header(p)
+    return single_file_arch(h.shapes(), dict(h.metadata))
+
+
+def describe_checkpoint(path: str | Path, derive: bool = True) -> dict | None:
     """``{"format", "arch", "metadata", "layout"}`` when ``path`` is a full model, else None.
 
     ``layout`` is ``"file"`` or ``"folder"``; ``format`` is ``checkpoint`` (single-file
-    safetensors), ``ckpt`` (a pickle, never opened) or ``diffusers-pipeline``."""
+    safetensors), ``ckpt`` (a pickle, never opened) or ``diffusers-pipeline``; ``arch`` is the
+    arch derived from the model's configs or header (None when no family fits; ``arch_error``
+    then says why; not derived when ``derive`` is false)."""
+    from loradex.errors import LoradexError
+
     p = Path(path)
     if p.is_dir():
         index = p / "model_index.json"
@@ -101,16 +169,13 @@ def describe_checkpoint(path: str | Path) -> dict | None:
         except FormatError:
             return None
         cls = str(info.get("_class_name", ""))
-        arch = _PIPELINE_ARCH.get(cls)
-        if arch == "sd1" and (p / "text_encoder" / "config.json").is_file():
-            try:
-                te = sio.read_json(p / "text_encoder" / "config.json")
-                if te.get("hidden_size") == 1024:
-                    arch = "sd2"
-            except FormatError:
-                pass
         meta = {"diffusers.pipeline": cls, "diffusers.version": str(info.get("_diffusers_version", ""))}
-        return {"format": "diffusers-pipeline", "arch": arch, "metadata": meta, "layout": "folder"}
+        out = {"format": "diffusers-pipeline", "arch": None, "metadata": meta, "layout": "folder"}
+        try:
+            out["arch"] = model_arch(p).name if derive else None
+        except LoradexError as e:
+            out["arch_error"] = str(e)
+        return out
     if not p.is_file():
         return None
     if sio.looks_like_pickle(p):
@@ -124,35 +189,23 @@ def describe_checkpoint(path: str | Path) -> dict | None:
     keys = list(h.tensors)
     if not keys or any(k.endswith(_ADAPTER_SUFFIXES) for k in keys):
         return None
-    ldm = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
-    if any(k.startswith(ldm) for k in keys) or any(k.startswith("double_blocks.") for k in keys):
-        return {"format": "checkpoint", "arch": _arch_from_keys(keys, h.metadata), "metadata": dict(h.metadata),
-                "layout": "file"}
-    return None
+    if not any(k.startswith(_checkpoint_prefixes()) for k in keys):
+        return None
+    out = {"format": "checkpoint", "arch": None, "metadata": dict(h.metadata), "layout": "file"}
+    try:
+        out["arch"] = single_file_arch(h.shapes(), dict(h.metadata)).name if derive else None
+    except LoradexError as e:
+        out["arch_error"] = str(e)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # lazy reading
 # ----------------------------------------------------------------------------------------------
 
-#: diffusers pipeline folders: the components whose weights adapters patch
-COMPONENT_DIRS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 #: weight file names diffusers / transformers write (no variants such as ``.fp16``)
 _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 _PICKLE_NAMES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
-#: single-file prefixes of the CLIP text encoders stored with transformers names
-_CLIP_PREFIXES = {"cond_stage_model.transformer.": "text_encoder", "conditioner.embedders.0.transformer.": "text_encoder"}
-#: single-file prefixes of OpenCLIP text encoders
-_OPENCLIP_PREFIXES = {"cond_stage_model.model.": "text_encoder", "conditioner.embedders.1.model.": "text_encoder_2"}
-_OPENCLIP_LAYER = re.compile(r"^transformer\.resblocks\.(\d+)\.(.+)$")
-_OPENCLIP_SUB = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-                 "attn.out_proj": "self_attn.out_proj"}
-_OPENCLIP_TOP = {"token_embedding.weight": ("text_model.embeddings.token_embedding", "weight"),
-                 "positional_embedding": ("text_model.embeddings.position_embedding", "weight"),
-                 "ln_final.weight": ("text_model.final_layer_norm", "weight"),
-                 "ln_final.bias": ("text_model.final_layer_norm", "bias"),
-                 "text_projection": ("text_projection", "weight")}
-
 @dataclass
 class Stored:
     """One tensor as stored: its file and key, and the canonical module parameters it holds.
@@ -197,7 +250,7 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike, arch=None) -> None:
         self.path = Path(path)
-        info = describe_checkpoint(self.path)
+        info = describe_checkpoint(self.path, derive=arch is None)
         if info is None:
             if not self.path.exists():
                 raise FormatError(f"{self.path}: no such file or folder")
@@ -211,7 +264,8 @@ class CheckpointReader:
 
         name = arch if arch is not None else info["arch"]
         if name is None:
-            raise ArchError(f"{self.path}: cannot tell which base model this is; pass --arch (sd1, sd2, sdxl, flux1)")
+            why = info.get("arch_error") or "no model family loradex knows fits it"
+            raise ArchError(f"{self.path}: cannot tell which base model this is ({why}); pass --arch")
         self.arch = resolve_arch(name, {}, required=True, path=self.path)
         self.files: list[_File] = []
         self.stored: list[Stored] = []
@@ -326,54 +380,43 @@ class CheckpointReader:
             raise FormatError(f"{self.path}: a diffusers folder without unet/transformer/text_encoder weights")
 
     def _open_file(self) -> None:
+        """Map a single file's keys through the family's layout: each component's prefixes
+        (longest first, so a denoiser stored without a prefix, as BFL FLUX files are, comes last),
+        native names through ``Arch.from_sgm``, CLIP/T5 by transformers names, OpenCLIP by its own."""
+        from loradex.core.archs.text import openclip_parts
+
         self._add_file(self.path, None)
-        sgm = self.arch.style in ("sd", "sdxl", "flux")
+        prefixes = sorted(((p, spec.name, layout) for spec in self.arch.family.components if spec.name in self.arch.components
+                           for p, layout in spec.checkpoint), key=lambda t: -len(t[0]))
         for st in self.stored:
             k = st.key
-            for pre, comp in _CLIP_PREFIXES.items():
-                if k.startswith(pre):
-                    mod, _, param = k[len(pre):].rpartition(".")
-                    if param in ("weight", "bias"):
-                        if not mod.startswith("text_model."):
-                            mod = "text_model." + mod
-                        st.parts, st.param = [(f"{comp}.{mod}", None)], param
+            if k.startswith(_VAE_PREFIXES):
+                continue
+            for pre, comp, layout in prefixes:
+                if not k.startswith(pre):
+                    continue
+                rest = k[len(pre):]
+                if layout == "openclip":
+                    got = openclip_parts(rest, st.shape)
+                    if got is not None:
+                        parts, st.param, st.transpose = got
+                        st.parts = [(f"{comp}.{m}", r) for m, r in parts]
                     break
-            else:
-                for pre, comp in _OPENCLIP_PREFIXES.items():
-                    if k.startswith(pre):
-                        self._openclip(st, comp, k[len(pre):])
-                        break
-                else:
-                    if sgm and not k.startswith(("first_stage_model.", "cond_stage_model.", "conditioner.", "vae.",
-                                                "text_encoders.")):
-                        mod, _, param = k.rpartition(".")
-                        if param == "scale":  # BFL RMSNorm
-                            param = "weight"
-                        if param in ("weight", "bias"):
-                            try:
-                                st.parts, st.param = self.arch.from_sgm(mod), param
-                            except ArchError:
-                                pass
-
-    def _openclip(self, st: Stored, comp: str, rest: str) -> None:
-        if rest in _OPENCLIP_TOP:
-            mod, param = _OPENCLIP_TOP[rest]
-            st.parts, st.param = [(f"{comp}.{mod}", None)], param
-            st.transpose = rest == "text_projection"
-            return
-        m = _OPENCLIP_LAYER.match(rest)
-        if not m:
-            return
-        layer = f"{comp}.text_model.encoder.layers.{m.group(1)}"
-        sub = m.group(2)
-        if sub in ("attn.in_proj_weight", "attn.in_proj_bias"):
-            n = st.shape[0] // 3
-            st.parts = [(f"{layer}.self_attn.{x}_proj", (i * n, (i + 1) * n)) for i, x in enumerate("qkv")]
-            st.param = "weight" if sub.endswith("weight") else "bias"
-            return
-        mod, _, param = sub.rpartition(".")
-        if mod in _OPENCLIP_SUB and param in ("weight", "bias"):
-            st.parts, st.param = [(f"{layer}.{_OPENCLIP_SUB[mod]}", None)], param
+                mod, _, param = rest.rpartition(".")
+                if layout == "native":
+                    if param == "scale":  # BFL RMSNorm
+                        param = "weight"
+                    if param in ("weight", "bias"):
+                        try:
+                            st.parts, st.param = self.arch.from_sgm(mod), param
+                        except ArchError:
+                            continue  # another prefix (or none) may fit
+                    break
+                if param in ("weight", "bias"):
+                    if layout == "clip" and not mod.startswith(("text_model.", "text_projection")):
+                        mod = "text_model." + mod
+                    st.parts, st.param = [(f"{comp}.{mod}", None)], param
+                break
 
     # ---- access -------------------------------------------------------------------------
     def modules(self) -> list[str]:
@@ -418,7 +461,7 @@ class CheckpointReader:
         t = self._load(st)
         if st.transpose:
             t = t.T
-        from loradex.core.arch import Arch
+        from loradex.core.archs import Arch
 
         return Arch.split_rows(st.parts, t)
 
@@ -466,7 +509,7 @@ class CheckpointReader:
 
     def _producer(self, st: Stored, changed, update) -> Callable[[], torch.Tensor]:
         def make() -> torch.Tensor:
-            from loradex.core.arch import Arch
+            from loradex.core.archs import Arch
 
             t = self._load(st)
             view = t.T if st.transpose else t

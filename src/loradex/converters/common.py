@@ -14,7 +14,7 @@ import torch
 
 from loradex.core.adapter import Adapter
 from loradex.core.kinds.base import Patch, scalar
-from loradex.errors import ConversionError, FormatError
+from loradex.errors import ArchError, ConversionError, FormatError
 
 #: Suffixes of the kohya/LyCORIS family (the on-disk names that patch kinds use), longest first
 #: so that ``split_key`` picks ``lora_down.weight`` before ``weight``.
@@ -257,25 +257,26 @@ def require(cond: bool, msg: str) -> None:
         raise FormatError(msg)
 
 
-def resolve_arch(arch, shapes: dict[str, tuple[int, ...]], required: bool, path: Path):
-    """``arch`` (a name, an Arch, or None to detect from the file's keys and shapes) -> Arch."""
-    from loradex.core.arch import Arch, detect_arch, get_arch
-    from loradex.errors import ArchError
+def resolve_arch(arch, shapes: dict[str, tuple[int, ...]], required: bool, path: Path,
+                 metadata: dict[str, str] | None = None):
+    """``arch`` (a name, an Arch, or None to detect from the file's metadata, keys and shapes) -> Arch
+    (None when it cannot be told and ``required`` is false)."""
+    from loradex.core.archs import Arch, detect_arch, get_arch
 
     if isinstance(arch, Arch):
         return arch
-    if isinstance(arch, str) and arch.startswith("tiny-"):
-        # the built-in tiny models of `loradex demo` and the tests: built on first use
-        from loradex.tiny import tiny_arch
-
-        return tiny_arch(arch.removeprefix("tiny-"))
     if arch is None:
-        arch = detect_arch(shapes)
+        arch = detect_arch(shapes, metadata)
         if arch is None:
             if required:
-                raise ArchError(f"{path}: cannot tell which base model this is for; pass --arch (sd1, sd2, sdxl, flux1)")
+                raise ArchError(f"{path}: {UNKNOWN_BASE}")
             return None
     return get_arch(arch)
+
+
+#: The one message for an adapter whose base model cannot be told.
+UNKNOWN_BASE = ("cannot tell which base model this is for; name it with --base (a diffusers folder, a "
+                "checkpoint, a registry REF or a Hub id) or --arch (sd1, sd2, sdxl, flux1, sd3, tiny, ...)")
 
 
 def conform(patch: Patch, shape: tuple[int, ...] | None) -> Patch:

@@ -70,13 +70,6 @@ BUNDLE_PREFIX = "bundle_emb."
 CLIP_KEYS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 COMPONENT_KEYS = {v: k for k, v in CLIP_KEYS.items()}
 
-#: Width of each text encoder's token embeddings, per architecture; used to guess and to check.
-TE_WIDTHS: dict[str, dict[str, int]] = {
-    "sd1": {"text_encoder": 768},
-    "sd2": {"text_encoder": 1024},
-    "sdxl": {"text_encoder": 768, "text_encoder_2": 1280},
-}
-
 #: ``string_to_token`` value A1111 writes: CLIP's id for ``*`` (informational only).
 A1111_STAR_TOKEN_ID = 265
 #: Pickled embeddings larger than this (on disk, or once a zip archive is inflated) are refused.
@@ -207,26 +200,33 @@ def check_vectors(vectors: Mapping[str, object], where: str) -> dict[str, torch.
     return out
 
 
-def guess_arch(vectors: Mapping[str, torch.Tensor]) -> str | None:
-    """sd1 (768), sd2 (1024), sdxl (CLIP-L 768 + bigG 1280) from the widths; None otherwise."""
-    widths = {c: int(t.shape[-1]) for c, t in vectors.items()}
-    for arch, want in TE_WIDTHS.items():
-        if widths == want:
-            return arch
-    return None
+def _widths(vectors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    return {c: int(t.shape[-1]) for c, t in vectors.items()}
 
 
-def _resolve_arch(arch: str | None, vectors: Mapping[str, torch.Tensor], where: str) -> str | None:
-    guessed = guess_arch(vectors)
+def guess_arch(vectors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str | None:
+    """The arch of an embedding from its widths per encoder (SD1 768, SD2 1024, SDXL CLIP-L 768 +
+    bigG 1280, the tiny models, archs derived or named in the metadata); None otherwise."""
+    from loradex.core.archs import match_embedding
+
+    return match_embedding(_widths(vectors), metadata)
+
+
+def _resolve_arch(arch, vectors: Mapping[str, torch.Tensor], where: str,
+                  metadata: Mapping[str, str] | None = None) -> str | None:
+    """``arch`` (name or Arch) checked against the embedding's widths, or guessed when None."""
     if arch is None:
-        return guessed
-    want = TE_WIDTHS.get(arch)
-    widths = {c: int(t.shape[-1]) for c, t in vectors.items()}
-    if want is not None and widths != want:
+        return guess_arch(vectors, metadata)
+    from loradex.core.archs import get_arch
+
+    a = get_arch(arch)
+    widths = _widths(vectors)
+    want = {c: a.text_encoder_width(c) if c in a.components else None for c in widths}
+    if widths != want or len(widths) != len(a.text_encoders):
         got = ", ".join(f"{COMPONENT_KEYS.get(c, c)} {w}" for c, w in widths.items())
-        exp = ", ".join(f"{COMPONENT_KEYS.get(c, c)} {w}" for c, w in want.items())
-        raise ArchError(f"{where}: embedding widths ({got}) do not fit {arch} ({exp})")
-    return arch
+        exp = ", ".join(f"{COMPONENT_KEYS.get(c, c)} {a.text_encoder_width(c)}" for c in a.text_encoders)
+        raise ArchError(f"{where}: embedding widths ({got}) do not fit {a.name} ({exp})")
+    return a.name
 
 
 def token_notes(token: str) -> list[str]:
@@ -318,7 +318,7 @@ def read_embedding(path: str | Path, token: str | None = None, arch: str | None 
     return Adapter(
         embeddings={tok: Embedding(tok, vectors)},
         metadata=meta,
-        arch=_resolve_arch(arch, vectors, where),
+        arch=_resolve_arch(arch, vectors, where, meta),
         source_format=layout,
         notes=notes,
     )
@@ -456,12 +456,12 @@ def _metadata(
     view = Adapter(embeddings={emb.token: emb}, metadata=dict(adapter.metadata), arch=arch)
     meta = modelspec(view, t, suffix="textual-inversion")
     src_arch = adapter.metadata.get("modelspec.architecture", "")
-    if (
-        arch == "sd2"
-        and src_arch.startswith("stable-diffusion-v2-")
-        and src_arch.endswith("/textual-inversion")
-    ):
-        meta["modelspec.architecture"] = src_arch  # keep the source's 512 / 768-v distinction
+    if arch is not None and src_arch.endswith("/textual-inversion"):
+        from loradex.core.archs import get_arch
+
+        fam = get_arch(arch).family
+        if src_arch != meta["modelspec.architecture"] and fam.matches_metadata({"modelspec.architecture": src_arch}):
+            meta["modelspec.architecture"] = src_arch  # keep the source's variant (SD2 512 / 768-v)
     meta["modelspec.implementation"] = IMPLEMENTATION[layout]
     meta["modelspec.title"] = t
     meta["modelspec.hash_sha256"] = _tensor_hash(tensors)

@@ -2,31 +2,48 @@
 
 ModelSpec (Stability AI, v1.0.1): MUST ``sai_model_spec``, ``architecture``, ``implementation``,
 ``title``; we add ``date`` and keep any value the source already had. kohya tools read
-``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha`` and ``ss_base_model_version``
-(``sd_v1``, ``sd_v2``, ``sdxl_base_v1-0``, ``flux1``); we fill them when the source had none.
+``ss_network_module``, ``ss_network_dim``, ``ss_network_alpha`` and ``ss_base_model_version``;
+we fill them when the source had none. The architecture ids and base versions are the family
+specs' (``core/archs``). ``loradex.arch`` / ``loradex.arch_spec`` name the arch the file was
+written for (the spec: a derived arch's family and configs), read first by detection.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from collections import Counter
 
 from loradex.core.adapter import Adapter
 from loradex.core.kinds.base import scalar
 
-MODELSPEC_ARCH = {
-    "sd1": "stable-diffusion-v1",
-    "sd2": "stable-diffusion-v2-768-v",
-    "sdxl": "stable-diffusion-xl-v1-base",
-    "flux1": "flux-1-dev",
-}
-MODELSPEC_IMPL = {
-    "sd1": "diffusers",
-    "sd2": "diffusers",
-    "sdxl": "https://github.com/Stability-AI/generative-models",
-    "flux1": "https://github.com/black-forest-labs/flux",
-}
-KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux1": "flux1"}
+
+def _arch(name: str | None):
+    """The Arch of an adapter's arch name, or None when unknown (metadata is then generic)."""
+    if not name:
+        return None
+    from loradex.core.archs import get_arch
+    from loradex.errors import ArchError
+
+    try:
+        return get_arch(name)
+    except ArchError:
+        return None
+
+
+def arch_record(name: str | None) -> dict[str, str]:
+    """``loradex.arch`` (and, for an arch derived from a custom base, ``loradex.arch_spec``: its
+    family and component configs as JSON) so the file names its base wherever it goes."""
+    from loradex.core.archs import ARCH_KEY, ARCH_SPEC_KEY, builtin_names, tiny_names
+
+    a = _arch(name)
+    if a is None:
+        return {}
+    out = {ARCH_KEY: a.name}
+    desc = a.descriptor()
+    if desc is not None and a.name not in builtin_names() and a.name not in tiny_names():
+        out[ARCH_SPEC_KEY] = json.dumps(desc, sort_keys=True, separators=(",", ":"))
+    return out
 
 
 def modelspec(adapter: Adapter, title: str, suffix: str | None = None) -> dict[str, str]:
@@ -34,15 +51,17 @@ def modelspec(adapter: Adapter, title: str, suffix: str | None = None) -> dict[s
     if suffix is None:
         kinds = set(adapter.kinds())
         suffix = "textual-inversion" if not kinds else ("lora" if kinds <= {"lora"} else "lycoris")
-    arch = MODELSPEC_ARCH.get(adapter.arch or "", adapter.arch or "unknown")
+    a = _arch(adapter.arch)
+    arch = a.family.modelspec_id(a) if a is not None else (adapter.arch or "unknown")
     out = {
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{arch}/{suffix}",
-        "modelspec.implementation": MODELSPEC_IMPL.get(adapter.arch or "", "diffusers"),
+        "modelspec.implementation": a.family.modelspec_implementation if a is not None else "diffusers",
         "modelspec.title": title,
         "modelspec.date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
     }
     out.update({k: v for k, v in adapter.metadata.items() if k.startswith("modelspec.") and k != "modelspec.architecture"})
+    out.update(arch_record(adapter.arch))
     return out
 
 
@@ -63,7 +82,9 @@ def kohya_ss(adapter: Adapter, title: str) -> dict[str, str]:
         out["ss_network_dim"] = str(ranks.most_common(1)[0][0])
         a = alphas.most_common(1)[0][0]
         out["ss_network_alpha"] = str(int(a) if float(a).is_integer() else a)
-    if adapter.arch in KOHYA_BASE_VERSION:
-        out["ss_base_model_version"] = KOHYA_BASE_VERSION[adapter.arch]
+    a = _arch(adapter.arch)
+    version = a.family.kohya_base_version(a) if a is not None else None
+    if version:
+        out["ss_base_model_version"] = version
     out.update({k: v for k, v in adapter.metadata.items() if k.startswith("ss_")})
     return out

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from loradex.core.adapter import COMPONENTS
-from loradex.errors import FormatError, LoradexError, RegistryError, UnsafeFileError
+from loradex.errors import FormatError, LoradexError, RegistryError
 from loradex.inference.cache import Ready, ReadyCache, percentile, prepare
 from loradex.inference.slots import SlotBank, live_modules
 from loradex.inference.types import BadRequestError, GenerateRequest, UnknownAdapterError
@@ -48,57 +48,11 @@ def _defuse(text: str) -> str:
 
 
 def load_pipeline(base, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A diffusers pipeline from a folder, a single-file safetensors checkpoint, or as given."""
-    if not isinstance(base, (str, os.PathLike)):
-        pipe = base
-    else:
-        p = Path(base)
-        from diffusers import DiffusionPipeline
+    """A diffusers pipeline from a folder, a single-file safetensors checkpoint, an embedded tiny
+    arch, or as given (``converters.pipeline.load_pipeline``), on ``device``."""
+    from loradex.converters.pipeline import load_pipeline as _load
 
-        from loradex.tiny import quiet
-
-        try:
-            if p.is_dir():
-                if not (p / "model_index.json").is_file():
-                    raise FormatError(f"{p}: not a diffusers pipeline folder (no model_index.json)")
-                with quiet():
-                    pipe = DiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype)
-            elif p.is_file():
-                pipe = _from_single_file(p, dtype)
-            else:
-                raise FormatError(f"{p}: no such base model (a diffusers folder or a .safetensors checkpoint)")
-        except LoradexError:
-            raise
-        except Exception as e:  # diffusers raises many types for unusable folders/files
-            raise FormatError(f"{p}: cannot load the base pipeline ({type(e).__name__}: {e})") from None
-    from loradex.tiny import quiet
-
-    with contextlib.suppress(Exception):
-        pipe.set_progress_bar_config(disable=True)
-    with quiet():  # diffusers warns about casting modules it would keep in fp32 (none in SD/SDXL/FLUX)
-        return pipe.to(torch.device(device), dtype) if dtype is not None else pipe.to(torch.device(device))
-
-
-def _from_single_file(p: Path, dtype):
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    from loradex.converters.checkpoint import describe_checkpoint
-    from loradex.tiny import quiet
-
-    if p.suffix.lower() != ".safetensors":
-        raise UnsafeFileError(f"{p}: a single-file base must be .safetensors (pickles are not loaded)")
-    desc = describe_checkpoint(p)
-    if not desc or desc.get("format") != "checkpoint":
-        raise FormatError(f"{p}: not a single-file diffusion checkpoint")
-    cls = {"sdxl": StableDiffusionXLPipeline, "flux1": FluxPipeline}.get(desc.get("arch"), StableDiffusionPipeline)
-    with quiet():
-        return cls.from_single_file(str(p), torch_dtype=dtype)
-
-
-def _style(components: dict[str, nn.Module]) -> str:
-    if "transformer" in components:
-        return "flux"
-    return "sdxl" if "text_encoder_2" in components else "sd"
+    return _load(base, device, dtype)
 
 
 class _TIRows:
@@ -156,7 +110,7 @@ class Engine:
                  max_rank: int = 64, slots: int = 4, registry=None, cache_bytes: int = 2**30, ti_tokens: int = 16,
                  targets: Sequence[str] | None = None, allow_paths: bool = True, max_batch: int = 16,
                  compile: bool = False) -> None:
-        from loradex.core.arch import arch_from_models
+        from loradex.core.archs import arch_from_models
 
         self.device = torch.device(device)
         if dtype is None and self.device.type == "cuda" and isinstance(base, (str, os.PathLike)):
@@ -167,9 +121,10 @@ class Engine:
         if denoiser is None:
             raise FormatError("the base pipeline has no unet or transformer")
         self.dtype = dtype or next(denoiser.parameters()).dtype
+        # the base's arch (before TI rows are appended to the token embeddings)
+        self.arch = arch_from_models(comps, pipeline=type(self.pipe).__name__)
         self.ti = _TIRows(self.pipe, ti_tokens)
         comps = {c: getattr(self.pipe, c) for c in comps}  # resize_token_embeddings keeps the objects
-        self.arch = arch_from_models(f"engine-{type(self.pipe).__name__}", comps, _style(comps))
         self.bank = SlotBank(comps, slots=slots, max_rank=max_rank, device=self.device, dtype=self.dtype,
                              targets=tuple(targets) if targets else None)
         self.modules: dict[str, nn.Module] = {
@@ -194,7 +149,7 @@ class Engine:
             self._accepts = set()
         if compile:
             self.bank.routing.fixed_rank = True
-            name = "unet" if "unet" in comps else "transformer"
+            name = self.arch.denoiser
             setattr(self.pipe, name, torch.compile(getattr(self.pipe, name)))
 
     # ---- references -----------------------------------------------------------------------------

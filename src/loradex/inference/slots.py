@@ -210,8 +210,8 @@ def wrappable(mod: nn.Module) -> bool:
 
 def live_modules(component: str, model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """``(canonical name, module path, module)`` for every submodule of a component, spelled the way
-    ``loradex.core.arch.module_table`` spells canonical names (CLIP always with ``text_model.``)."""
-    from loradex.core.arch import model_kind
+    ``loradex.core.archs.module_table`` spells canonical names (CLIP always with ``text_model.``)."""
+    from loradex.core.archs import model_kind
 
     add_text_model = model_kind(model) == "clip" and not isinstance(getattr(model, "text_model", None), nn.Module)
     for path, mod in model.named_modules():

@@ -39,103 +39,49 @@ GLoRA and DoRA patches are not linear in a multiplier: LoradexError unless w is 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loradex.core.adapter import Adapter
 from loradex.errors import ArchError, LoradexError
 
-SD26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
-SD17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12)))
-SDXL20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
-SDXL12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
-
 _U = {"NONE": 0.0, "ALL": 1.0, "ALL0.5": 0.5, "FLUXALL": 1.0}
-#: The extension's built-in 17-entry presets (uniform ones are in ``_U``).
-SD1_PRESETS: dict[str, tuple[float, ...]] = {
-    name: tuple(float(c) for c in bits)
-    for name, bits in {
-        "INS": "11110000000000000",
-        "IND": "10001110000000000",
-        "INALL": "11111110000000000",
-        "MIDD": "10001111111100000",
-        "OUTD": "10000000111100000",
-        "OUTS": "10000000000011111",
-        "OUTALL": "10000000111111111",
-    }.items()
-}
-PRESETS = (*_U, *SD1_PRESETS)
-
-_SGM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.|^middle_block\.")
-_BFL_BLOCK = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.")
 
 
 def _arch(arch):
-    from loradex.core.arch import get_arch
+    from loradex.core.archs import get_arch
 
     if arch is None:
         raise ArchError("block weights need the adapter's architecture (give arch=, or --arch)")
-    return get_arch(arch) if isinstance(arch, str) else arch
+    return get_arch(arch)
+
+
+def presets() -> tuple[str, ...]:
+    """Every preset name: the uniform ones, then each family's (its spec's ``lbw_presets``)."""
+    from loradex.core.archs import families
+
+    names = dict.fromkeys(_U)
+    for fam in families().values():
+        names.update(dict.fromkeys(fam.lbw_presets))
+    return tuple(names)
 
 
 def family(arch) -> str:
-    """``sd`` (SD1/SD2 UNet with one text encoder), ``sdxl`` (UNet with two) or ``flux``."""
-    a = _arch(arch)
-    if a.denoiser == "transformer":
-        return "flux"
-    return "sdxl" if "text_encoder_2" in a.components else "sd"
-
-
-def _flux_counts(a) -> tuple[int, int]:
-    doubles, singles = set(), set()
-    for n in a.component_modules("transformer"):
-        m = re.match(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.", n)
-        if m:
-            (doubles if m.group(1) == "transformer_blocks" else singles).add(int(m.group(2)))
-    return len(doubles), len(singles)
+    """The family name of ``arch`` (block layouts and presets are the family spec's)."""
+    return _arch(arch).family.name
 
 
 def layouts(arch) -> dict[int, tuple[str, ...]]:
     """The accepted layouts of ``arch``: number of entries -> block ids (the full one last)."""
-    fam = family(arch)
-    if fam == "sd":
-        return {17: SD17, 26: SD26}
-    if fam == "sdxl":
-        return {12: SDXL12, 20: SDXL20}
-    d, s = _flux_counts(_arch(arch))
-    ids = ("CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(d)), *(f"S{i:02d}" for i in range(s)), "OUT")
-    return {len(ids): ids}
+    a = _arch(arch)
+    return a.family.lbw_layouts(a)
 
 
 def block_of(arch, canonical: str) -> str | None:
     """The LBW block id of a canonical module name, or None when it lies outside every block
     (weight 1, as in the extension)."""
     a = _arch(arch)
-    comp = canonical.split(".", 1)[0]
-    fam = family(a)
-    if comp.startswith("text_encoder"):
-        if fam != "flux":
-            return "BASE"
-        return "T5" if a.component_kind(comp) == "t5" else "CLIP"
-    try:
-        native = a.sgm_name(canonical)
-    except ArchError:
-        return None
-    if fam == "flux":
-        m = _BFL_BLOCK.match(native)
-        if m:
-            return f"{'D' if m.group(1) == 'double_blocks' else 'S'}{int(m.group(2)):02d}"
-        if native.startswith("final_layer."):
-            return "OUT"
-        head = native.split(".", 1)[0]
-        return "IN" if head.endswith("_in") else None
-    m = _SGM_BLOCK.match(native)
-    if m is None:
-        return None
-    if m.group(1) is None:
-        return "M00"
-    return f"{'IN' if m.group(1) == 'input_blocks' else 'OUT'}{int(m.group(2)):02d}"
+    return a.family.lbw_block(a, canonical)
 
 
 @dataclass
@@ -158,28 +104,32 @@ class BlockWeights:
 def parse_block_weights(spec: str | Sequence[float], arch) -> BlockWeights:
     """``spec``: a preset name (case-insensitive), ``"w,w,..."`` or a sequence of numbers with as
     many entries as one of the arch's layouts. LoradexError otherwise."""
-    fam = family(arch)
-    lays = layouts(arch)
+    a = _arch(arch)
+    fam = a.family
+    lays = layouts(a)
     full = lays[max(lays)]
     if isinstance(spec, str):
         text = spec.strip()
         name = text.upper()
         if name in _U:
             vals = [_U[name]] * len(full)
-        elif name in SD1_PRESETS:
-            if fam != "sd":
-                raise LoradexError(
-                    f"block-weight preset {name} is an SD1/SD2 vector (17 entries); for {fam.upper()} give "
-                    f"{' or '.join(str(n) for n in sorted(lays))} weights (or NONE, ALL, ALL0.5)"
-                )
-            vals = list(SD1_PRESETS[name])
+        elif name in fam.lbw_presets:
+            vals = list(fam.lbw_presets[name])
+        elif name in presets():
+            from loradex.core.archs import families
+
+            owner = next(f for f in families().values() if name in f.lbw_presets)
+            raise LoradexError(
+                f"block-weight preset {name} is a {owner.label} vector ({len(owner.lbw_presets[name])} entries); "
+                f"for {fam.label} give {' or '.join(str(n) for n in sorted(lays))} weights (or NONE, ALL, ALL0.5)"
+            )
         elif "," in text or _is_number(text):
             try:
                 vals = [float(x) for x in text.split(",")]
             except ValueError:
                 raise LoradexError(f"block weights {spec!r}: every entry must be a number") from None
         else:
-            raise LoradexError(f"unknown block-weight preset {spec!r}; presets: {', '.join(PRESETS)} (or w,w,...)")
+            raise LoradexError(f"unknown block-weight preset {spec!r}; presets: {', '.join(presets())} (or w,w,...)")
     else:
         vals = [float(x) for x in spec]
     if not all(math.isfinite(v) for v in vals):
@@ -187,11 +137,11 @@ def parse_block_weights(spec: str | Sequence[float], arch) -> BlockWeights:
     if len(vals) not in lays:
         want = " or ".join(str(n) for n in sorted(lays))
         names = f" ({lays[max(lays)][0]}, {lays[max(lays)][1]}, ..., {lays[max(lays)][-1]})"
-        raise LoradexError(f"block weights {spec!r} have {len(vals)} entries; {fam.upper()} layouts have {want}{names}")
+        raise LoradexError(f"block weights {spec!r} have {len(vals)} entries; {fam.label} layouts have {want}{names}")
     given = lays[len(vals)]
     weights = {b: 0.0 for b in full}
     weights.update(zip(given, vals))
-    return BlockWeights(spec if isinstance(spec, str) else ",".join(map(str, vals)), fam, given, weights)
+    return BlockWeights(spec if isinstance(spec, str) else ",".join(map(str, vals)), fam.name, given, weights)
 
 
 def _is_number(s: str) -> bool:

@@ -275,7 +275,7 @@ def extract(
     conv = any(len(p.shape) == 4 and p.shape[2:] != (1, 1) for p in patches.values())
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_v2": str(rt.arch.name == "sd2"),
+        "ss_v2": str(rt.arch.family.kohya_v2),
         "modelspec.description": f"LoRA extracted by loradex from {rt.path.name} minus {rb.path.name} "
                                  f"({json.dumps(policy, sort_keys=True)})",
     }

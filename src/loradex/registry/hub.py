@@ -27,15 +27,26 @@ from pathlib import Path
 
 from loradex.errors import LoradexError, RegistryError
 
-#: the Hub repo most adapters of an architecture were trained on (card ``base_model``)
-BASE_REPOS = {
-    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd2": "stabilityai/stable-diffusion-2-1",
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "flux1": "black-forest-labs/FLUX.1-dev",
-}
-ARCH_TAGS = {"sd1": "stable-diffusion", "sd2": "stable-diffusion", "sdxl": "stable-diffusion-xl", "flux1": "flux"}
-LICENSES = {"sd1": "creativeml-openrail-m", "sd2": "openrail++", "sdxl": "openrail++", "flux1": "other"}
+
+def _family_facts(arch_name: str | None) -> tuple[str | None, tuple[str, ...], str]:
+    """(Hub base repo, tags, license) of an arch from its family spec: the published base and its
+    license only for a built-in size (a custom or tiny base is not that repo), the family's tags
+    for any size."""
+    from loradex.core.archs import builtin_names, get_arch
+    from loradex.errors import ArchError
+
+    if not arch_name:
+        return None, (), "other"
+    try:
+        a = get_arch(arch_name)
+    except ArchError:
+        return None, (), "other"
+    fam = a.family
+    if a.name in builtin_names():
+        return fam.hub_repo, fam.hub_tags, fam.license
+    return None, fam.hub_tags, "other"
+
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 PUSH_TARGETS = ("diffusers", "kohya")
 
@@ -61,7 +72,7 @@ def base_repo(v) -> str | None:
     b = v.base_model or ""
     if _REPO_ID.match(b) and not os.path.exists(b):
         return b
-    return BASE_REPOS.get(v.arch or "")
+    return _family_facts(v.arch)[0]
 
 
 def build_folder(reg, v, folder: Path, repo_id: str, to: str | None = None, license: str | None = None) -> list[str]:
@@ -125,13 +136,12 @@ def model_card(reg, v, repo_id: str, weights: str | None, license: str | None = 
     else:
         kind_tags = ["lora"] + (["lycoris"] if kinds - {"lora"} else []) + ["template:sd-lora"]
     tags = ["text-to-image", "diffusers", *kind_tags]
-    if v.arch in ARCH_TAGS:
-        tags.append(ARCH_TAGS[v.arch])
+    tags += [t for t in _family_facts(v.arch)[1] if t not in tags]
     tags += [t for t in info["labels"] if t not in tags] + ["loradex"]
     data = ModelCardData(
         base_model=base_repo(v),
         library_name="diffusers",
-        license=license or LICENSES.get(v.arch or "", "other"),
+        license=license or _family_facts(v.arch)[2],
         tags=tags,
         instance_prompt=prompt,
         widget=[{"text": prompt}] if prompt else None,

@@ -123,66 +123,40 @@ class TrainConfig:
 
 # ---- the base model ------------------------------------------------------------------------------
 def load_base(base: str | None):
-    """``None``: the embedded tiny SD pipeline (offline); a diffusers folder or a single-file
-    checkpoint (.safetensors/.ckpt) otherwise; only local files (no download)."""
-    from loradex.tiny import quiet, tiny_sd_pipeline
+    """``None``/``tiny``: the embedded tiny SD pipeline (offline); ``tiny-<family>`` another
+    embedded one; a diffusers folder or a single-file checkpoint otherwise (local files only)."""
+    from loradex.converters.pipeline import load_pipeline
 
-    if base is None or base == "tiny":
-        return tiny_sd_pipeline()
-    if base == "tiny-sdxl":
-        from loradex.tiny import tiny_sdxl_pipeline
-
-        return tiny_sdxl_pipeline()
-    p = Path(base)
-    if not p.exists():
+    if isinstance(base, str) and not Path(base).exists() and not base.startswith("tiny"):
         raise TrainingError(f"base {base!r}: no such folder or file (a diffusers folder or a single checkpoint file)")
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-
     try:
-        with quiet():
-            if p.is_dir():
-                pipe = DiffusionPipeline.from_pretrained(str(p), local_files_only=True, safety_checker=None)
-            else:
-                try:
-                    pipe = StableDiffusionXLPipeline.from_single_file(str(p), local_files_only=True)
-                except Exception:
-                    pipe = StableDiffusionPipeline.from_single_file(str(p), local_files_only=True)
-    except Exception as e:
-        raise TrainingError(f"base {base}: cannot load it as a diffusers pipeline ({type(e).__name__}: "
-                            f"{' '.join(str(e).split())[:200]})") from None
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
-        raise TrainingError(f"base {base}: only UNet pipelines (SD1/SD2/SDXL) are trained")
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
+        pipe = load_pipeline(base)
+    except LoradexError as e:
+        raise TrainingError(str(e)) from None
+    if not hasattr(pipe, "vae"):
+        raise TrainingError(f"base {base}: a pipeline without a VAE is not trained here")
     return pipe
 
 
-def pipeline_arch(pipe) -> str:
-    """The registered arch name an adapter trained on ``pipe`` is written for: sd1/sd2/sdxl by the
-    UNet's cross-attention width, ``tiny-sd1``/``tiny-sdxl`` for the embedded tiny models, else
-    an arch built from the live models (kohya names follow the SD naming)."""
-    from loradex.core.arch import arch_from_models, list_archs, register_arch
+def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
+    """The components of a pipeline that adapters patch (denoiser and text encoders)."""
+    from loradex.core.adapter import COMPONENTS
 
-    cfg = pipe.unet.config
-    xdim = cfg.cross_attention_dim
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    if tuple(cfg.block_out_channels) == (320, 640, 1280, 1280) and xdim in (768, 1024) and not sdxl:
-        return "sd1" if xdim == 768 else "sd2"
-    if sdxl and tuple(cfg.block_out_channels) == (320, 640, 1280) and xdim == 2048:
-        return "sdxl"
-    from loradex.tiny import tiny_arch
+    return {c: m for c in COMPONENTS if isinstance(m := getattr(pipe, c, None), torch.nn.Module)}
 
-    if not sdxl and tuple(cfg.block_out_channels) == (32, 64) and xdim == 32:
-        return tiny_arch("sd1").name
-    if sdxl and tuple(cfg.block_out_channels) == (16, 32) and xdim == 64:
-        return tiny_arch("sdxl").name
-    name = f"trained-{'sdxl' if sdxl else 'sd'}-{'-'.join(map(str, cfg.block_out_channels))}-{xdim}"
-    if name not in list_archs():
-        models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-        if sdxl:
-            models["text_encoder_2"] = pipe.text_encoder_2
-        register_arch(arch_from_models(name, models, "sdxl" if sdxl else "sd"))
-    return name
+
+def pipeline_arch(pipe):
+    """The arch an adapter trained on ``pipe`` is written for, derived from the pipeline's own
+    component configs (a built-in or embedded name when the modules are one's, else a derived arch
+    that later commands resolve from the cache or the file's metadata). Call it before adapter
+    layers are injected."""
+    from loradex.core.archs import arch_from_models
+    from loradex.errors import ArchError
+
+    try:
+        return arch_from_models(pipeline_components(pipe), pipeline=type(pipe).__name__)
+    except ArchError as e:
+        raise TrainingError(f"{type(pipe).__name__}: {e}") from None
 
 
 # ---- context shared with the methods -------------------------------------------------------------
@@ -192,38 +166,79 @@ class Context:
     cfg: TrainConfig
     device: torch.device
     weight_dtype: torch.dtype = torch.float32
+    arch: object = None  # the base's Arch (pipeline_arch), set before anything is injected
+
+    def __post_init__(self) -> None:
+        if self.arch is None:
+            self.arch = pipeline_arch(self.pipe)
 
     @property
-    def unet(self):
-        return self.pipe.unet
+    def family(self):
+        return self.arch.family
 
     @property
-    def sdxl(self) -> bool:
-        return getattr(self.pipe, "text_encoder_2", None) is not None
+    def denoiser(self):
+        """The UNet or transformer."""
+        return getattr(self.pipe, self.arch.denoiser)
 
     def encoders(self) -> list[tuple[str, object, object]]:
-        """(component, text encoder, tokenizer) pairs."""
-        out = [("text_encoder", self.pipe.text_encoder, self.pipe.tokenizer)]
-        if self.sdxl:
-            out.append(("text_encoder_2", self.pipe.text_encoder_2, self.pipe.tokenizer_2))
-        return out
+        """(component, text encoder, tokenizer) of every text encoder the pipeline has."""
+        return [(c, getattr(self.pipe, c), getattr(self.pipe, c.replace("text_encoder", "tokenizer"), None))
+                for c in self.arch.text_encoders if getattr(self.pipe, c, None) is not None]
+
+    def clip_encoders(self) -> list[tuple[str, object, object]]:
+        """The CLIP text encoders (what textual inversion and text-encoder LoRAs train; T5 is left alone)."""
+        return [e for e in self.encoders() if self.arch.component_kind(e[0]) == "clip"]
 
 
-def encode_prompts(ctx: Context, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Text conditioning as the pipelines compute it: SD1/2 the last hidden state of the CLIP text
-    encoder; SDXL the penultimate hidden states of both encoders concatenated, plus the pooled
-    (projected) output of the second (StableDiffusionXLPipeline.encode_prompt)."""
-    hidden, pooled = [], None
-    for comp, enc, tok in ctx.encoders():
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(ctx.device)
-        if not ctx.sdxl:
-            return enc(ids)[0], None
-        out = enc(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        if comp == "text_encoder_2":
-            pooled = out[0]
-    return torch.cat(hidden, dim=-1), pooled
+def encode_prompts(ctx: Context, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Text conditioning as the family's pipeline computes it (``Family.encode_prompts``)."""
+    return ctx.family.encode_prompts(ctx.pipe, prompts, ctx.device)
+
+
+class Objective:
+    """What the denoiser learns to predict. DDPM families (SD1/SD2/SDXL): ``t ~ U{0..T-1}``,
+    ``zt = sqrt(abar_t) z0 + sqrt(1-abar_t) eps`` with the base scheduler's own betas, target ``eps``
+    (``epsilon``) or ``v = sqrt(abar_t) eps - sqrt(1-abar_t) z0`` (``v_prediction``). Flow-matching
+    families (FLUX, SD3; rectified flow as their trainers use it): ``sigma = sigmoid(n)``, ``n ~ N(0,1)``
+    (the ``logit_normal`` timestep sampling of diffusers' SD3 script and kohya's ``sigmoid``),
+    ``zt = (1 - sigma) z0 + sigma eps``, target the velocity ``eps - z0`` (no output
+    preconditioning). Both draw from the loop's one generator, noise first."""
+
+    def __init__(self, ctx: Context) -> None:
+        from diffusers import DDPMScheduler
+
+        self.flow = ctx.family.objective == "flow"
+        if self.flow:
+            self.T = 1000
+            return
+        self.sched = DDPMScheduler.from_config(ctx.pipe.scheduler.config)
+        self.pred_type = self.sched.config.prediction_type
+        if self.pred_type not in ("epsilon", "v_prediction"):
+            raise TrainingError(f"prediction type {self.pred_type!r} is not trained (epsilon or v_prediction)")
+        self.T = self.sched.config.num_train_timesteps
+
+    @property
+    def name(self) -> str:
+        return "flow" if self.flow else self.pred_type
+
+    def sample(self, z0: torch.Tensor, gen: torch.Generator, t: torch.Tensor | None = None):
+        """``(zt, timesteps, target)`` for clean latents ``z0`` (``t``: fixed integer steps in [0, T))."""
+        dev = z0.device
+        noise = torch.randn(z0.shape, generator=gen).to(dev)
+        if t is None:
+            if self.flow:
+                t = torch.sigmoid(torch.randn((z0.shape[0],), generator=gen)).to(dev)
+            else:
+                t = torch.randint(0, self.T, (z0.shape[0],), generator=gen).to(dev)
+        elif self.flow:
+            t = t.to(dev).float() / self.T
+        if self.flow:
+            s = t.view(-1, *([1] * (z0.dim() - 1)))
+            return (1 - s) * z0 + s * noise, t, noise - z0
+        zt = self.sched.add_noise(z0, noise, t)
+        target = noise if self.pred_type == "epsilon" else self.sched.get_velocity(z0, noise, t)
+        return zt, t, target
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -344,8 +359,6 @@ def train(data: str | Path, cfg: TrainConfig, base: str | None = None, pipe=None
 
     ``work_dir`` receives ``checkpoint-N`` folders, ``samples/`` and the cached class images;
     ``resume``: a checkpoint folder (or a work dir: its newest checkpoint)."""
-    from diffusers import DDPMScheduler
-
     from loradex.tiny import quiet
     from loradex.training.data import check_dataset, load_examples
     from loradex.training.methods import get_method
@@ -373,7 +386,7 @@ def train(data: str | Path, cfg: TrainConfig, base: str | None = None, pipe=None
         wdt = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
     ctx = Context(pipe, cfg, dev, wdt)
     pipe.to(dev)
-    for m in (pipe.vae, *(e for _, e, _ in ctx.encoders()), pipe.unet):
+    for m in (pipe.vae, *(e for _, e, _ in ctx.encoders()), ctx.denoiser):
         m.requires_grad_(False)
     method = get_method(cfg.method)
     class_items = None
@@ -387,12 +400,9 @@ def train(data: str | Path, cfg: TrainConfig, base: str | None = None, pipe=None
     torch.manual_seed(cfg.seed)  # adapter initialisation (PEFT's Kaiming init, lycoris) is seeded too
     with quiet():
         method.setup(ctx)
-    # SDPA attention everywhere (the default of diffusers on torch 2; made explicit)
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    # attention: diffusers' default processors on torch 2 (scaled_dot_product_attention, SDPA)
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        ctx.denoiser.enable_gradient_checkpointing()
         if method.trains_text:
             for _, enc, _ in ctx.encoders():
                 enc.gradient_checkpointing_enable()
@@ -404,39 +414,30 @@ def train(data: str | Path, cfg: TrainConfig, base: str | None = None, pipe=None
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, **opt_kw)
     scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and cfg.mixed_precision == "fp16" else None
 
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    pred_type = sched.config.prediction_type
-    if pred_type not in ("epsilon", "v_prediction"):
-        raise TrainingError(f"prediction type {pred_type!r} is not trained (epsilon or v_prediction)")
-    T = sched.config.num_train_timesteps
+    objective = Objective(ctx)
 
     # cached latents: posterior mean and std per image
-    vae = pipe.vae
-    sf = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
         lat_mean, lat_std = [], []
         for ex in examples:
-            dist = vae.encode(ex.pixels[None].to(dev, wdt)).latent_dist
-            lat_mean.append(dist.mean.float())
-            lat_std.append(dist.std.float())
+            mean, std = ctx.family.latents(pipe, ex.pixels[None].to(dev, wdt))
+            lat_mean.append(mean.float())
+            lat_std.append(std.float())
     buckets = [tuple(ex.pixels.shape[1:]) for ex in examples]
     prompts = [method.prompt(ctx, ex.prompt) for ex in examples]
 
-    text_cache: dict[str, tuple] = {}
+    text_cache: dict[str, dict[str, torch.Tensor]] = {}
 
-    def conditioning(ps: list[str]):
+    def conditioning(ps: list[str]) -> dict[str, torch.Tensor]:
         if method.trains_text:
             return encode_prompts(ctx, ps)
         missing = [p for p in dict.fromkeys(ps) if p not in text_cache]
         if missing:
             with torch.no_grad():
-                h, pooled = encode_prompts(ctx, missing)
+                cond = encode_prompts(ctx, missing)
             for i, p in enumerate(missing):
-                text_cache[p] = (h[i], pooled[i] if pooled is not None else None)
-        h = torch.stack([text_cache[p][0] for p in ps])
-        pooled = torch.stack([text_cache[p][1] for p in ps]) if ctx.sdxl else None
-        return h, pooled
+                text_cache[p] = {k: v[i] for k, v in cond.items()}
+        return {k: torch.stack([text_cache[p][k] for p in ps]) for k in text_cache[ps[0]]}
 
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -475,15 +476,15 @@ def train(data: str | Path, cfg: TrainConfig, base: str | None = None, pipe=None
         idx = queue.pop(0)
         z0 = torch.cat([lat_mean[i] + lat_std[i] * torch.randn(lat_mean[i].shape, generator=gen).to(dev)
                         for i in idx])
-        z0 = (z0 - shift) * sf
-        loss = _denoise_loss(ctx, sched, pred_type, T, z0, [prompts[i] for i in idx], conditioning, gen)
+        z0 = ctx.family.scale_latents(pipe, z0)
+        loss = _denoise_loss(ctx, objective, z0, [prompts[i] for i in idx], conditioning, gen)
         if class_items is not None:
             j = torch.randint(0, len(class_items[0]), (len(idx),), generator=gen).tolist()
             c0 = torch.cat([class_items[0][k] + class_items[1][k] * torch.randn(class_items[0][k].shape, generator=gen)
                             .to(dev) for k in j])
-            c0 = (c0 - shift) * sf
-            loss = loss + cfg.prior_weight * _denoise_loss(ctx, sched, pred_type, T, c0,
-                                                           [class_items[2]] * len(j), conditioning, gen)
+            c0 = ctx.family.scale_latents(pipe, c0)
+            loss = loss + cfg.prior_weight * _denoise_loss(ctx, objective, c0, [class_items[2]] * len(j),
+                                                           conditioning, gen)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -524,21 +525,13 @@ def train(data: str | Path, cfg: TrainConfig, base: str | None = None, pipe=None
                        samples, checkpoints)
 
 
-def _denoise_loss(ctx: Context, sched, pred_type: str, T: int, z0: torch.Tensor, prompts: list[str],
-                  conditioning, gen: torch.Generator) -> torch.Tensor:
-    dev = ctx.device
-    noise = torch.randn(z0.shape, generator=gen).to(dev)
-    t = torch.randint(0, T, (z0.shape[0],), generator=gen).to(dev)
-    zt = sched.add_noise(z0, noise, t)
-    target = noise if pred_type == "epsilon" else sched.get_velocity(z0, noise, t)
+def _denoise_loss(ctx: Context, objective: Objective, z0: torch.Tensor, prompts: list[str], conditioning,
+                  gen: torch.Generator) -> torch.Tensor:
+    zt, t, target = objective.sample(z0, gen)
     with _autocast(ctx):
-        h, pooled = conditioning(prompts)
-        kw = {}
-        if ctx.sdxl:
-            H, W = z0.shape[-2] * ctx.pipe.vae_scale_factor, z0.shape[-1] * ctx.pipe.vae_scale_factor
-            ids = torch.tensor([[H, W, 0, 0, H, W]], device=dev, dtype=h.dtype).repeat(z0.shape[0], 1)
-            kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids}
-        pred = ctx.unet(zt.to(ctx.weight_dtype) if ctx.weight_dtype != torch.float32 else zt, t, h, **kw).sample
+        cond = conditioning(prompts)
+        zin = zt.to(ctx.weight_dtype) if ctx.weight_dtype != torch.float32 else zt
+        pred = ctx.family.predict(ctx.pipe, zin, t, cond)
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
 
@@ -566,33 +559,22 @@ def evaluate_loss(pipe, examples: list, seed: int = 1234, repeats: int = 8, time
                   device: str | None = None) -> float:
     """The denoising loss of ``pipe`` on ``examples`` with fixed noise, timesteps and latent samples:
     the measure that says whether an adapter loaded in a consumer pipeline moved the model towards
-    the training data (lower = better). Prompts are used as the examples give them."""
-    from diffusers import DDPMScheduler
-
+    the training data (lower = better). Prompts are used as the examples give them; ``timesteps``
+    are integer steps in [0, 1000) (flow-matching families: sigma = t / 1000)."""
     dev = torch.device(device or "cpu")
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    T = sched.config.num_train_timesteps
-    cfg = TrainConfig()
-    ctx = Context(pipe, cfg, dev)
+    ctx = Context(pipe, TrainConfig(), dev)
+    objective = Objective(ctx)
     g = torch.Generator().manual_seed(seed)
     total, n = 0.0, 0
     for ex in examples:
-        dist = pipe.vae.encode(ex.pixels[None].to(dev)).latent_dist
-        h, pooled = encode_prompts(ctx, [ex.prompt])
+        mean, std = ctx.family.latents(pipe, ex.pixels[None].to(dev))
+        cond = encode_prompts(ctx, [ex.prompt])
         for r in range(repeats):
-            z0 = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dev)) * pipe.vae.config.scaling_factor
-            noise = torch.randn(z0.shape, generator=g).to(dev)
-            t = torch.tensor([timesteps[r % len(timesteps)]] if timesteps else
-                             [int(torch.randint(0, T, (1,), generator=g))], device=dev)
-            zt = sched.add_noise(z0, noise, t)
-            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-            kw = {}
-            if ctx.sdxl:
-                H, W = z0.shape[-2] * pipe.vae_scale_factor, z0.shape[-1] * pipe.vae_scale_factor
-                kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": torch.tensor([[H, W, 0, 0, H, W]],
-                                                                                          dtype=h.dtype, device=dev)}
-            pred = pipe.unet(zt, t, h, **kw).sample
-            total += float(F.mse_loss(pred, target))
+            z0 = ctx.family.scale_latents(pipe, mean + std * torch.randn(mean.shape, generator=g).to(dev))
+            t = torch.tensor([timesteps[r % len(timesteps)]]) if timesteps else None
+            zt, t, target = objective.sample(z0, g, t)
+            pred = ctx.family.predict(pipe, zt, t, cond)
+            total += float(F.mse_loss(pred.float(), target.float()))
             n += 1
     return total / n
 

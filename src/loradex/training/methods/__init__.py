@@ -29,7 +29,7 @@ class Method:
 
     def modules(self, ctx) -> list[torch.nn.Module]:
         """Modules switched to train() while training (dropout, checkpointing)."""
-        return [ctx.unet]
+        return [ctx.denoiser]
 
     def prompt(self, ctx, prompt: str) -> str:
         """The prompt as the text encoder sees it (TI expands a multi-vector token)."""
@@ -43,7 +43,7 @@ class Method:
 
     def named_trainable(self, ctx) -> dict[str, torch.Tensor]:
         out = {}
-        for comp, mod in [("unet", ctx.unet)] + [(c, e) for c, e, _ in ctx.encoders()]:
+        for comp, mod in [(ctx.arch.denoiser, ctx.denoiser)] + [(c, e) for c, e, _ in ctx.encoders()]:
             for n, p in mod.named_parameters():
                 if p.requires_grad:
                     out[f"{comp}.{n}"] = p

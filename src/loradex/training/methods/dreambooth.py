@@ -36,7 +36,7 @@ def class_images(ctx, work: Path):
 
     cfg = ctx.cfg
     prompt = f"a photo of {cfg.class_word}"
-    key = hashlib.sha256(f"{_base_fingerprint(ctx.unet)}|{prompt}|{cfg.resolution}|{cfg.seed}|{cfg.sample_steps}"
+    key = hashlib.sha256(f"{_base_fingerprint(ctx.denoiser)}|{prompt}|{cfg.resolution}|{cfg.seed}|{cfg.sample_steps}"
                          .encode()).hexdigest()[:16]
     folder = Path(work) / "class_images" / key
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,9 +54,9 @@ def class_images(ctx, work: Path):
     with torch.no_grad():
         for p in paths:
             x = torch.from_numpy(np.asarray(_open(p), dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
-            dist = ctx.pipe.vae.encode(x[None].to(ctx.device, ctx.pipe.vae.dtype)).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
+            mean, std = ctx.family.latents(ctx.pipe, x[None].to(ctx.device, ctx.pipe.vae.dtype))
+            means.append(mean.float())
+            stds.append(std.float())
     return means, stds, prompt
 
 
@@ -65,7 +65,7 @@ class DreamBooth(Method):
 
     def setup(self, ctx) -> None:
         self.trains_text = ctx.cfg.text_encoder
-        ctx.unet.requires_grad_(True)
+        ctx.denoiser.requires_grad_(True)
         if self.trains_text:
             for _, enc, _ in ctx.encoders():
                 enc.requires_grad_(True)
@@ -73,7 +73,7 @@ class DreamBooth(Method):
             cast_frozen(ctx, [e for _, e, _ in ctx.encoders()])
 
     def modules(self, ctx):
-        return [ctx.unet] + ([e for _, e, _ in ctx.encoders()] if self.trains_text else [])
+        return [ctx.denoiser] + ([e for _, e, _ in ctx.encoders()] if self.trains_text else [])
 
     def param_groups(self, ctx) -> list[dict]:
         ps = [p for m in self.modules(ctx) for p in m.parameters() if p.requires_grad]

@@ -1,8 +1,9 @@
-"""``lora``: PEFT LoRA layers (``peft.inject_adapter_in_model``) on the UNet's attention
-projections and optionally the text encoder(s), DoRA on request.
+"""``lora``: PEFT LoRA layers (``peft.inject_adapter_in_model``) on the denoiser's attention
+projections and optionally the CLIP text encoder(s), DoRA on request.
 
-Defaults follow diffusers' ``train_dreambooth_lora.py``: UNet targets ``to_q, to_k, to_v, to_out.0``,
-text encoder ``q_proj, k_proj, v_proj, out_proj``, ``lora_alpha = rank``, PEFT's default init (A
+Defaults follow diffusers' ``train_dreambooth_lora*.py`` (the family spec's ``lora_targets`` /
+``te_targets``): UNet and transformer targets ``to_q, to_k, to_v, to_out.0``, text encoder
+``q_proj, k_proj, v_proj, out_proj``, ``lora_alpha = rank``, PEFT's default init (A
 Kaiming-uniform, B zero: the adapter starts as a no-op). ``peft.inject_adapter_in_model`` is used
 instead of ``model.add_adapter`` because transformers 5 needs peft >= 0.22 for the latter on text
 encoders. The trained factors are read straight from the PEFT layers into loradex ``LoraPatch``es
@@ -16,8 +17,6 @@ import torch
 
 from loradex.training.methods import Method, cast_frozen, te_canonical, training_metadata
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER = "default"
 
 
@@ -48,7 +47,7 @@ def lora_patches(model: torch.nn.Module, component: str) -> dict:
         mag = getattr(m, "lora_magnitude_vector", None)
         if mag is not None and ADAPTER in mag:
             p.dora_scale = dora_scale_from_magnitude(mag[ADAPTER].weight.detach().float().cpu().clone(), p.shape)
-        name = f"unet.{path}" if component == "unet" else te_canonical(component, path)
+        name = te_canonical(component, path) if component.startswith("text_encoder") else f"{component}.{path}"
         out[name] = p
     return out
 
@@ -59,32 +58,31 @@ class LoraMethod(Method):
     def setup(self, ctx) -> None:
         cfg = ctx.cfg
         self.trains_text = cfg.text_encoder
-        inject_lora(ctx.unet, cfg.rank, cfg.lora_alpha, cfg.targets or UNET_TARGETS, cfg.dora)
+        inject_lora(ctx.denoiser, cfg.rank, cfg.lora_alpha, cfg.targets or ctx.family.lora_targets, cfg.dora)
         if cfg.text_encoder:
-            for _, enc, _ in ctx.encoders():
-                inject_lora(enc, cfg.rank, cfg.lora_alpha, TE_TARGETS, cfg.dora)
-        cast_frozen(ctx, [ctx.unet] + [e for _, e, _ in ctx.encoders()])
+            for _, enc, _ in ctx.clip_encoders():
+                inject_lora(enc, cfg.rank, cfg.lora_alpha, ctx.family.te_targets, cfg.dora)
+        cast_frozen(ctx, [ctx.denoiser] + [e for _, e, _ in ctx.encoders()])
 
     def modules(self, ctx):
-        return [ctx.unet] + ([e for _, e, _ in ctx.encoders()] if self.trains_text else [])
+        return [ctx.denoiser] + ([e for _, e, _ in ctx.clip_encoders()] if self.trains_text else [])
 
     def param_groups(self, ctx) -> list[dict]:
         ps = [p for m in self.modules(ctx) for p in m.parameters() if p.requires_grad]
         return [{"params": ps, "lr": ctx.cfg.learning_rate, "weight_decay": 1e-2}]
 
     def patches(self, ctx) -> dict:
-        out = lora_patches(ctx.unet, "unet")
+        out = lora_patches(ctx.denoiser, ctx.arch.denoiser)
         if self.trains_text:
-            for comp, enc, _ in ctx.encoders():
+            for comp, enc, _ in ctx.clip_encoders():
                 out.update(lora_patches(enc, comp))
         return out
 
     def export(self, ctx, result):
         from loradex.core.adapter import Adapter
-        from loradex.training.loop import pipeline_arch
 
         cfg = ctx.cfg
         args = {"algo": "lora", **({"dora_wd": True} if cfg.dora else {}),
-                "targets": list(cfg.targets or UNET_TARGETS), "train_text_encoder": cfg.text_encoder}
+                "targets": list(cfg.targets or ctx.family.lora_targets), "train_text_encoder": cfg.text_encoder}
         md = training_metadata(ctx, result, "networks.lora", args)
-        return Adapter(patches=self.patches(ctx), metadata=md, arch=pipeline_arch(ctx.pipe), source_format="loradex-train")
+        return Adapter(patches=self.patches(ctx), metadata=md, arch=ctx.arch.name, source_format="loradex-train")

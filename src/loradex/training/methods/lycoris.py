@@ -17,8 +17,6 @@ import torch
 
 from loradex.training.methods import Method, cast_frozen, training_metadata
 
-PRESET = {"target_module": ["Attention"], "target_name": []}
-
 
 class LycorisMethod(Method):
     def __init__(self, algo: str) -> None:
@@ -33,15 +31,15 @@ class LycorisMethod(Method):
 
         cfg = ctx.cfg
         kw = {"factor": -1} if self.algo == "lokr" else {}
-        with lycoris_preset(PRESET):
-            self.net = create_lycoris(ctx.unet, 1.0, linear_dim=cfg.rank, linear_alpha=cfg.lora_alpha,
+        with lycoris_preset({"target_module": list(ctx.family.lycoris_modules), "target_name": []}):
+            self.net = create_lycoris(ctx.denoiser, 1.0, linear_dim=cfg.rank, linear_alpha=cfg.lora_alpha,
                                       algo=self.algo, **kw)
         self.net.apply_to()
         self.net.to(ctx.device)
-        cast_frozen(ctx, [ctx.unet] + [e for _, e, _ in ctx.encoders()])
+        cast_frozen(ctx, [ctx.denoiser] + [e for _, e, _ in ctx.encoders()])
 
     def modules(self, ctx):
-        return [ctx.unet, self.net]
+        return [ctx.denoiser, self.net]
 
     def named_trainable(self, ctx) -> dict[str, torch.Tensor]:
         return {f"lycoris.{n}": p for n, p in self.net.named_parameters() if p.requires_grad}
@@ -52,14 +50,13 @@ class LycorisMethod(Method):
 
     def export(self, ctx, result):
         import loradex
-        from loradex.training.loop import pipeline_arch
 
-        arch = pipeline_arch(ctx.pipe)
+        arch = ctx.arch
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "trained.safetensors"
             self.net.save_weights(str(path), torch.float32, {})
             adapter = loradex.load(path, format="lycoris", arch=arch)
         adapter.metadata = training_metadata(ctx, result, "lycoris.kohya", {"algo": self.algo, "preset": "attn-only"})
         adapter.source_format = "loradex-train"
-        adapter.arch = arch
+        adapter.arch = arch.name
         return adapter

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from loradex.training.loop import DEFAULT_LR
 from loradex.training.methods import Method, training_metadata
-from loradex.training.methods.lora import UNET_TARGETS, inject_lora, lora_patches
+from loradex.training.methods.lora import inject_lora, lora_patches
 from loradex.training.methods.ti import TextualInversion
 
 
@@ -19,16 +19,16 @@ class Pivotal(Method):
 
     def setup(self, ctx) -> None:
         cfg = ctx.cfg
-        inject_lora(ctx.unet, cfg.rank, cfg.lora_alpha, cfg.targets or UNET_TARGETS, cfg.dora)
+        inject_lora(ctx.denoiser, cfg.rank, cfg.lora_alpha, cfg.targets or ctx.family.lora_targets, cfg.dora)
         self.ti = TextualInversion()
         self.ti.setup(ctx)  # also casts the frozen weights for mixed precision
 
     def modules(self, ctx):
-        return [ctx.unet] + self.ti.modules(ctx)
+        return [ctx.denoiser] + self.ti.modules(ctx)
 
     def param_groups(self, ctx) -> list[dict]:
         cfg = ctx.cfg
-        lora = [p for p in ctx.unet.parameters() if p.requires_grad]
+        lora = [p for p in ctx.denoiser.parameters() if p.requires_grad]
         emb_lr = cfg.text_lr if cfg.text_lr is not None else DEFAULT_LR["ti"]
         return [{"params": lora, "lr": cfg.learning_rate, "weight_decay": 1e-2},
                 {"params": self.ti.embedding_weights(ctx), "lr": emb_lr, "weight_decay": 0.0}]
@@ -41,11 +41,10 @@ class Pivotal(Method):
 
     def export(self, ctx, result):
         from loradex.core.adapter import Adapter
-        from loradex.training.loop import pipeline_arch
 
         cfg = ctx.cfg
         md = training_metadata(ctx, result, "networks.lora",
-                               {"algo": "lora", "pivotal": True, "targets": list(cfg.targets or UNET_TARGETS)})
+                               {"algo": "lora", "pivotal": True, "targets": list(cfg.targets or ctx.family.lora_targets)})
         md["ss_num_vectors_per_token"] = str(cfg.num_vectors)
-        return Adapter(patches=lora_patches(ctx.unet, "unet"), embeddings={cfg.token: self.ti.embedding(ctx)},
-                       metadata=md, arch=pipeline_arch(ctx.pipe), source_format="loradex-train")
+        return Adapter(patches=lora_patches(ctx.denoiser, ctx.arch.denoiser), embeddings={cfg.token: self.ti.embedding(ctx)},
+                       metadata=md, arch=ctx.arch.name, source_format="loradex-train")

@@ -27,11 +27,14 @@ class TextualInversion(Method):
         from loradex.training.loop import TrainingError
 
         cfg = ctx.cfg
+        if len(ctx.clip_encoders()) != len(ctx.encoders()):
+            raise TrainingError(f"textual inversion trains CLIP token embeddings; {ctx.family.label} is also "
+                                "conditioned on T5, which loradex does not train embeddings for")
         self.tokens = [cfg.token] + [f"{cfg.token}_{i}" for i in range(1, cfg.num_vectors)]
         init = cfg.init_word or cfg.class_word or "*"
         self.ids: dict[str, torch.Tensor] = {}
         self.frozen: dict[str, torch.Tensor] = {}
-        for comp, enc, tok in ctx.encoders():
+        for comp, enc, tok in ctx.clip_encoders():
             if tok.add_tokens(self.tokens) != len(self.tokens):
                 raise TrainingError(f"token {cfg.token!r} is already in the vocabulary of {comp}: pick a new word")
             ids = tok.convert_tokens_to_ids(self.tokens)
@@ -47,13 +50,13 @@ class TextualInversion(Method):
             mask = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
             mask[self.ids[comp]] = False
             self.frozen[comp] = mask
-        cast_frozen(ctx, [e for _, e, _ in ctx.encoders()] + [ctx.unet])
+        cast_frozen(ctx, [e for _, e, _ in ctx.clip_encoders()] + [ctx.denoiser])
 
     def embedding_weights(self, ctx) -> list[torch.Tensor]:
-        return [enc.get_input_embeddings().weight for _, enc, _ in ctx.encoders()]
+        return [enc.get_input_embeddings().weight for _, enc, _ in ctx.clip_encoders()]
 
     def modules(self, ctx):
-        return [e for _, e, _ in ctx.encoders()]
+        return [e for _, e, _ in ctx.clip_encoders()]
 
     def param_groups(self, ctx) -> list[dict]:
         cfg = ctx.cfg
@@ -66,7 +69,7 @@ class TextualInversion(Method):
         return re.sub(rf"(?<![\w]){re.escape(self.tokens[0])}(?![\w])", " ".join(self.tokens), prompt)
 
     def after_backward(self, ctx) -> None:
-        for (comp, _, _), w in zip(ctx.encoders(), self.embedding_weights(ctx)):
+        for (comp, _, _), w in zip(ctx.clip_encoders(), self.embedding_weights(ctx)):
             if w.grad is not None:
                 w.grad[self.frozen[comp]] = 0
 
@@ -74,14 +77,13 @@ class TextualInversion(Method):
         from loradex.core.adapter import Embedding
 
         vec = {comp: enc.get_input_embeddings().weight[self.ids[comp]].detach().float().cpu().clone()
-               for comp, enc, _ in ctx.encoders()}
+               for comp, enc, _ in ctx.clip_encoders()}
         return Embedding(ctx.cfg.token, vec)
 
     def export(self, ctx, result):
         from loradex.core.adapter import Adapter
-        from loradex.training.loop import pipeline_arch
 
         md = training_metadata(ctx, result)
         md["ss_num_vectors_per_token"] = str(len(self.tokens))
-        return Adapter(embeddings={ctx.cfg.token: self.embedding(ctx)}, metadata=md, arch=pipeline_arch(ctx.pipe),
+        return Adapter(embeddings={ctx.cfg.token: self.embedding(ctx)}, metadata=md, arch=ctx.arch.name,
                        source_format="loradex-train")
