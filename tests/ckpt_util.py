@@ -83,3 +83,23 @@ def flux_bfl_state_dict(model, arch) -> dict[str, torch.Tensor]:
             name = "scale" if bfl.endswith(("query_norm", "key_norm")) else param
             out[f"{bfl}.{name}"] = Arch.fuse_rows(parts, tensors).contiguous()
     return out
+
+
+def sd3_single_file(pipe, arch, path, text_encoders: bool = True) -> None:
+    """A single file of a tiny SD3 pipeline as Stability's and ComfyUI's files lay it out: the MMDiT
+    under ``model.diffusion_model.`` in MMDiT names (fused ``attn.qkv`` rows, the [shift | scale]
+    swap of the pre-only context modulation and the final layer: the same fusing rules as BFL, so
+    ``flux_bfl_state_dict`` assembles it) with its ``pos_embed`` buffer, the encoders under
+    ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.`` (transformers names, ``text_model.`` kept),
+    the VAE under ``first_stage_model.`` (carried through untouched)."""
+    sd = {f"model.diffusion_model.{k}": v for k, v in flux_bfl_state_dict(pipe.transformer, arch).items()}
+    sd["model.diffusion_model.pos_embed"] = pipe.transformer.pos_embed.pos_embed.contiguous()
+    if text_encoders:
+        for comp, enc in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g"), ("text_encoder_3", "t5xxl")):
+            model = getattr(pipe, comp, None)
+            if model is not None:
+                for k, v in model.state_dict().items():
+                    sd[f"text_encoders.{enc}.transformer.{k}"] = v.clone()  # T5 ties shared/embed_tokens
+    for k, v in pipe.vae.state_dict().items():
+        sd["first_stage_model." + k] = v.contiguous()
+    save_file(sd, str(path))

@@ -179,7 +179,8 @@ def test_build_times_are_small(capsys):
     for n in BUILTINS:
         A.get_arch(n).modules  # noqa: B018 - builds every table
     tables = {k: v for k, v in A.BUILD_TIMES.items() if k.endswith(".json") and not k.startswith("tiny")}
-    assert len(tables) <= 8  # each bundled config built at most once (the rest came from the disk cache)
+    bundled = {f for fam in A.families().values() for files in fam.builtins.values() for f in files.values()}
+    assert len(tables) <= len(bundled)  # each bundled config built at most once (the rest came from the disk cache)
     with capsys.disabled():
         print(
             "\narch table build times (s): "
@@ -418,14 +419,16 @@ def test_errors():
         a.kohya_name("text_encoder_2.text_projection")
     with pytest.raises(ArchError):
         a.sgm_name("text_encoder.text_model.final_layer_norm")
+    assert A.get_arch("sd3").family.name == "sd3"  # a built-in family now (core/archs/sd3.py)
     with pytest.raises(ArchError):
-        A.get_arch("sd3")
+        A.get_arch("sd9")
     with pytest.raises(ArchError):
         A.register_arch(A.Arch("sdxl", "sdxl", {}))
     with pytest.raises(ArchError):
         A.arch_from_models({}, "nope")
+    assert tiny.tiny_arch("sd3").name == "tiny-sd3"
     with pytest.raises(ArchError):
-        tiny.tiny_arch("sd3")
+        tiny.tiny_arch("sd9")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,8 +708,8 @@ def test_detect_unsure():
     # CLIP-L alone under lora_te1 fits SDXL and FLUX.1 alike
     sdxl = A.get_arch("sdxl")
     assert A.detect_arch(synth(sdxl, "kohya", components=("text_encoder",))) is None
-    # an SD3-style file: nothing resolves
-    assert A.detect_arch({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": (4, 1536)}) is None
+    # an SD3-style file: SD3 Medium and SD3.5 Medium have this module alike; the family's first size
+    assert A.detect_arch({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": (4, 1536)}) == "sd3"
 
 
 def test_detect_cross_attention_width_decides():

@@ -12,10 +12,14 @@ from loradex.core.adapter import Adapter
 from loradex.core.kinds.base import scalar
 
 
-def load(path: str | os.PathLike, format: str | None = None, arch=None) -> Adapter:
+def load(path: str | os.PathLike, format: str | None = None, arch=None, strict: bool = False) -> Adapter:
     """Read any supported adapter/embedding file or PEFT folder. ``arch``: name (sd1, sd2, sdxl,
-    flux1, or a registered custom arch) or an Arch; detected from keys and shapes when omitted."""
-    return _conv.read(path, format=format, arch=arch)
+    flux1, or a registered custom arch) or an Arch; detected from keys and shapes when omitted.
+
+    Keys of the file that no patch kind, module or embedding explains are not dropped silently:
+    they are listed, key -> reason, in ``Adapter.unexplained`` (ComfyUI only logs "lora key not
+    loaded"); ``strict=True`` raises FormatError instead, naming the count and the first keys."""
+    return _conv.read(path, format=format, arch=arch, strict=strict)
 
 
 def save(
@@ -27,16 +31,22 @@ def save(
 
 
 def convert(
-    src: str | os.PathLike, dst: str | os.PathLike, to: str, rank: int | None = None, dtype=None, arch=None, **options
+    src: str | os.PathLike, dst: str | os.PathLike, to: str, rank: int | None = None, dtype=None, arch=None,
+    strict: bool = False, **options
 ) -> ConversionReport:
-    adapter = load(src, arch=arch)
+    """``load`` then ``save``. The report carries the reader's notes and, in ``unexplained``, every
+    source key that was not read (key -> reason), so a conversion never loses tensors unreported;
+    ``strict=True`` refuses such a source before anything is written."""
+    adapter = load(src, arch=arch, strict=strict)
     report = save(adapter, dst, to, rank=rank, dtype=dtype, **options)
     report.notes[:0] = adapter.notes
+    report.unexplained.update(adapter.unexplained)
     return report
 
 
 def describe(adapter: Adapter) -> dict:
-    """A JSON-able summary: kinds, modules per component, ranks, alphas, embeddings, metadata."""
+    """A JSON-able summary: kinds, modules per component, ranks, alphas, embeddings, metadata,
+    the reader's notes and ``unexplained`` (every key of the source nothing explained -> why)."""
     alphas = Counter()
     for p in adapter.patches.values():
         a = scalar(getattr(p, "alpha", None))
@@ -66,6 +76,8 @@ def describe(adapter: Adapter) -> dict:
             "trigger": meta.get("modelspec.trigger_phrase") or meta.get("ss_tag_frequency", "")[:0] or None,
         },
         "notes": list(adapter.notes),
+        # every source key nothing explained, key -> reason: the whole list, never cut
+        "unexplained": dict(adapter.unexplained),
     }
 
 

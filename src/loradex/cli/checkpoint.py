@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
 
+from loradex.bases import resolve_base
 from loradex.cli import cli, emit
 from loradex.cli.merge import dynamic_rank_options
-from loradex.cli.registry import input_path, output_path, ref_arch, save_as_option, store_output
+from loradex.cli.registry import ARCH_HELP, input_path, output_path, ref_arch, save_as_option, store_output
 
-ARCH_HELP = "base model architecture (sd1, sd2, sdxl, flux1); read from the model when omitted"
+MODEL_HELP = "a diffusers folder, a single-file checkpoint, a registry REF or a Hub id in the local cache"
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -19,8 +21,8 @@ def _progress(as_json: bool) -> bool:
 
 
 @cli.command("extract")
-@click.option("--base", "base", required=True, metavar="BASE|REF", help="the base model (diffusers folder or single file)")
-@click.option("--tuned", "tuned", required=True, metavar="TUNED|REF", help="the fine-tuned model (same family)")
+@click.option("--base", "base", required=True, metavar="BASE", help="the base model: " + MODEL_HELP)
+@click.option("--tuned", "tuned", required=True, metavar="TUNED", help="the fine-tuned model (same family): " + MODEL_HELP)
 @click.option("-o", "--output", "dst", default=None, type=click.Path(), help="output file; optional with --save-as")
 @click.option("--rank", type=click.IntRange(min=1), default=None,
               help="rank of linear layers (with --fro/--ratio/--cumulative: a cap)")
@@ -47,18 +49,22 @@ def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_d
         raise click.UsageError("give a policy: --rank N, --fro F, --ratio R or --cumulative C")
     if sum(v is not None for v in (fro, ratio, cumulative)) > 1:
         raise click.UsageError("give at most one of --fro, --ratio, --cumulative")
-    with input_path(base) as (bpath, bver), input_path(tuned) as (tpath, tver):
-        a = ref_arch(arch, bver) or ref_arch(None, tver)
+    with contextlib.ExitStack() as stack:
+        b = stack.enter_context(resolve_base(base))
+        t = stack.enter_context(resolve_base(tuned))
+        bpath, tpath = b.require_path("extract"), t.require_path("extract")
         adapter, report = extract(bpath, tpath, rank=rank, conv_rank=conv_rank, fro=fro, ratio=ratio,
-                                  cumulative=cumulative, arch=a, min_diff=min_diff,
+                                  cumulative=cumulative, arch=arch or b.arch, min_diff=min_diff,
                                   dtype=getattr(torch, _DTYPES[dtype]), progress=_progress(as_json))
         if not adapter.patches:
             raise click.ClickException("the models are identical in every linear/conv layer: nothing to extract")
+        adapter.metadata["loradex.base_model"] = b.identity
         params = {k: v for k, v in report.policy.items()}
         params.update(to=to, **({"min_diff": min_diff} if min_diff else {}))
         with output_path(dst, save_as, folder=to.lower() == "peft") as out:
             wreport = save(adapter, out, to, arch=adapter.arch)
-            saved = store_output(out, save_as, "extract", [bver or bpath, tver or tpath], params) if save_as else None
+            saved = store_output(out, save_as, "extract", [b.version or bpath, t.version or tpath], params,
+                                 arch=adapter.arch, base=b) if save_as else None
     d = {"base": base, "tuned": tuned, "dst": dst, "format": to, **report.to_dict(), "write": wreport.to_dict()}
     text = [f"extracted {tuned} - {base}: {report.summary()}"]
     for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1]["error"])[:20]:
@@ -75,7 +81,7 @@ def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_d
 
 
 @cli.command("bake")
-@click.option("--base", "base", required=True, metavar="BASE|REF", help="the base model (diffusers folder or single file)")
+@click.option("--base", "base", required=True, metavar="BASE", help="the base model: " + MODEL_HELP)
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER[:W]...")
 @click.option("-o", "--output", "dst", default=None, type=click.Path(), help="output (file or folder, like the base)")
 @click.option("--with-embeddings", is_flag=True, help="append the adapters' TI tokens to the tokenizer(s) and embedding table(s)")
@@ -86,8 +92,6 @@ def bake_cmd(base, adapters, dst, with_embeddings, arch, save_as, as_json):
     """Merge ADAPTERs (files or registry REFs, each with an optional weight W, default 1) into BASE,
     with every kind's exact math, streaming tensor by tensor; the output has the base's layout
     (diffusers folder or single file)."""
-    import contextlib
-
     from loradex.api import load
     from loradex.cli.merge import _parse_item
     from loradex.converters.checkpoint import CheckpointReader
@@ -95,9 +99,10 @@ def bake_cmd(base, adapters, dst, with_embeddings, arch, save_as, as_json):
 
     parsed = [_parse_item(a) for a in adapters]
     with contextlib.ExitStack() as stack:
-        bpath, bver = stack.enter_context(input_path(base))
-        reader = CheckpointReader(bpath, arch=ref_arch(arch, bver))
-        items, parents = [], [bver or bpath]
+        b = stack.enter_context(resolve_base(base))
+        bpath = b.require_path("bake")
+        reader = CheckpointReader(bpath, arch=arch or b.arch)
+        items, parents = [], [b.version or bpath]
         for path, w in parsed:
             p, version = stack.enter_context(input_path(path))
             items.append((load(p, arch=ref_arch(arch, version) or reader.arch), w))
@@ -107,7 +112,7 @@ def bake_cmd(base, adapters, dst, with_embeddings, arch, save_as, as_json):
         saved = None
         if save_as:
             params = {"weights": [w for _, w in parsed], "with_embeddings": with_embeddings}
-            saved = store_output(out, save_as, "bake", parents, params)
+            saved = store_output(out, save_as, "bake", parents, params, arch=reader.arch, base=b)
     d = {"base": base, "adapters": [p for p, _ in parsed], "dst": dst, **report.to_dict()}
     text = [f"baked into {dst or save_as}: {report.summary()}"]
     for tok, ids in report.tokens.items():

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from loradex.cli import cli, emit
-from loradex.cli.registry import input_path, output_path, ref_arch, save_as_option, store_output
-
-ARCH_HELP = "base model architecture (sd1, sd2, sdxl, flux1); detected from the file when omitted"
+from loradex.cli.registry import (
+    arch_options,
+    chosen_arch,
+    input_path,
+    output_path,
+    recorded_base,
+    save_as_option,
+    store_output,
+)
 
 
 def _fmt_counts(d: dict) -> str:
@@ -16,15 +24,17 @@ def _fmt_counts(d: dict) -> str:
 
 @cli.command("inspect")
 @click.argument("path", type=click.Path(exists=False), metavar="PATH|REF")
-@click.option("--arch", default=None, help=ARCH_HELP)
+@arch_options
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
-def inspect_cmd(path: str, arch: str | None, as_json: bool) -> None:
+def inspect_cmd(path: str, arch: str | None, base: str | None, as_json: bool) -> None:
     """Format, arch, kinds, modules, ranks, alphas, embeddings, metadata and hashes of PATH (or of a
     registry REF: NAME, NAME@N, NAME:TAG, sha256 prefix)."""
     from loradex.api import inspect
 
-    with input_path(path) as (p, version):
-        info = inspect(p, arch=ref_arch(arch, version))
+    with contextlib.ExitStack() as stack:
+        p, version = stack.enter_context(input_path(path))
+        a, _ = chosen_arch(stack, arch, base, version)
+        info = inspect(p, arch=a)
     if version is not None:
         info.update(path=path, ref=version.ref)
     if as_json:
@@ -61,14 +71,14 @@ def inspect_cmd(path: str, arch: str | None, as_json: bool) -> None:
 @click.option("--to", "to", required=True, help="kohya | a1111 | comfy | lycoris | diffusers | peft | a1111-ti | kohya-ti | diffusers-ti")
 @click.option("--rank", type=int, default=None, help="SVD rank for kinds the target cannot hold exactly")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="cast the output tensors")
-@click.option("--arch", default=None, help=ARCH_HELP)
+@arch_options
 @click.option("--uniform-alpha", is_flag=True,
               help="kohya: fold per-module alphas into lora_up so diffusers' kohya loader reads the file exactly")
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the conversion report as JSON")
 def convert_cmd(
-    src: str, dst: str | None, to: str, rank: int | None, dtype: str | None, arch: str | None, uniform_alpha: bool,
-    save_as: str | None, as_json: bool
+    src: str, dst: str | None, to: str, rank: int | None, dtype: str | None, arch: str | None, base: str | None,
+    uniform_alpha: bool, save_as: str | None, as_json: bool
 ) -> None:
     """Convert SRC (any supported format) to FORMAT, exact wherever the math allows.
 
@@ -78,12 +88,16 @@ def convert_cmd(
     from loradex.api import convert
 
     options = {"uniform_alpha": True} if uniform_alpha else {}
-    with input_path(src) as (src_path, version), output_path(dst, save_as, folder=to.lower() == "peft") as out:
-        report = convert(src_path, out, to, rank=rank, dtype=dtype, arch=ref_arch(arch, version), **options)
+    with contextlib.ExitStack() as stack:
+        src_path, version = stack.enter_context(input_path(src))
+        a, b = chosen_arch(stack, arch, base, version)
+        out = stack.enter_context(output_path(dst, save_as, folder=to.lower() == "peft"))
+        report = convert(src_path, out, to, rank=rank, dtype=dtype, arch=a, **options)
         saved = None
         if save_as:
-            params = {"to": to, "rank": rank, "dtype": dtype, "arch": arch, **options}
-            saved = store_output(out, save_as, "convert", [version or src_path], {k: v for k, v in params.items() if v})
+            params = {"to": to, "rank": rank, "dtype": dtype, "arch": getattr(a, "name", a), "base": base, **options}
+            saved = store_output(out, save_as, "convert", [version or src_path], {k: v for k, v in params.items() if v},
+                                 arch=a, base=b or recorded_base(version))
     d = report.to_dict()
     d.update(src=src, dst=dst)
     text = [f"wrote {dst} ({report.target}): {report.summary()}" if dst else f"converted ({report.target}): {report.summary()}"]

@@ -8,6 +8,7 @@ its weight; every cell of a column uses the same seed, so only the adapter diffe
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import click
 
 from loradex.cli import cli, emit
 from loradex.cli.merge import _parse_item
+from loradex.cli.registry import base_pipeline
 
 LABEL_H = 14  # pixels of the label strip above each cell (PIL's default bitmap font is ~11 px)
 
@@ -66,7 +68,9 @@ def _label(ref: str) -> str:
 
 @cli.command()
 @click.argument("prompt")
-@click.option("--base", default=None, help="diffusers folder or .safetensors checkpoint (default: the embedded tiny model)")
+@click.option("--base", default=None, metavar="BASE",
+              help="a diffusers folder, a .safetensors checkpoint, a registry REF, a Hub id in the local cache, or an "
+                   "embedded tiny model (tiny, tiny-sdxl, tiny-flux1, tiny-sd3) [default: tiny]")
 @click.option("--adapter", "adapters", multiple=True, metavar="REF[:W]", help="adapter path or registry REF, weight (repeatable: stacked)")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG to write")
 @click.option("--steps", type=int, default=None, help="denoising steps (default 20; 4 on the tiny model)")
@@ -94,52 +98,47 @@ def generate(prompt, base, adapters, output, steps, width, height, seed, negativ
     if grid and not adapters:
         raise click.BadParameter("--grid needs at least one --adapter", param_hint="--grid")
     items = [_parse_item(a) for a in adapters]
-    tiny = base is None
-    steps = steps if steps is not None else (4 if tiny else 20)
-    width = width if width is not None else (64 if tiny else 512)
-    height = height if height is not None else (64 if tiny else 512)
+    with contextlib.ExitStack() as stack:
+        source, _, tiny = base_pipeline(stack, base, "generate")
+        steps = steps if steps is not None else (4 if tiny else 20)
+        width = width if width is not None else (64 if tiny else 512)
+        height = height if height is not None else (64 if tiny else 512)
 
-    def req(ads: list[tuple[str, float]]) -> GenerateRequest:
-        return GenerateRequest(prompt, adapters=ads, negative_prompt=negative_prompt, steps=steps, width=width,
-                               height=height, seed=seed, guidance_scale=guidance)
+        def req(ads: list[tuple[str, float]]) -> GenerateRequest:
+            return GenerateRequest(prompt, adapters=ads, negative_prompt=negative_prompt, steps=steps, width=width,
+                                   height=height, seed=seed, guidance_scale=guidance)
 
-    if grid:
-        if sweep is None:
-            rows_spec = [[("base", []), *[(f"{_label(r)}:{w:g}", [(r, w)]) for r, w in items]]]
+        if grid:
+            if sweep is None:
+                rows_spec = [[("base", []), *[(f"{_label(r)}:{w:g}", [(r, w)]) for r, w in items]]]
+            else:
+                rows_spec = [[(f"{_label(r)}:{w:g}", [(r, w)]) for w in sweep] for r, _ in items]
         else:
-            rows_spec = [[(f"{_label(r)}:{w:g}", [(r, w)]) for w in sweep] for r, _ in items]
-    else:
-        rows_spec = [[(" + ".join(f"{_label(r)}:{w:g}" for r, w in items) or "base", items)]]
-    flat = [req(ads).validate() for row in rows_spec for _, ads in row]  # bad values: exit 2 before loading
-    if tiny:
-        from loradex.tiny import quiet, tiny_sd_pipeline
+            rows_spec = [[(" + ".join(f"{_label(r)}:{w:g}" for r, w in items) or "base", items)]]
+        flat = [req(ads).validate() for row in rows_spec for _, ads in row]  # bad values: exit 2 before loading
+        registry = None
+        if any(not Path(ref).exists() for ref, _ in items):
+            from loradex.registry import Registry
 
-        with quiet():
-            base = tiny_sd_pipeline()
-    registry = None
-    if any(not Path(ref).exists() for ref, _ in items):
-        from loradex.registry import Registry
+            registry = Registry()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bar = None
+        if not as_json and sys.stderr.isatty():
+            from tqdm import tqdm
 
-        registry = Registry()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    bar = None
-    if not as_json and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=1, desc="loading base", file=sys.stderr, leave=False)
-    engine = Engine(base, device=device, max_rank=max_rank, registry=registry)
-
-    if bar is not None:
-        bar.set_description("generating")
-        bar.reset(total=len(flat))
-    images = []
-    for i in range(0, len(flat), engine.max_batch):  # whole batches; the bar advances per batch
-        chunk = engine.generate(flat[i:i + engine.max_batch])
-        images += chunk
+            bar = tqdm(total=1, desc="loading base", file=sys.stderr, leave=False)
+        engine = Engine(source, device=device, max_rank=max_rank, registry=registry)
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.set_description("generating")
+            bar.reset(total=len(flat))
+        images = []
+        for i in range(0, len(flat), engine.max_batch):  # whole batches; the bar advances per batch
+            chunk = engine.generate(flat[i:i + engine.max_batch])
+            images += chunk
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
     it = iter(images)
     cells = [[(label, next(it)) for label, _ in row] for row in rows_spec]
     dst = Path(output)

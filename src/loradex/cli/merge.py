@@ -5,9 +5,16 @@ from __future__ import annotations
 import click
 
 from loradex.cli import cli, emit
-from loradex.cli.registry import input_path, output_path, ref_arch, save_as_option, store_output
+from loradex.cli.registry import (
+    arch_options,
+    chosen_arch,
+    input_path,
+    output_path,
+    recorded_base,
+    save_as_option,
+    store_output,
+)
 
-ARCH_HELP = "base model architecture (sd1, sd2, sdxl, flux1); detected from the file when omitted"
 #: Write formats that can hold what resize / merge produce.
 _LORA_FORMATS = ("kohya", "comfy", "lycoris", "diffusers", "peft")
 
@@ -45,13 +52,14 @@ def _parse_item(arg: str) -> tuple[str, float]:
         return arg, 1.0
 
 
-def _write(adapter, to, dst, save_as, operation, parents, params, arch):
+def _write(adapter, to, dst, save_as, operation, parents, params, arch, base=None):
     from loradex.api import save
 
     to = to or default_format(adapter)
     with output_path(dst, save_as, folder=to.lower() == "peft") as out:
         report = save(adapter, out, to, arch=arch)
-        saved = store_output(out, save_as, operation, parents, params) if save_as else None
+        saved = store_output(out, save_as, operation, parents, params, arch=arch or adapter.arch,
+                             base=base) if save_as else None
     return to, report, saved
 
 
@@ -86,10 +94,10 @@ def dynamic_rank_options(f):
               help="fixed rank (with --fro/--ratio/--cumulative: a cap)")
 @dynamic_rank_options
 @click.option("--to", "to", default=None, help="output format (default: the input's when it can hold the result, else kohya)")
-@click.option("--arch", default=None, help=ARCH_HELP)
+@arch_options
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, save_as, as_json):
+def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, save_as, as_json):
     """Truncate every LoRA / LoHa / LoKr module of IN to a fixed or per-module dynamic rank (SVD from
     the factors; the scale alpha/rank is preserved). Other kinds are kept as they are."""
     from loradex.api import load
@@ -99,12 +107,16 @@ def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, save_as, as_jso
         raise click.UsageError("give a policy: --rank N, --fro F, --ratio R or --cumulative C")
     if sum(v is not None for v in (fro, ratio, cumulative)) > 1:
         raise click.UsageError("give at most one of --fro, --ratio, --cumulative")
-    with input_path(src) as (src_path, version):
-        adapter = load(src_path, arch=ref_arch(arch, version))
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        src_path, version = stack.enter_context(input_path(src))
+        a, b = chosen_arch(stack, arch, base, version)
+        adapter = load(src_path, arch=a)
         out, report = resize(adapter, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative)
-        params = {"rank": rank, "fro": fro, "ratio": ratio, "cumulative": cumulative, "to": to}
+        params = {"rank": rank, "fro": fro, "ratio": ratio, "cumulative": cumulative, "to": to, "base": base}
         to, wreport, saved = _write(out, to, dst, save_as, "resize", [version or src_path],
-                                    {k: v for k, v in params.items() if v is not None}, arch)
+                                    {k: v for k, v in params.items() if v is not None}, a, b or recorded_base(version))
     d = {"src": src, **report.to_dict()}
     text = [f"resized {src}: {report.summary()}"]
     for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1]["error"])[:20]:
@@ -150,13 +162,14 @@ _METHOD_HELP = ("concat: the exact weighted sum (ranks add up; one input: only s
 @click.option("--seed", type=int, default=0, show_default=True, help="dare: seed of the drop masks")
 @click.option("--blocks", default=None,
               help="block weights for every input without its own :BLOCKS: a preset (ALL, INALL, MIDD, OUTALL, ...) "
-                   "or w,w,... (SD1 17/26, SDXL 12/20, FLUX 61 entries)")
+                   "or w,w,... (SD1 17/26, SDXL 12/20, FLUX 61 entries; other bases: their own layout)")
 @click.option("--to", "to", default=None,
               help="output format (default: the first input's when it can hold the result, else kohya)")
-@click.option("--arch", default=None, help=ARCH_HELP)
+@arch_options
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, arch, save_as, as_json):
+def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, arch, base, save_as,
+              as_json):
     """Merge adapters IN (files or registry REFs), each with an optional weight W (default 1,
     negative allowed) and block weights BLOCKS. concat: the result's update is exactly
     sum_i W_i dW_i (LoHa/LoKr through their exact LoRA form). Embeddings are kept (a token in
@@ -176,19 +189,23 @@ def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, 
         raise click.UsageError("--density applies to ties, dare, dare_ties and magnitude")
     parsed = [_parse_merge_item(a) for a in inputs]
     with contextlib.ExitStack() as stack:
-        items, parents = [], []
+        items, parents, bases = [], [], []
+        a, b = chosen_arch(stack, arch, base)
         for path, w, spec in parsed:
             p, version = stack.enter_context(input_path(path))
-            items.append((load(p, arch=ref_arch(arch, version)), w, spec))
+            items.append((load(p, arch=a if a is not None else chosen_arch(stack, None, None, version)[0]), w, spec))
             parents.append(version or p)
+            bases.append(recorded_base(version))
         out, report = merge(items, method=method, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative,
-                            density=density, seed=seed, blocks=blocks, arch=arch,
+                            density=density, seed=seed, blocks=blocks, arch=a,
                             progress=not as_json and sys.stderr.isatty())
         params = {"method": method, "weights": [w for _, w, _ in parsed], **report.params,
                   **({"blocks": blocks} if blocks else {}),
                   **({"input_blocks": [b for _, _, b in parsed]} if any(b for _, _, b in parsed) else {}),
                   **({"to": to} if to else {})}
-        to, wreport, saved = _write(out, to, dst, save_as, "merge", parents, params, arch)
+        same = {x.identity for x in bases if x is not None}
+        inherited = next(x for x in bases if x is not None) if len(same) == 1 and None not in bases else None
+        to, wreport, saved = _write(out, to, dst, save_as, "merge", parents, params, a, b or inherited)
     d = {"inputs": [p for p, _, _ in parsed], **report.to_dict()}
     text = [f"merged: {report.summary()}"]
     if report.method not in ("concat",):

@@ -81,10 +81,39 @@ def input_path(arg: str) -> Iterator[tuple[Path, object]]:
         yield path, v
 
 
-def ref_arch(arch: str | None, version) -> str | None:
+def ref_arch(arch, version):
     """``--arch`` if given, else the architecture the registry recorded for the REF's version
-    (custom archs, e.g. the tiny demo models, cannot be detected from the file alone)."""
-    return arch or (getattr(version, "arch", None) if version is not None else None)
+    (adapters for custom bases cannot be detected from their keys alone), rebuilt from the
+    catalogue's descriptor where this process does not know it."""
+    if arch is not None or version is None or not getattr(version, "arch", None):
+        return arch
+    return _registry().arch(version.arch)
+
+
+ARCH_HELP = ("architecture name: sd1, sd2, sdxl, flux1, sd3, sd3.5-medium, sd3.5-large, tiny (= tiny-sd1), "
+             "tiny-sdxl, ... or a derived <family>-<hash>; detected when omitted")
+BASE_HELP = ("the base model it is for: a diffusers folder, a checkpoint file, a registry REF or a Hub id in the "
+             "local cache (its architecture is read from its own configs and sizes)")
+
+
+def arch_options(f):
+    """``--arch NAME`` and ``--base BASE``: the two ways to name the architecture of an input."""
+    f = click.option("--base", "base", default=None, metavar="BASE", help=BASE_HELP)(f)
+    return click.option("--arch", default=None, help=ARCH_HELP)(f)
+
+
+def chosen_arch(stack: contextlib.ExitStack, arch: str | None, base: str | None, version=None):
+    """``(arch, base)`` for a command's ``--arch``/``--base`` and its input's REF version: the
+    ``--base``'s arch (the base resolved for the command's duration), else ``--arch``, else the
+    REF's recorded arch, else None (detected from the file)."""
+    if base is None:
+        return ref_arch(arch, version), None
+    from loradex.bases import resolve_base
+
+    b = stack.enter_context(resolve_base(base))
+    if arch is not None and arch != b.arch.name:
+        raise click.UsageError(f"--arch {arch} and --base {base} ({b.arch.name}) disagree; give one of them")
+    return b.arch, b
 
 
 def save_as_option(f):
@@ -114,10 +143,40 @@ def output_path(dst: str | None, save_as: str | None, folder: bool = False) -> I
         shutil.rmtree(d, ignore_errors=True)
 
 
-def store_output(path: Path, save_as: str, operation: str, parents: list, params: dict):
+def base_pipeline(stack: contextlib.ExitStack, base: str | None, what: str):
+    """What a pipeline-loading command (train, generate, serve) loads for ``--base``:
+    ``(source for converters.pipeline.load_pipeline, Base or None, tiny)``. No ``--base``: the
+    embedded tiny SD1 model; an embedded tiny name: that tiny pipeline; otherwise the base's folder
+    or file (a REF stays checked out, a Hub id is its cached snapshot)."""
+    if base is None:
+        return "tiny", None, True
+    from loradex.bases import resolve_base
+    from loradex.core.archs import tiny_names
+
+    b = stack.enter_context(resolve_base(base))
+    if b.path is not None:
+        return b.path, b, False
+    if b.arch.name in tiny_names():
+        return b.arch.name, b, True
+    return b.require_path(what), b, False
+
+
+def recorded_base(version):
+    """The base a REF's version was stored with, carried over to what is made from it (a ``Base``
+    with only its identity), or None."""
+    if version is None or not getattr(version, "base_model", None):
+        return None
+    from loradex.bases import Base
+
+    return Base(version.base_model, None, version.base_model)
+
+
+def store_output(path: Path, save_as: str, operation: str, parents: list, params: dict, arch=None, base=None):
     """Add what a command wrote as the next version of ``save_as``; lineage: ``parents`` (Versions,
-    REFs or paths) -> it, by ``operation`` with ``params``."""
-    return _registry().add(path, save_as, parents=parents, operation=operation, params=params)
+    REFs or paths) -> it, by ``operation`` with ``params``; ``arch`` (name or Arch) and ``base``
+    (a resolved ``Base``: its identity is recorded as the base model) when the command knew them."""
+    return _registry().add(path, save_as, parents=parents, operation=operation, params=params, arch=arch,
+                           base_model=base.identity if base is not None else None)
 
 
 # ---- commands --------------------------------------------------------------------------------------
@@ -128,15 +187,26 @@ def store_output(path: Path, save_as: str, operation: str, parents: list, params
 @click.option("--description", default=None, help="what the adapter is (goes into model cards)")
 @click.option("--trigger", "triggers", multiple=True, help="a trigger word or phrase; repeatable")
 @click.option("--label", "labels", multiple=True, help="a searchable label (style, character...); repeatable")
-@click.option("--arch", default=None, help="base architecture when it cannot be detected (sd1, sd2, sdxl, flux1)")
-@click.option("--base-model", default=None, help="the base model it was trained on (a Hub id or a name)")
+@arch_options
+@click.option("--base-model", default=None, help="record this as its base model (a Hub id or a name) without reading it")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
-def add_cmd(path, name, tags, description, triggers, labels, arch, base_model, as_json):
+def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_model, as_json):
     """Store PATH in the registry: an adapter, embedding or checkpoint file, a PEFT adapter folder, a
     diffusers pipeline folder, or a folder of such files (e.g. A1111's models/Lora: every file
-    loradex recognises is imported, the rest reported)."""
+    loradex recognises is imported, the rest reported). With --base, every file is read against
+    that base's architecture and the base is recorded, so later commands on the REF need no --base."""
+    with contextlib.ExitStack() as stack:
+        _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, as_json)
+
+
+def _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, as_json):
     from loradex.registry.registry import is_folder_artifact
 
+    arch, b = chosen_arch(stack, arch, base)
+    if b is not None:
+        if base_model is not None and base_model != b.identity:
+            raise click.UsageError("--base and --base-model name different bases; give one of them")
+        base_model = b.identity
     reg = _registry()
     p = Path(path)
     if p.is_dir() and not is_folder_artifact(p):
@@ -147,7 +217,7 @@ def add_cmd(path, name, tags, description, triggers, labels, arch, base_model, a
                 files.set_postfix_str(rel[-40:])
                 files.update(1)
 
-        report = reg.add_many(p, prefix=name, tags=tags, arch=arch, on_file=on_file)
+        report = reg.add_many(p, prefix=name, tags=tags, arch=arch, base_model=base_model, on_file=on_file)
         if files is not None:
             files.close()
         text = [f"added {len(report.added)}, already stored {len(report.existing)}, skipped {len(report.skipped)}"]
@@ -292,13 +362,15 @@ def rm_cmd(ref, all_versions, as_json):
 @click.option("--to", default=None, help="convert to this format (kohya, diffusers, peft, lycoris, ...); default: the stored bytes")
 @click.option("--rank", type=int, default=None, help="SVD rank for kinds the target cannot hold exactly")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="cast the output tensors")
-@click.option("--arch", default=None, help="base architecture when it cannot be detected")
+@arch_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def export_cmd(ref, out, to, rank, dtype, arch, as_json):
+def export_cmd(ref, out, to, rank, dtype, arch, base, as_json):
     """Write a stored version to OUT: the exact stored bytes, or converted with --to."""
     reg = _registry()
     v = reg.get(ref)
-    res = reg.export(v, out, to=to, rank=rank, dtype=dtype, arch=arch)
+    with contextlib.ExitStack() as stack:
+        arch, _ = chosen_arch(stack, arch, base)
+        res = reg.export(v, out, to=to, rank=rank, dtype=dtype, arch=arch)
     if to is None:
         emit({"ref": v.ref, "path": str(res), "sha256": v.sha256}, as_json, f"wrote {res} ({v.ref}, {_size(v.size)})")
     else:
@@ -373,13 +445,17 @@ def gc_cmd(dry_run, as_json):
 @click.option("--license", default=None, help="card license (default by architecture)")
 @click.option("--dry-run", is_flag=True, help="write the folder that would be uploaded to -o DIR, upload nothing")
 @click.option("-o", "--output", "out", default=None, type=click.Path(), help="with --dry-run: the folder to write")
+@arch_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def push_cmd(ref, repo_id, private, to, license, dry_run, out, as_json):
+def push_cmd(ref, repo_id, private, to, license, dry_run, out, arch, base, as_json):
     """Publish a version on the Hugging Face Hub with a model card. The token comes from
     huggingface_hub (HF_TOKEN or `hf auth login`) and is never printed or stored."""
     if out is not None and not dry_run:
         raise click.UsageError("-o is for --dry-run (the upload is made from a temporary folder)")
-    r = _registry().push(ref, repo_id, private=private, to=to, dry_run=dry_run, out_dir=out, license=license)
+    with contextlib.ExitStack() as stack:
+        arch, _ = chosen_arch(stack, arch, base)
+        r = _registry().push(ref, repo_id, private=private, to=to, dry_run=dry_run, out_dir=out, license=license,
+                             arch=arch)
     if dry_run:
         text = f"wrote {r['folder']} (would upload to {repo_id}): {', '.join(r['files'])}"
     else:
@@ -393,7 +469,7 @@ def push_cmd(ref, repo_id, private, to, license, dry_run, out, as_json):
 @click.option("--name", required=True, help="store it under this name")
 @click.option("--file", "filename", default=None, help="the file (or sub-folder) of the repo to store")
 @click.option("--tag", "tags", multiple=True, help="point this tag at the new version; repeatable")
-@click.option("--arch", default=None, help="base architecture when it cannot be detected")
+@click.option("--arch", default=None, help=ARCH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def pull_cmd(repo, name, filename, tags, arch, as_json):
     """Download REPO (ID or ID@REVISION) with huggingface_hub (its cache, HF_HUB_OFFLINE honoured) and

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loradex.cli import cli
+from loradex.cli.registry import base_pipeline
 from loradex.errors import LoradexError
 
 #: request defaults for the tiny embedded pipeline (a 64x64, 2-step image in well under a second)
@@ -13,7 +14,8 @@ TINY_DEFAULTS = {"steps": 2, "width": 64, "height": 64}
 
 @cli.command("serve")
 @click.option("--base", default=None, metavar="BASE",
-              help="diffusers folder or single-file checkpoint (default: the tiny embedded pipeline, offline)")
+              help="a diffusers folder, a single-file checkpoint, a registry REF, a Hub id in the local cache, or an "
+                   "embedded tiny model (tiny, tiny-sdxl, tiny-flux1, tiny-sd3) [default: tiny, offline]")
 @click.option("--host", default="127.0.0.1", show_default=True, help="interface to listen on")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="port (0: a free one)")
 @click.option("--registry-home", default=None, type=click.Path(file_okay=False),
@@ -51,12 +53,25 @@ def serve_cmd(base, host, port, registry_home, no_registry, allow_paths, device,
     With --ray the adapter REF is also Serve's multiplexed model id: send it in the
     `serve_multiplexed_model_id` header to reach a replica where it is warm.
     """
+    import contextlib
+
+    with contextlib.ExitStack() as stack:  # a REF base stays checked out while the server runs
+        source, _, tiny = base_pipeline(stack, base, "serve")
+        _serve(source if base is not None else None, tiny, host, port, registry_home, no_registry, allow_paths,
+               device, dtype, slots, max_rank, max_queue, max_batch, window_ms, use_ray, replicas, ray_address,
+               log_level)
+
+
+def _serve(base, tiny, host, port, registry_home, no_registry, allow_paths, device, dtype, slots, max_rank, max_queue,
+           max_batch, window_ms, use_ray, replicas, ray_address, log_level):
     import torch
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     engine_kwargs = {"device": device, "dtype": dtypes.get(dtype), "max_rank": max_rank, "slots": slots,
                      "allow_paths": allow_paths}
-    defaults = TINY_DEFAULTS if base is None else None
+    defaults = TINY_DEFAULTS if tiny else None
+    if base is not None:
+        base = str(base)
     if registry_home is not None and no_registry:
         raise click.UsageError("--registry-home and --no-registry exclude each other")
     if no_registry and not allow_paths:

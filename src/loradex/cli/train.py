@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from loradex.cli import cli, emit
-from loradex.cli.registry import _bar, _registry, output_path, save_as_option
+from loradex.cli.registry import _bar, _registry, base_pipeline, output_path, save_as_option
 
 
 @cli.group("dataset")
@@ -64,7 +64,9 @@ def dataset_check(root, resolution, min_size, blur_threshold, dup_distance, face
 
 @cli.command("train")
 @click.argument("method", type=click.Choice(["lora", "ti", "loha", "lokr", "pivotal", "dreambooth"]))
-@click.option("--base", default=None, help="diffusers folder or single-file checkpoint [default: the embedded tiny model]")
+@click.option("--base", default=None, metavar="BASE",
+              help="a diffusers folder, a single-file checkpoint, a registry REF, a Hub id in the local cache, or an "
+                   "embedded tiny model (tiny, tiny-sdxl, tiny-flux1, tiny-sd3) [default: tiny]")
 @click.option("--data", "data", required=True, type=click.Path(), help="folder of images (+ optional .txt captions)")
 @click.option("--token", default="sks", show_default=True, help="the trigger word (TI/pivotal: the new token)")
 @click.option("--class-word", default=None, help="what the subject is (dog, person...): prompts, TI init, prior images")
@@ -75,7 +77,7 @@ def dataset_check(root, resolution, min_size, blur_threshold, dup_distance, face
 @click.option("--text-lr", type=float, default=None, help="ti/pivotal: the embedding's learning rate")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--resolution", type=click.IntRange(min=8), default=None,
-              help="training resolution [default: 512; 32 for the embedded tiny model]")
+              help="training resolution [default: the family's (SD1 512, SD2 768, SDXL/FLUX/SD3 1024); 32 for tiny models]")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--targets", default=None, help="comma-separated module names for LoRA [default: to_q,to_k,to_v,to_out.0]")
 @click.option("--text-encoder", is_flag=True, help="lora: also train LoRA on the text encoder(s); dreambooth: fine-tune it")
@@ -107,27 +109,32 @@ def train_cmd(method, base, data, token, class_word, steps, rank, alpha, lr, tex
     """Train METHOD (lora, ti, loha, lokr, pivotal, dreambooth) on the curated images of --data and
     write it with ModelSpec + ss_* metadata; --save-as stores it with its lineage (base, dataset
     hash, hyperparameters)."""
+    import contextlib
     from pathlib import Path
 
     from loradex.training.loop import DEFAULT_FORMAT, TrainConfig, save_trained, train
 
     if not Path(data).is_dir():
         raise click.BadParameter(f"{data}: not a folder", param_hint="--data")
-    if resolution is None:  # the tiny model's VAE halves, so 32 px is a 16x16 latent: seconds on a CPU
-        resolution = 512 if base else 32
-    cfg = TrainConfig(
-        method=method, token=token, class_word=class_word, steps=steps, lr=lr, text_lr=text_lr,
-        batch_size=batch_size, resolution=resolution, seed=seed, rank=rank, alpha=alpha,
-        targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None,
-        text_encoder=text_encoder, dora=dora, num_vectors=vectors, init_word=init_word,
-        prior_preservation=prior_preservation, prior_weight=prior_weight, num_class_images=num_class_images,
-        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
-        checkpoint_every=checkpoint_every, sample_every=sample_every, sample_prompt=sample_prompt,
-        curate=not no_curate, min_size=min_size, blur_threshold=blur_threshold, dup_distance=dup_distance, faces=faces,
-    )
-    fmt = to or DEFAULT_FORMAT[method]
-    folder = method == "dreambooth" or fmt.lower() == "peft"
-    with output_path(dst, save_as, folder=folder) as out:
+    with contextlib.ExitStack() as stack:
+        source, b, tiny = base_pipeline(stack, base, "train")
+        if resolution is None:  # a tiny model's VAE halves, so 32 px is a 16x16 latent: seconds on a CPU
+            resolution = 32 if tiny else b.arch.family.resolution
+        cfg = TrainConfig(
+            method=method, token=token, class_word=class_word, steps=steps, lr=lr, text_lr=text_lr,
+            batch_size=batch_size, resolution=resolution, seed=seed, rank=rank, alpha=alpha,
+            targets=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None,
+            text_encoder=text_encoder, dora=dora, num_vectors=vectors, init_word=init_word,
+            prior_preservation=prior_preservation, prior_weight=prior_weight, num_class_images=num_class_images,
+            gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+            checkpoint_every=checkpoint_every, sample_every=sample_every, sample_prompt=sample_prompt,
+            curate=not no_curate, min_size=min_size, blur_threshold=blur_threshold, dup_distance=dup_distance,
+            faces=faces,
+        )
+        fmt = to or DEFAULT_FORMAT[method]
+        folder = method == "dreambooth" or fmt.lower() == "peft"
+        identity = b.identity if b is not None else "tiny-sd1"
+        out = stack.enter_context(output_path(dst, save_as, folder=folder))
         if dst is None and method == "ti":  # A1111 names an embedding after its file: name it after the token
             out = out.with_name(f"{token}{out.suffix}")
         if not folder and out.suffix == "" and dst is not None:
@@ -136,17 +143,16 @@ def train_cmd(method, base, data, token, class_word, steps, rank, alpha, lr, tex
         # work folder: next to -o OUT, else ./NAME.work (not inside --save-as's temporary folder)
         where = Path(dst) if dst else Path.cwd() / (save_as or "train")
         wd = work_dir or (str(where) + ".work" if (checkpoint_every or sample_every or prior_preservation) else None)
-        result = train(data, cfg, base=base, work_dir=wd, resume=resume, device=device, progress=not as_json)
-        written = save_trained(result, out, format=to)
+        result = train(data, cfg, base=source, work_dir=wd, resume=resume, device=device, progress=not as_json)
+        written = save_trained(result, out, format=to, base_model=identity)
         params = {**{k: v for k, v in cfg.to_dict().items() if v is not None}, "base": base or "tiny",
                   "dataset_sha256": result.dataset.fingerprint() if result.dataset is not None else None}
         saved = None
         if save_as:
-            parents = [base] if base and Path(base).exists() else []
-            arch = result.ctx.arch.name
+            parents = [b.version or b.path] if b is not None and b.path is not None else []
             saved = _registry().add(Path(written["paths"][0]), save_as, parents=parents, operation="train",
-                                    params=params, arch=arch, trigger_words=[token],
-                                    source=base or "loradex tiny model (embedded)")
+                                    params=params, arch=result.ctx.arch, trigger_words=[token], base_model=identity,
+                                    source=str(b.path if b is not None and b.path else identity))
     losses = result.losses
     k = max(1, min(10, len(losses) // 4))
     d = {

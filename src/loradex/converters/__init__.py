@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from loradex.converters.common import ConversionReport, Converter
+from loradex.converters.common import ConversionReport, Converter, check_strict
 from loradex.core.adapter import Adapter
 from loradex.errors import ConversionError, FormatError
 
@@ -70,9 +70,13 @@ def detect(path: str | os.PathLike) -> Converter:
     raise FormatError(f"{p}: not an adapter or embedding file loradex recognises")
 
 
-def read(path: str | os.PathLike, format: str | None = None, arch=None) -> Adapter:
+def read(path: str | os.PathLike, format: str | None = None, arch=None, strict: bool = False) -> Adapter:
+    """Read ``path`` with the converter ``format`` names (detected when None). Keys nothing
+    explains are listed in ``Adapter.unexplained``; ``strict=True`` refuses the file instead
+    (FormatError naming the count and the first keys with their reasons)."""
     conv = converters()[resolve_name(format)] if format else detect(path)
-    return conv.read(Path(path), arch=arch)
+    adapter = conv.read(Path(path), arch=arch)
+    return check_strict(adapter, path) if strict else adapter
 
 
 def resolve_name(name: str, adapter: Adapter | None = None) -> str:

@@ -146,6 +146,9 @@ def model_arch(path: str | Path):
             raise FormatError(f"{p}: not a diffusers pipeline folder (no model_index.json)")
         pipeline, configs = folder_configs(p)
         return arch_from_configs(select_family(configs, pipeline), configs)
+    info = describe_checkpoint(p, derive=False)
+    if info is None or info["format"] != "checkpoint":
+        raise FormatError(f"{p}: not a full model (a diffusers pipeline folder or a single-file safetensors checkpoint)")
     h = sio.read_header(p)
     return single_file_arch(h.shapes(), dict(h.metadata))
 

@@ -5,6 +5,9 @@
   BFL paths for FLUX), with kohya (``lora_up``) or PEFT (``lora_A``) suffixes and every LyCORIS kind.
 * ``text_encoders.<clip_l|clip_g|clip_h|t5xxl>.transformer.<transformers path>.<suffix>``.
 * ``lora_transformer_<flattened diffusers path>`` (OneTrainer's FLUX/SD3 files).
+
+Keys outside these spellings, with a tensor suffix no kind knows, or of modules the arch lacks are
+named in ``Adapter.unexplained`` (see ``kohya.read_patches``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from loradex.converters.common import (
     resolve_arch,
     split_key,
 )
-from loradex.converters.kohya import Kohya, read_patches
+from loradex.converters.kohya import Kohya, nothing_read, read_patches
 from loradex.core.adapter import Adapter
 from loradex.errors import ArchError, FormatError
 
@@ -51,12 +54,21 @@ class Comfy(Converter):
         sgm: dict[str, str] | None = None
         flat_tr: dict[str, str] | None = None
         groups: dict[str, dict[str, str]] = {}
+        unexplained: dict[str, str] = {}
         for k in h.tensors:
+            if not k.startswith(PREFIXES):
+                unexplained[k] = f"not a ComfyUI/OneTrainer key ({', '.join(p + '...' for p in PREFIXES)})"
+                continue
             sp = split_key(k, _SUFFIXES)
-            if sp is None or not k.startswith(PREFIXES):
+            if sp is None:
+                # dotted module paths: without a known tensor suffix the module cannot be told
+                unexplained[k] = "no patch kind has a tensor named like this (unknown suffix)"
                 continue
             mod, suf = sp
-            groups.setdefault(mod, {})[PEFT_TO_LYCORIS.get(suf, suf)] = k
+            suf = PEFT_TO_LYCORIS.get(suf, suf)
+            if suf == "lora_B.bias":  # PEFT's lora_B bias is loradex's lora_up.bias (same scale)
+                suf = "lora_up.bias"
+            groups.setdefault(mod, {})[suf] = k
         if not groups:
             raise FormatError(f"{path}: no ComfyUI/OneTrainer LoRA keys found")
 
@@ -94,8 +106,11 @@ class Comfy(Converter):
             raise ArchError(mod)
 
         tensors: dict[str, torch.Tensor] = sio.load(path, header=h)
-        patches, notes = read_patches(groups, tensors, a, unflatten, path)
-        return Adapter(patches, {}, dict(h.metadata), a.name, self.name, notes)
+        patches, notes, more = read_patches(groups, tensors, a, unflatten, path)
+        unexplained.update(more)
+        if not patches:
+            raise nothing_read(path, unexplained)
+        return Adapter(patches, {}, dict(h.metadata), a.name, self.name, notes, unexplained)
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, **options) -> None:
         Kohya().write(adapter, path, report, **options)

@@ -1,12 +1,14 @@
-"""Shared pieces of the converters: suffix tables, key grouping, the converter interface, and the
+"""Shared pieces of the converters: suffix tables, key grouping, the converter interface, the
 kind-fitting step every writer runs (a target that cannot hold a kind gets the exact LoRA form,
-else a truncated SVD at the requested rank, and the report says which modules were exact)."""
+else a truncated SVD at the requested rank, and the report says which modules were exact), and
+the bookkeeping of source keys nothing explains (``Adapter.unexplained``: every reader names each
+such key with its reason instead of dropping it, the way ComfyUI logs ``lora key not loaded``)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -27,6 +29,7 @@ LYCORIS_SUFFIXES = tuple(
             "diff", "diff_b", "w_norm", "b_norm", "on_input",
             "a1.weight", "a2.weight", "b1.weight", "b2.weight",
             "oft_blocks", "rescale", "oft_diag", "lora_up.bias", "bm.weight",
+            "bias_indices", "bias_values", "bias_size",  # LyCORIS' sparse weight residual
             "weight",  # (IA)^3 — must stay last in priority (shortest)
         },
         key=len,
@@ -87,6 +90,9 @@ class ConversionReport:
     approximated: dict[str, float] = field(default_factory=dict)  # module -> rel. error
     dropped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: keys of the *source* file that no patch kind, module or embedding explained (key -> reason):
+    #: they were never read, so nothing of them is in the output (``loradex.convert`` fills it)
+    unexplained: dict[str, str] = field(default_factory=dict)
 
     @property
     def max_error(self) -> float:
@@ -100,6 +106,7 @@ class ConversionReport:
             "approximated": self.approximated,
             "max_error": self.max_error,
             "dropped": self.dropped,
+            "unexplained": dict(self.unexplained),
             "notes": self.notes,
         }
 
@@ -111,7 +118,29 @@ class ConversionReport:
             parts.append(f"{len(self.approximated)} approximated by SVD (max rel. error {self.max_error:.3g})")
         if self.dropped:
             parts.append(f"{len(self.dropped)} dropped")
+        if self.unexplained:
+            parts.append(f"{len(self.unexplained)} source keys not understood (left out)")
         return ", ".join(parts)
+
+
+def describe_unexplained(unexplained: dict[str, str], first: int = 3) -> str:
+    """``"N keys: k1 (why); k2 (why); k3 (why); ..."`` -- the count and the first keys of an
+    ``Adapter.unexplained`` map, for one-line errors (``strict``) and summaries."""
+    items = list(unexplained.items())
+    shown = "; ".join(f"{k} ({why})" for k, why in items[:first])
+    more = f"; ... and {len(items) - first} more" if len(items) > first else ""
+    return f"{len(items)} key{'s' if len(items) != 1 else ''}: {shown}{more}"
+
+
+def check_strict(adapter: Adapter, path) -> Adapter:
+    """FormatError when ``adapter`` has keys nothing explains (the ``strict`` option of
+    ``converters.read`` / ``loradex.load`` / ``loradex.convert``); the adapter otherwise."""
+    if adapter.unexplained:
+        raise FormatError(
+            f"{path}: {describe_unexplained(adapter.unexplained)} (strict: no key may go unread; "
+            "read without strict to keep the rest and get the full list in the report)"
+        )
+    return adapter
 
 
 def live_path(canonical: str) -> str:
@@ -132,13 +161,20 @@ def fit_kinds(
     report: ConversionReport,
     dora_ok: bool | str = True,
     tucker_ok: bool = True,
+    residual_ok: bool = True,
 ) -> Adapter:
     """Return an adapter whose patches are all of an ``allowed`` kind.
 
     Patches of other kinds become plain LoRA: exactly where the algebra allows (LoHa, LoKr, Tucker
     LoRA), otherwise by SVD at ``rank`` (error reported). Kinds whose update depends on the base
     weight ((IA)^3, GLoRA, OFT, BOFT, DoRA) cannot be converted without it: they are an error
-    unless the target holds them."""
+    unless the target holds them.
+
+    A LoRA carrying LyCORIS' sparse weight residual (``bias_*``) in a target without one
+    (``residual_ok=False``: diffusers/PEFT ``lora_A``/``lora_B`` have no sparse term, and their
+    ``lora_B.bias`` is a bias change, not a weight residual) is folded into the factors exactly
+    (``LoraPatch.to_lora``: the rank grows by the residual's non-zero rows or columns); with
+    ``rank`` below that exact rank, the optimal truncation of the exact factors, error reported."""
     if allowed is None:
         report.kept.extend(adapter.patches)
         return adapter
@@ -146,9 +182,11 @@ def fit_kinds(
     for name, p in adapter.patches.items():
         has_dora = getattr(p, "dora_scale", None) is not None
         tucker = getattr(p, "mid", None) is not None or getattr(p, "hada_t1", None) is not None
+        residual = getattr(p, "has_residual", False)
         # PEFT-family targets hold DoRA only as one magnitude per output row (lycoris' default)
         dora_fits = dora_ok is True or (dora_ok == "row" and getattr(p, "dora_on_output", False))
-        if p.kind in allowed and (dora_fits or not has_dora) and (tucker_ok or not tucker):
+        if (p.kind in allowed and (dora_fits or not has_dora) and (tucker_ok or not tucker)
+                and (residual_ok or not residual)):
             out[name] = p
             report.kept.append(name)
             continue
@@ -160,6 +198,19 @@ def fit_kinds(
                 f"{name}: a {what} patch depends on the base weights and {report.target} cannot hold it; "
                 "bake it into the base model instead, or convert to kohya/lycoris"
             )
+        if residual:
+            try:
+                lora, err = p.to_lora(rank)
+            except ValueError as e:  # DoRA on top: the fold needs the base weight
+                raise ConversionError(f"{name}: {report.target} cannot hold this patch's sparse residual ({e})") from None
+            out[name] = lora
+            nnz = int(p.residual_values.numel())
+            if err == 0.0:
+                report.exact[name] = (f"lora+sparse residual ({nnz} entries)->lora r={lora.rank} "
+                                      f"(was r={p.rank}; --rank N truncates)")
+            else:
+                report.approximated[name] = err
+            continue
         try:
             try:  # the exact form first (LoHa -> r1*r2, LoKr -> rank product, Tucker folded)
                 lora, err = p.to_lora()
@@ -175,7 +226,8 @@ def fit_kinds(
             report.exact[name] = f"{p.kind}->lora r={lora.rank}"
         else:
             report.approximated[name] = err
-    return Adapter(out, dict(adapter.embeddings), dict(adapter.metadata), adapter.arch, adapter.source_format, list(adapter.notes))
+    return Adapter(out, dict(adapter.embeddings), dict(adapter.metadata), adapter.arch, adapter.source_format,
+                   list(adapter.notes), dict(adapter.unexplained))
 
 
 def dora_all_or_none(patches: dict[str, Patch], component: str, target: str) -> bool:
@@ -266,6 +318,12 @@ def resolve_arch(arch, shapes: dict[str, tuple[int, ...]], required: bool, path:
     if isinstance(arch, Arch):
         return arch
     if arch is None:
+        if metadata is None and shapes:  # what the file says about its base is read before its keys
+            from loradex.converters import safetensors_io as sio
+
+            f = Path(path)
+            f = next((c for c in (f, f / "adapter_model.safetensors") if c.is_file()), None)
+            metadata = dict(sio.read_header(f).metadata) if f is not None and sio.is_safetensors(f) else None
         arch = detect_arch(shapes, metadata)
         if arch is None:
             if required:
@@ -287,14 +345,10 @@ def conform(patch: Patch, shape: tuple[int, ...] | None) -> Patch:
 
     if shape is None or not isinstance(patch, LoraPatch) or patch.mid is not None:
         return patch
+    # dataclasses.replace keeps every other field (bias, DoRA, the sparse residual, whose
+    # (out, in*kh*kw) size is the same for both spellings)
     if len(shape) == 4 and patch.down.ndim == 2 and tuple(shape[2:]) == (1, 1):
-        return LoraPatch(
-            up=patch.up[:, :, None, None], down=patch.down[:, :, None, None], alpha=patch.alpha,
-            bias=patch.bias, dora_scale=patch.dora_scale,
-        )
+        return replace(patch, up=patch.up[:, :, None, None], down=patch.down[:, :, None, None])
     if len(shape) == 2 and patch.down.ndim == 4 and tuple(patch.down.shape[2:]) == (1, 1):
-        return LoraPatch(
-            up=patch.up.flatten(1), down=patch.down.flatten(1), alpha=patch.alpha,
-            bias=patch.bias, dora_scale=patch.dora_scale,
-        )
+        return replace(patch, up=patch.up.flatten(1), down=patch.down.flatten(1))
     return patch

@@ -16,6 +16,12 @@ renames tensors). Reading a file without metadata reproduces what diffusers does
 
 Older layouts are read too: attention-processor names (``attn1.processor.to_q_lora.down.weight``),
 ``lora_linear_layer.up.weight`` and ``.lora.down.weight`` (diffusers 0.14-0.20), unprefixed unet keys.
+Keys of none of these, of modules the arch lacks, or of a module with no LoRA factors are named in
+``Adapter.unexplained`` with the reason (diffusers itself warns about or ignores them).
+
+Writing: a LoRA with LyCORIS' sparse weight residual (``bias_*``) has no ``lora_A``/``lora_B`` form
+of the same rank -- ``lora_B.bias`` is a bias change, not a weight residual -- so ``fit_kinds`` folds
+the residual into the factors exactly (more rank), or truncates at ``--rank``.
 """
 
 from __future__ import annotations
@@ -120,11 +126,11 @@ class Diffusers(Converter):
     def read(self, path: Path, arch=None) -> Adapter:
         h = sio.read_header(path)
         groups: dict[str, dict[str, str]] = {}
-        rest = []
+        unexplained: dict[str, str] = {}
         for k in h.tensors:
             nk = normalize_key(k)
             if nk is None:
-                rest.append(k)
+                unexplained[k] = "not a diffusers LoRA tensor (lora_A/lora_B/lora_B.bias/lora_magnitude_vector/alpha)"
             else:
                 groups.setdefault(clip_canonical(nk[0]), {})[nk[1]] = k
         if not groups:
@@ -155,6 +161,10 @@ class Diffusers(Converter):
                 cfg = {k[len(comp) + 1 :]: v for k, v in config.items() if k.startswith(comp + ".")} or None
             for mod in mods:
                 g = groups[mod]
+                if "lora_down.weight" not in g and "lora_up.weight" not in g:
+                    why = f"no LoRA factors (lora_A/lora_B) for module {mod}"
+                    unexplained.update({k: why for k in g.values()})
+                    continue
                 if "lora_down.weight" not in g or "lora_up.weight" not in g:
                     raise FormatError(f"{path}: {mod}: needs both lora_A and lora_B")
                 sd = {s: tensors[k] for s, k in g.items()}
@@ -172,7 +182,9 @@ class Diffusers(Converter):
                     try:
                         name = a.canonical(mod)
                     except ArchError:
-                        notes.append(f"{mod}: not a module of {a.name}")
+                        why = f"no module {mod} in {a.name}"
+                        unexplained.update({k: why for k in g.values()})
+                        continue
                     else:
                         shape = a.module(name).shape
                         patch = conform(patch, shape)
@@ -182,11 +194,13 @@ class Diffusers(Converter):
                             raise FormatError(f"{path}: {mod}: {e}") from None
                         known += 1
                 patches[name] = patch
-        if a is not None and patches and not known:
-            raise ArchError(f"{path}: none of its {len(patches)} modules is a module of {a.name}; wrong --arch?")
-        if rest:
-            notes.append(f"{len(rest)} keys not understood, e.g. {rest[0]}")
-        return Adapter(patches, {}, dict(h.metadata), a.name if a else None, self.name, notes)
+        if a is not None and groups and not known:
+            raise ArchError(f"{path}: none of its {len(groups)} modules is a module of {a.name}; wrong --arch?")
+        if not patches:
+            from loradex.converters.kohya import nothing_read
+
+            raise nothing_read(path, unexplained)
+        return Adapter(patches, {}, dict(h.metadata), a.name if a else None, self.name, notes, unexplained)
 
     @staticmethod
     def _alpha_for(cfg: dict | None, path: str, r: int, common: int) -> float:
@@ -206,7 +220,7 @@ class Diffusers(Converter):
         return float(alpha)
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, title=None, arch=None, **_):
-        adapter = fit_kinds(adapter, self.kinds, rank, report, dora_ok=self.dora, tucker_ok=False)
+        adapter = fit_kinds(adapter, self.kinds, rank, report, dora_ok=self.dora, tucker_ok=False, residual_ok=False)
         a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
         out: dict[str, torch.Tensor] = {}
         config: dict[str, object] = {}

@@ -347,34 +347,66 @@ def _join_pair(
 
 
 # ---- bundles inside LoRA files -------------------------------------------------------------
-def parse_bundle(tensors: Mapping[str, torch.Tensor]) -> dict[str, Embedding]:
-    """Embeddings from the ``bundle_emb.<name>.<...>`` keys of a LoRA file (pivotal tuning).
+#: Entries of a bundled embedding that *are* the embedding, by layout (A1111 ``string_to_param.*``,
+#: kohya ``emb_params``; ``clip_l``/``clip_g`` are handled as a pair).
+_BUNDLE_VECTORS = ("string_to_param.", "emb_params")
+
+
+def read_bundle(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Embedding], dict[str, str]]:
+    """Embeddings from the ``bundle_emb.<name>.<...>`` keys of a LoRA file (pivotal tuning), and
+    the bundle keys that hold none (file key -> reason, for ``Adapter.unexplained``).
 
     Convention (A1111 ``extensions-builtin/Lora/networks.py``, kohya/LyCORIS bundling tools): the
     name is the second dot-separated part (so it cannot contain a dot) and becomes the token; the
     rest is the embedding's own file layout flattened: ``string_to_param.*`` (A1111), ``emb_params``
     (kohya), ``clip_l``/``clip_g`` (SDXL), or any single tensor (A1111 treats a lone tensor as the
-    embedding). Other keys are ignored; ``string_to_token.*`` integers are skipped."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
+    embedding). ``string_to_token.*`` entries are A1111's informational token ids (265, CLIP's
+    ``*``), which nothing reads: they are understood and skipped. Everything else is reported, not
+    dropped: a key without ``<name>.<tensor>``, entries next to a recognised embedding, and the
+    entries of a bundle where no single embedding can be told apart. Vectors of the wrong shape
+    are a malformed file: FormatError."""
+    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unexplained: dict[str, str] = {}
     for key, t in tensors.items():
         if not key.startswith(BUNDLE_PREFIX):
             continue
         parts = key.split(".", 2)
-        if len(parts) < 3 or not parts[1]:
-            raise FormatError(f"bad bundled embedding key {key!r}: expected bundle_emb.<name>.<tensor>")
+        if len(parts) < 3 or not parts[1] or not parts[2]:
+            unexplained[key] = "bad bundled embedding key: expected bundle_emb.<name>.<tensor>"
+            continue
         if parts[2].startswith("string_to_token."):
             continue
-        groups.setdefault(parts[1], {})[parts[2]] = t
+        groups.setdefault(parts[1], {})[parts[2]] = (key, t)
     out: dict[str, Embedding] = {}
     for name, entries in groups.items():
         where = f"bundled embedding {name!r}"
-        if set(entries) == set(CLIP_KEYS):
-            raw = {CLIP_KEYS[k]: v for k, v in entries.items()}
-        elif len(entries) == 1:
-            raw = {"text_encoder": next(iter(entries.values()))}
+        if set(CLIP_KEYS) <= set(entries):
+            used = list(CLIP_KEYS)
         else:
-            raise FormatError(f"{where}: cannot tell the embedding among {sorted(entries)}")
+            used = [e for e in entries if e.startswith(_BUNDLE_VECTORS)]
+            if not used and len(entries) == 1:
+                used = list(entries)
+            if len(used) != 1:
+                why = f"{where}: cannot tell the embedding among {sorted(entries)}"
+                unexplained.update({k: why for k, _ in entries.values()})
+                continue
+        for e, (k, _) in entries.items():
+            if e not in used:
+                unexplained[k] = f"{where}: '{e}' is not part of the embedding (read from {', '.join(used)})"
+        if used == list(CLIP_KEYS):
+            raw = {CLIP_KEYS[e]: entries[e][1] for e in used}
+        else:
+            raw = {"text_encoder": entries[used[0]][1]}
         out[name] = Embedding(name, check_vectors(raw, where))
+    return out, unexplained
+
+
+def parse_bundle(tensors: Mapping[str, torch.Tensor]) -> dict[str, Embedding]:
+    """:func:`read_bundle` that refuses (FormatError) any bundle key it cannot explain."""
+    out, unexplained = read_bundle(tensors)
+    if unexplained:
+        key, why = next(iter(unexplained.items()))
+        raise FormatError(f"{why} ({key})")
     return out
 
 
@@ -626,6 +658,7 @@ __all__ = [
     "detect_embedding_format",
     "guess_arch",
     "parse_bundle",
+    "read_bundle",
     "read_embedding",
     "token_notes",
 ]

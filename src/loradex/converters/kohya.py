@@ -9,6 +9,13 @@ are written with their own suffixes under these prefixes (the LyCORIS kohya conv
 A1111 and ComfyUI load. Pivotal-tuning embeddings ride along as ``bundle_emb.*``.
 
 kohya stores alpha as a 0-dim tensor; a missing alpha means alpha = rank.
+
+Reading never drops a key silently: keys of modules the arch lacks, modules whose tensors name no
+kind, tensors a module's kind does not own, and bundle keys that hold no embedding are named in
+``Adapter.unexplained`` with the reason (``read_patches``). LyCORIS' sparse weight residual
+(``bias_indices``/``bias_values``/``bias_size``, ``core/kinds/sparse.py``) is part of the LoRA
+patch and written back bit-identically; on a fused FLUX projection it is folded into the factors
+before the rows are split (``core.fusion`` slices ``up`` only).
 """
 
 from __future__ import annotations
@@ -22,19 +29,18 @@ import torch
 
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import (
-    LYCORIS_SUFFIXES,
     ConversionReport,
     Converter,
     cast,
     conform,
+    describe_unexplained,
     fit_kinds,
-    group_by_module,
     resolve_arch,
 )
 from loradex.converters.metadata import kohya_ss, modelspec
 from loradex.core.adapter import Adapter
 from loradex.core.fusion import fuse_rows, split_rows
-from loradex.core.kinds import patch_from_tensors
+from loradex.core.kinds import patch_from_tensors, split_kind
 from loradex.core.kinds.base import Patch
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import ArchError, ConversionError, FormatError
@@ -44,24 +50,48 @@ BUNDLE_PREFIX = "bundle_emb."
 
 
 def read_patches(
-    tensors_of: dict[str, dict[str, str]], load: dict[str, torch.Tensor], arch, unflatten, path: Path
-) -> tuple[dict[str, Patch], list[str]]:
-    """Build canonical patches from groups of flat-named keys. ``unflatten(flat)`` returns the
-    canonical targets (with row ranges for fused weights). Returns patches and notes."""
+    tensors_of: dict[str, dict[str, str]], load: dict[str, torch.Tensor], arch, unflatten, path: Path,
+    missing: str = "",
+) -> tuple[dict[str, Patch], list[str], dict[str, str]]:
+    """Build canonical patches from groups of flat-named keys (``{module: {suffix: file key}}``).
+    ``unflatten(flat)`` returns the canonical targets (with row ranges for fused weights) or raises
+    ArchError. Returns ``(patches, notes, unexplained)``; ``missing`` is added to the reason given
+    for the keys of a module ``unflatten`` does not know.
+
+    Nothing is dropped silently: the keys of a module the arch does not have, of a module whose
+    tensors name no patch kind (``alpha`` next to an unknown suffix), and tensors a module's kind
+    does not own (an unknown suffix next to a LoRA: the LoRA is kept) go to ``unexplained`` with
+    the reason, file key -> reason. Tensors of several kinds mixed in one module, or a kind's own
+    tensors that do not fit together or the module, are a malformed file: FormatError."""
     patches: dict[str, Patch] = {}
     notes: list[str] = []
+    unexplained: dict[str, str] = {}
+    resolved = 0
     for flat, sufmap in tensors_of.items():
         try:
             targets = unflatten(flat)
         except ArchError:
-            notes.append(f"skipped {flat}: no such module in {arch.name}")
+            for k in sufmap.values():
+                unexplained[k] = f"no module {flat} in {arch.name}{missing}"
             continue
+        resolved += 1
         sd = {s: load[k] for s, k in sufmap.items()}
+        try:
+            kind, own, rest = split_kind(sd)
+        except FormatError as e:
+            raise FormatError(f"{path}: {flat}: {e}") from None
+        if kind is None:
+            why = f"no patch kind has the tensors {', '.join(sorted(sd))} (module {flat})"
+            unexplained.update({k: why for k in sufmap.values()})
+            continue
+        for s_ in rest:
+            unexplained[sufmap[s_]] = (f"no patch kind has a tensor '{s_}' (module {flat} holds a {kind} patch; "
+                                       f"the {kind} was read without it)")
         if len(targets) == 1 and targets[0][1] is None:
             name = targets[0][0]
             shape = arch.module(name).shape
             try:
-                patches[name] = conform(patch_from_tensors(sd, shape), shape)
+                patches[name] = conform(patch_from_tensors(own, shape), shape)
             except FormatError as e:
                 raise FormatError(f"{path}: {flat}: {e}") from None
             continue
@@ -69,7 +99,15 @@ def read_patches(
         # module's rows are the concatenation of its ranges in list order (see core/arch.py)
         rows = max(r[1] for _, r in targets)
         in_shape = arch.module(targets[0][0]).shape[1:]
-        fused = patch_from_tensors(sd, (rows, *in_shape))
+        try:
+            fused = patch_from_tensors(own, (rows, *in_shape))
+        except FormatError as e:
+            raise FormatError(f"{path}: {flat}: {e}") from None
+        if getattr(fused, "has_residual", False):
+            # core.fusion.split_rows slices up/down only: fold the sparse residual into the factors
+            # first (exact, LoraPatch.to_lora) so that no part loses its rows of it
+            fused, _ = fused.to_lora()
+            notes.append(f"{flat}: sparse residual folded into the factors (rank {fused.rank}) to split it")
         order: dict[str, list[tuple[int, int]]] = {}
         for name, r in targets:
             order.setdefault(name, []).append(r)
@@ -78,9 +116,16 @@ def read_patches(
             patches[name] = part
         if err:
             notes.append(f"{flat}: split with rel. error {err:.3g}")
-    if tensors_of and not patches:  # an empty adapter with notes would pass for a success
+    if tensors_of and not resolved:  # an empty adapter would pass for a success
         raise ArchError(f"{path}: none of its {len(tensors_of)} modules is a module of {arch.name}; wrong --arch?")
-    return patches, notes
+    return patches, notes, unexplained
+
+
+def nothing_read(path: Path, unexplained: dict[str, str]) -> FormatError:
+    """The error for a file none of whose keys was understood (an empty adapter would pass for a
+    success): the count and the first keys with their reasons."""
+    return FormatError(f"{path}: none of its keys holds a patch or embedding loradex understands: "
+                       + describe_unexplained(unexplained))
 
 
 class Kohya(Converter):
@@ -94,21 +139,38 @@ class Kohya(Converter):
         return any(KOHYA_KEY.match(k) for k in h.tensors)
 
     def read(self, path: Path, arch=None) -> Adapter:
-        from loradex.converters.embeddings import parse_bundle
+        """Every key is read or named in ``Adapter.unexplained``: module keys are grouped at their
+        first ``.`` (kohya module names hold none), ``bundle_emb.*`` keys are the bundled
+        embeddings (``embeddings.read_bundle``), and a key with no ``.`` at all is no kohya key."""
+        from loradex.converters.embeddings import read_bundle
 
         h = sio.read_header(path)
-        keys = [k for k in h.tensors if not k.startswith(BUNDLE_PREFIX)]
-        groups, rest = group_by_module(keys, LYCORIS_SUFFIXES, flat=True)
-        if not groups and not any(k.startswith(BUNDLE_PREFIX) for k in h.tensors):
+        unexplained: dict[str, str] = {}
+        groups: dict[str, dict[str, str]] = {}
+        for k in h.tensors:
+            if k.startswith(BUNDLE_PREFIX):
+                continue
+            flat, dot, suffix = k.partition(".")
+            if not dot or not suffix:
+                unexplained[k] = "not a kohya key (<lora_unet_/lora_te*_ module>.<tensor>)"
+                continue
+            groups.setdefault(flat, {})[suffix] = k
+        has_bundle = any(k.startswith(BUNDLE_PREFIX) for k in h.tensors)
+        if not any(KOHYA_KEY.match(k) for k in h.tensors) and not has_bundle:
             raise FormatError(f"{path}: no kohya LoRA keys found")
         a = resolve_arch(arch, h.shapes(), required=bool(groups), path=path)
         tensors = sio.load(path, header=h)
-        patches, notes = read_patches(groups, tensors, a, a.from_kohya, path) if groups else ({}, [])
-        bundle = {k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)}
-        meta = dict(h.metadata)
-        if rest:
-            meta["loradex.unread_keys"] = str(len(rest))
-        return Adapter(patches, parse_bundle(bundle) if bundle else {}, meta, a.name if a else None, self.name, notes)
+        patches, notes = {}, []
+        if groups:
+            patches, notes, more = read_patches(groups, tensors, a, a.from_kohya, path)
+            unexplained.update(more)
+        embeddings = {}
+        if has_bundle:
+            embeddings, more = read_bundle({k: v for k, v in tensors.items() if k.startswith(BUNDLE_PREFIX)})
+            unexplained.update(more)
+        if not patches and not embeddings:
+            raise nothing_read(path, unexplained)
+        return Adapter(patches, embeddings, dict(h.metadata), a.name if a else None, self.name, notes, unexplained)
 
     def write(
         self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, title=None,
@@ -134,7 +196,8 @@ class Kohya(Converter):
             offset: dict[str, int] = {}  # rows of a canonical already placed (permuted parts)
             for name, rows in parts:
                 p = members.get(name)
-                if p is not None and not isinstance(p, LoraPatch):
+                if p is not None and (not isinstance(p, LoraPatch) or p.has_residual):
+                    # (a sparse residual cannot be sliced by rows with up: fold it exactly first)
                     try:
                         members[name], err = p.to_lora(rank)
                     except ValueError:
@@ -180,9 +243,12 @@ class Kohya(Converter):
         patches = dict(adapter.patches)
         for n, p in loras.items():
             if alphas[n] != common:
-                up = (p.up.float() * (alphas[n] / common)).to(p.up.dtype)
-                bias = None if p.bias is None else (p.bias.float() * (alphas[n] / common)).to(p.bias.dtype)
-                patches[n] = replace(p, up=up, bias=bias, alpha=torch.tensor(common, dtype=p.down.dtype))
+                ratio = alphas[n] / common
+                up = (p.up.float() * ratio).to(p.up.dtype)
+                bias = None if p.bias is None else (p.bias.float() * ratio).to(p.bias.dtype)
+                # the sparse residual is scaled by gamma too (LoraPatch._dense): fold the ratio into it
+                patches[n] = replace(p, up=up, bias=bias, alpha=torch.tensor(common, dtype=p.down.dtype),
+                                     **p.scaled_residual_fields(ratio))
                 report.exact[n] = f"alpha {alphas[n]:g} folded into lora_up (alpha {common:g})"
         return replace(adapter, patches=patches)
 

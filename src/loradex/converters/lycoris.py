@@ -17,16 +17,14 @@ import torch
 
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import (
-    LYCORIS_SUFFIXES,
     ConversionReport,
     Converter,
     cast,
     fit_kinds,
-    group_by_module,
     live_path,
     resolve_arch,
 )
-from loradex.converters.kohya import read_patches
+from loradex.converters.kohya import nothing_read, read_patches
 from loradex.converters.metadata import modelspec
 from loradex.core.adapter import Adapter, component_of
 from loradex.errors import ArchError, ConversionError, FormatError
@@ -59,9 +57,18 @@ class Lycoris(Converter):
         return any(k.startswith(PREFIX) for k in sio.read_header(path).tensors)
 
     def read(self, path: Path, arch=None) -> Adapter:
+        """Every key is read or named in ``Adapter.unexplained``: keys without the ``lycoris_``
+        prefix, modules of no component of the arch, and tensors no kind owns (see
+        ``kohya.read_patches``)."""
         h = sio.read_header(path)
-        groups, rest = group_by_module(list(h.tensors), LYCORIS_SUFFIXES, flat=True)
-        groups = {k[len(PREFIX) :]: v for k, v in groups.items() if k.startswith(PREFIX)}
+        unexplained: dict[str, str] = {}
+        groups: dict[str, dict[str, str]] = {}
+        for k in h.tensors:
+            flat, dot, suffix = k.partition(".")
+            if not k.startswith(PREFIX) or not dot or not suffix:
+                unexplained[k] = "not a lycoris_ key (lycoris_<module>.<tensor>)"
+                continue
+            groups.setdefault(flat[len(PREFIX) :], {})[suffix] = k
         if not groups:
             raise FormatError(f"{path}: no lycoris_ keys found")
         a = resolve_arch(arch, h.shapes(), required=True, path=path)
@@ -78,8 +85,12 @@ class Lycoris(Converter):
             return [(table[flat], None)]
 
         tensors = sio.load(path, header=h)
-        patches, notes = read_patches(groups, tensors, a, unflatten, path)
-        return Adapter(patches, {}, dict(h.metadata), a.name, self.name, notes)
+        patches, notes, more = read_patches(
+            groups, tensors, a, unflatten, path, missing=f" {comp} (a lycoris_ file holds one component, here {comp})")
+        unexplained.update(more)
+        if not patches:
+            raise nothing_read(path, unexplained)
+        return Adapter(patches, {}, dict(h.metadata), a.name, self.name, notes, unexplained)
 
     def write(
         self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, component=None, arch=None, title=None, **_

@@ -17,6 +17,9 @@ from collections import Counter
 from loradex.core.adapter import Adapter
 from loradex.core.kinds.base import scalar
 
+#: the base model's identity (registry REF, Hub id or path) an adapter was made against
+BASE_KEY = "loradex.base_model"
+
 
 def _arch(name: str | None):
     """The Arch of an adapter's arch name, or None when unknown (metadata is then generic)."""
@@ -62,6 +65,8 @@ def modelspec(adapter: Adapter, title: str, suffix: str | None = None) -> dict[s
     }
     out.update({k: v for k, v in adapter.metadata.items() if k.startswith("modelspec.") and k != "modelspec.architecture"})
     out.update(arch_record(adapter.arch))
+    if adapter.metadata.get(BASE_KEY):  # the base it was trained / extracted against (every writer keeps it)
+        out[BASE_KEY] = adapter.metadata[BASE_KEY]
     return out
 
 

@@ -9,7 +9,8 @@ key as a suffix at a '.' boundary) and rsLoRA (``alpha / sqrt(r)``).
 
 A folder holds one model. An adapter spanning several components is written as one PEFT folder
 per component (``<out>/unet``, ``<out>/text_encoder`` ...), the layout diffusers' training
-scripts use; reading accepts both layouts.
+scripts use; reading accepts both layouts. Keys no tuner suffix, module or kind explains are named
+in ``Adapter.unexplained`` (as ``<component>/<key>`` in per-component folders).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from loradex.converters.common import (
 )
 from loradex.converters.diffusers import _pattern_value, clip_canonical
 from loradex.core.adapter import COMPONENTS, Adapter, component_of
-from loradex.core.kinds import patch_from_tensors
+from loradex.core.kinds import patch_from_tensors, split_kind
 from loradex.core.kinds.base import Patch
 from loradex.core.kinds.dora import dora_scale_from_magnitude, magnitude_from_dora_scale
 from loradex.core.kinds.lora import LoraPatch
@@ -93,23 +94,33 @@ class Peft(Converter):
         a = resolve_arch(arch, shapes, required=False, path=path)
         patches: dict[str, Patch] = {}
         notes: list[str] = []
+        unexplained: dict[str, str] = {}
         metadata: dict[str, str] = {}
         known = 0  # modules the arch has
-        for comp, cfg, tensors, meta in raw:
+        n_groups = 0
+        for folder_comp, cfg, tensors, meta in raw:
             metadata.update(meta)
-            comp = comp or self._guess_component(tensors, a)
+            comp = folder_comp or self._guess_component(tensors, a)
             ptype = str(cfg.get("peft_type", "LORA")).upper()
             if ptype not in ("LORA", "LOHA", "LOKR"):
                 raise FormatError(f"{path}: PEFT type {ptype} is not supported (LORA, LOHA, LOKR)")
+
+            def where(k: str, _c=folder_comp) -> str:  # per-component folders: name the folder too
+                return f"{_c}/{k}" if _c else k
+
             groups: dict[str, dict[str, torch.Tensor]] = {}
+            keys: dict[str, dict[str, str]] = {}
             for k, v in tensors.items():
                 kk = k[len(PREFIX):] if k.startswith(PREFIX) else k
                 for s in _ALL_SUF:
                     if kk.endswith("." + s):
-                        groups.setdefault(kk[: -len(s) - 1], {})[_PEFT_SUF.get(s, s)] = v
+                        mod, suf = kk[: -len(s) - 1], _PEFT_SUF.get(s, s)
+                        groups.setdefault(mod, {})[suf] = v
+                        keys.setdefault(mod, {})[suf] = where(k)
                         break
                 else:
-                    notes.append(f"unread key {k}")
+                    unexplained[where(k)] = f"not a PEFT {ptype} tensor (no lora_A/lora_B/hada_/lokr_ suffix)"
+            n_groups += len(groups)
             for mod, sd in groups.items():
                 name = clip_canonical(f"{comp}.{mod}")
                 shape = None
@@ -119,9 +130,22 @@ class Peft(Converter):
                         shape = a.module(name).shape
                         known += 1
                     except ArchError:
-                        notes.append(f"{name}: not a module of {a.name}")
+                        why = f"no module {name} in {a.name}"
+                        unexplained.update({k: why for k in keys[mod].values()})
+                        continue
                 bias = sd.pop("lora_B.bias", None)
                 mag = sd.pop("dora_scale", None)
+                kind, sd, rest = split_kind(sd)
+                if kind is None:
+                    why = f"no LoRA/LoHa/LoKr factors for module {mod}"
+                    unexplained.update({k: why for k in keys[mod].values()})
+                    continue
+                for s_ in rest:  # e.g. lokr_t1, which no tool writes
+                    unexplained[keys[mod][s_]] = f"'{s_}' is not part of a {kind} patch (module {mod})"
+                if kind != "lora":  # PEFT's bias and DoRA magnitude belong to its LoRA tuner only
+                    for s_, t in (("lora_B.bias", bias), ("dora_scale", mag)):
+                        if t is not None:
+                            unexplained[keys[mod][s_]] = f"a {kind} patch has no '{s_}' (module {mod})"
                 p = patch_from_tensors(sd, shape)
                 scale = self._scale(cfg, mod, self._rank(sd), ptype)
                 if p.rank is not None:  # PEFT scale alpha/r as a LyCORIS alpha for this patch's rank
@@ -133,9 +157,13 @@ class Peft(Converter):
                     if mag is not None:
                         p.dora_scale = dora_scale_from_magnitude(mag, p.shape)
                 patches[name] = conform(p, shape)
-        if a is not None and patches and not known:
-            raise ArchError(f"{path}: none of its {len(patches)} modules is a module of {a.name}; wrong --arch?")
-        return Adapter(patches, {}, metadata, a.name if a else None, self.name, notes)
+        if a is not None and n_groups and not known:
+            raise ArchError(f"{path}: none of its {n_groups} modules is a module of {a.name}; wrong --arch?")
+        if not patches:
+            from loradex.converters.kohya import nothing_read
+
+            raise nothing_read(path, unexplained)
+        return Adapter(patches, {}, metadata, a.name if a else None, self.name, notes, unexplained)
 
     @staticmethod
     def _guess_component(tensors: dict[str, torch.Tensor], a) -> str:
@@ -175,7 +203,8 @@ class Peft(Converter):
         # one PEFT config holds one tuner type: LoHa-only stays LoHa, anything else becomes LoRA
         allowed = frozenset({"loha"}) if kinds == {"loha"} else frozenset({"lora"})
         # PEFT's LoHa tuner has no DoRA; its LoRA tuner has per-row DoRA (lora_magnitude_vector)
-        adapter = fit_kinds(adapter, allowed, rank, report, dora_ok=False if "loha" in allowed else "row", tucker_ok=False)
+        adapter = fit_kinds(adapter, allowed, rank, report, dora_ok=False if "loha" in allowed else "row", tucker_ok=False,
+                           residual_ok=False)
         a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
         comps = sorted({component_of(n) for n in adapter.patches})
         if path.exists() and not path.is_dir():

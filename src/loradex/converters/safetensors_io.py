@@ -389,11 +389,20 @@ PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 
 
 def looks_like_pickle(path: str | os.PathLike) -> bool:
-    """True for raw pickles (protocol 2+) and torch's zip container."""
+    """True for raw pickles (``PROTO`` opcode 0x80 and a protocol 2-5) and torch's zip container.
+
+    A safetensors file whose 8-byte little-endian header length ends in 0x80 starts with the same
+    byte: it is recognised by its JSON header (``{`` at offset 8, a length that fits the file)."""
     p = _regular_file(path)
     with open(p, "rb") as f:
-        head = f.read(4)
-    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return True
+    if head[:1] != b"\x80" or head[1:2] not in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return False
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= p.stat().st_size - 8:
+        return False  # a safetensors header
+    return True
 
 
 def _unpickling_reason(message: str) -> str:

@@ -43,13 +43,26 @@ class Embedding:
 
 @dataclass
 class Adapter:
+    """Patches by canonical module name, textual-inversion embeddings by token, the file's
+    metadata, the arch it is for and the format it was read from.
+
+    ``unexplained`` maps every key of the source file that no patch kind, module or embedding
+    explains to the reason (``"lora_unet_x.foo": "no patch kind has the tensor 'foo' (next to a lora
+    patch)"``), like ComfyUI's ``lora key not loaded: <key>`` but collected: readers never drop a key
+    silently, ``loradex.convert`` carries the list into its report, ``describe`` shows it whole, and
+    ``strict=True`` (``loradex.load`` / ``convert``) turns any entry into a FormatError. It is
+    keyword-or-last-positional (after ``notes``), so older positional constructions still work.
+    """
+
     patches: dict[str, Patch] = field(default_factory=dict)
     embeddings: dict[str, Embedding] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     arch: str | None = None
     source_format: str | None = None
-    #: What a reader noticed (skipped keys, approximations); not written to files.
+    #: What a reader noticed (approximations, renamings); not written to files.
     notes: list[str] = field(default_factory=list)
+    #: Source keys nothing explains -> why (see the class docstring); not written to files.
+    unexplained: dict[str, str] = field(default_factory=dict)
 
     # ---- summaries used by inspect, the registry and the writers --------------------------
     def kinds(self) -> Counter:
@@ -79,6 +92,7 @@ class Adapter:
             arch=self.arch,
             source_format=self.source_format,
             notes=list(self.notes),
+            unexplained=dict(self.unexplained),
         )
 
     def nbytes(self) -> int:

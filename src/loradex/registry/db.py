@@ -21,6 +21,9 @@ Tables
                   operation (import, convert, merge, resize, extract, bake, train, pull), params JSON
   adapters_fts    FTS5 over name, description, trigger words, labels, keywords (sqlite-utils
                   enable_fts; triggers that fire only when one of those columns changes)
+  archs           name -> family, descriptor (JSON: the family and component configs of an arch
+                  derived from a custom base), so a version's ``arch`` resolves on any machine
+                  (schema 2; added to schema-1 catalogues on open)
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FTS_COLUMNS = ["name", "description", "trigger_words", "labels", "keywords"]
 #: a search matching at most this many adapters is ordered by relevance (FTS5 bm25), else by name
 RANKED_MATCHES = 256
@@ -82,63 +85,85 @@ def _ensure_schema(db: sqlite_utils.Database) -> None:
     if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
         return
     with write(db):
-        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        have = db.execute("PRAGMA user_version").fetchone()[0]
+        if have >= SCHEMA_VERSION:
             return  # another process made it meanwhile
-        db["adapters"].create(
-            {"id": int, "name": str, "description": str, "trigger_words": str, "labels": str, "keywords": str,
-             "next_number": int, "created": str, "updated": str},
-            pk="id", not_null={"name", "next_number"},
-            defaults={"description": "", "trigger_words": "[]", "labels": "[]", "keywords": "", "next_number": 1},
-        )
-        db["adapters"].create_index(["name"], unique=True)
-        db["versions"].create(
-            {"id": int, "adapter_id": int, "number": int, "sha256": str, "size": int, "layout": str,
-             "artifact": str, "filename": str, "format": str, "arch": str, "kinds": str, "ranks": str,
-             "modules": int, "embeddings": str, "metadata": str, "notes": str, "base_model": str,
-             **{h: str for h in HASH_FIELDS}, "created": str},
-            pk="id", not_null={"adapter_id", "number", "sha256", "size", "layout", "artifact"},
-            foreign_keys=[("adapter_id", "adapters", "id")],
-        )
-        db["versions"].create_index(["adapter_id", "number"], unique=True)
-        db["versions"].create_index(["sha256"])
-        db["versions"].create_index(["autov3_full"])
-        db["versions"].create_index(["arch"])
-        db["version_kinds"].create({"version_id": int, "kind": str}, pk=("version_id", "kind"),
-                                   foreign_keys=[("version_id", "versions", "id")])
-        db["version_kinds"].create_index(["kind", "version_id"])
-        db["version_files"].create({"version_id": int, "path": str, "sha256": str, "size": int},
-                                   pk=("version_id", "path"), foreign_keys=[("version_id", "versions", "id")])
-        db["version_files"].create_index(["sha256"])
-        db["tags"].create({"adapter_id": int, "tag": str, "version_id": int, "updated": str}, pk=("adapter_id", "tag"),
-                          foreign_keys=[("adapter_id", "adapters", "id"), ("version_id", "versions", "id")])
-        db["tags"].create_index(["version_id"])
-        db["lineage"].create(
-            {"id": int, "child_id": int, "parent_id": int, "parent_ref": str, "operation": str, "params": str,
-             "created": str},
-            pk="id", not_null={"child_id", "operation"},
-            foreign_keys=[("child_id", "versions", "id"), ("parent_id", "versions", "id")],
-        )
-        db["lineage"].create_index(["child_id"])
-        db["lineage"].create_index(["parent_id"])
-        db["adapters"].enable_fts(FTS_COLUMNS, fts_version="FTS5", create_triggers=False)
-        # sqlite-utils' triggers fire on any UPDATE; these only when a searchable column changes
-        # (an import also bumps next_number, which must not rewrite the index)
-        cols = ", ".join(FTS_COLUMNS)
-        old = ", ".join(f"old.{c}" for c in FTS_COLUMNS)
-        new = ", ".join(f"new.{c}" for c in FTS_COLUMNS)
-        db.executescript(f"""
-            CREATE TRIGGER adapters_ai AFTER INSERT ON adapters BEGIN
-              INSERT INTO adapters_fts (rowid, {cols}) VALUES (new.rowid, {new});
-            END;
-            CREATE TRIGGER adapters_ad AFTER DELETE ON adapters BEGIN
-              INSERT INTO adapters_fts (adapters_fts, rowid, {cols}) VALUES ('delete', old.rowid, {old});
-            END;
-            CREATE TRIGGER adapters_au AFTER UPDATE OF {cols} ON adapters BEGIN
-              INSERT INTO adapters_fts (adapters_fts, rowid, {cols}) VALUES ('delete', old.rowid, {old});
-              INSERT INTO adapters_fts (rowid, {cols}) VALUES (new.rowid, {new});
-            END;
-        """)
+        if have < 1:
+            _create_v1(db)
+        if have < 2:
+            db["archs"].create({"name": str, "family": str, "descriptor": str, "created": str}, pk="name",
+                               not_null={"family", "descriptor"})
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+def _create_v1(db: sqlite_utils.Database) -> None:
+    """The tables of schema 1 (a fresh catalogue)."""
+    db["adapters"].create(
+        {"id": int, "name": str, "description": str, "trigger_words": str, "labels": str, "keywords": str,
+         "next_number": int, "created": str, "updated": str},
+        pk="id", not_null={"name", "next_number"},
+        defaults={"description": "", "trigger_words": "[]", "labels": "[]", "keywords": "", "next_number": 1},
+    )
+    db["adapters"].create_index(["name"], unique=True)
+    db["versions"].create(
+        {"id": int, "adapter_id": int, "number": int, "sha256": str, "size": int, "layout": str,
+         "artifact": str, "filename": str, "format": str, "arch": str, "kinds": str, "ranks": str,
+         "modules": int, "embeddings": str, "metadata": str, "notes": str, "base_model": str,
+         **{h: str for h in HASH_FIELDS}, "created": str},
+        pk="id", not_null={"adapter_id", "number", "sha256", "size", "layout", "artifact"},
+        foreign_keys=[("adapter_id", "adapters", "id")],
+    )
+    db["versions"].create_index(["adapter_id", "number"], unique=True)
+    db["versions"].create_index(["sha256"])
+    db["versions"].create_index(["autov3_full"])
+    db["versions"].create_index(["arch"])
+    db["version_kinds"].create({"version_id": int, "kind": str}, pk=("version_id", "kind"),
+                               foreign_keys=[("version_id", "versions", "id")])
+    db["version_kinds"].create_index(["kind", "version_id"])
+    db["version_files"].create({"version_id": int, "path": str, "sha256": str, "size": int},
+                               pk=("version_id", "path"), foreign_keys=[("version_id", "versions", "id")])
+    db["version_files"].create_index(["sha256"])
+    db["tags"].create({"adapter_id": int, "tag": str, "version_id": int, "updated": str}, pk=("adapter_id", "tag"),
+                      foreign_keys=[("adapter_id", "adapters", "id"), ("version_id", "versions", "id")])
+    db["tags"].create_index(["version_id"])
+    db["lineage"].create(
+        {"id": int, "child_id": int, "parent_id": int, "parent_ref": str, "operation": str, "params": str,
+         "created": str},
+        pk="id", not_null={"child_id", "operation"},
+        foreign_keys=[("child_id", "versions", "id"), ("parent_id", "versions", "id")],
+    )
+    db["lineage"].create_index(["child_id"])
+    db["lineage"].create_index(["parent_id"])
+    db["adapters"].enable_fts(FTS_COLUMNS, fts_version="FTS5", create_triggers=False)
+    # sqlite-utils' triggers fire on any UPDATE; these only when a searchable column changes
+    # (an import also bumps next_number, which must not rewrite the index)
+    cols = ", ".join(FTS_COLUMNS)
+    old = ", ".join(f"old.{c}" for c in FTS_COLUMNS)
+    new = ", ".join(f"new.{c}" for c in FTS_COLUMNS)
+    db.executescript(f"""
+        CREATE TRIGGER adapters_ai AFTER INSERT ON adapters BEGIN
+          INSERT INTO adapters_fts (rowid, {cols}) VALUES (new.rowid, {new});
+        END;
+        CREATE TRIGGER adapters_ad AFTER DELETE ON adapters BEGIN
+          INSERT INTO adapters_fts (adapters_fts, rowid, {cols}) VALUES ('delete', old.rowid, {old});
+        END;
+        CREATE TRIGGER adapters_au AFTER UPDATE OF {cols} ON adapters BEGIN
+          INSERT INTO adapters_fts (adapters_fts, rowid, {cols}) VALUES ('delete', old.rowid, {old});
+          INSERT INTO adapters_fts (rowid, {cols}) VALUES (new.rowid, {new});
+        END;
+    """)
+
+
+# ---- archs ---------------------------------------------------------------------------------------
+def put_arch(db: sqlite_utils.Database, name: str, family: str, descriptor: str) -> None:
+    """Record an arch's descriptor (first writer wins: a name is its modules' signature)."""
+    db.execute("INSERT OR IGNORE INTO archs (name, family, descriptor, created) VALUES (?, ?, ?, ?)",
+               (name, family, descriptor, now()))
+
+
+def get_arch_descriptor(db: sqlite_utils.Database, name: str) -> str | None:
+    row = db.execute("SELECT descriptor FROM archs WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else None
 
 
 # ---- rows -> objects -------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def _family_facts(arch_name: str | None) -> tuple[str | None, tuple[str, ...], s
         return None, (), "other"
     fam = a.family
     if a.name in builtin_names():
-        return fam.hub_repo, fam.hub_tags, fam.license
+        return fam.hub_repos.get(a.name, fam.hub_repo), fam.hub_tags, fam.license
     return None, fam.hub_tags, "other"
 
 
@@ -75,7 +75,8 @@ def base_repo(v) -> str | None:
     return _family_facts(v.arch)[0]
 
 
-def build_folder(reg, v, folder: Path, repo_id: str, to: str | None = None, license: str | None = None) -> list[str]:
+def build_folder(reg, v, folder: Path, repo_id: str, to: str | None = None, license: str | None = None,
+                 arch=None) -> list[str]:
     """Write the files of a push into ``folder`` (which must be empty or new); returns their names."""
     folder.mkdir(parents=True, exist_ok=True)
     if any(folder.iterdir()):
@@ -95,13 +96,13 @@ def build_folder(reg, v, folder: Path, repo_id: str, to: str | None = None, lice
         else:
             weights, fmt = ("pytorch_lora_weights.safetensors", "diffusers") if to == "diffusers" else (
                 f"{v.name}.safetensors", "kohya")
-        _write_reproducible(reg, v, folder / weights, fmt, to)
+        _write_reproducible(reg, v, folder / weights, fmt, to, arch)
     card = model_card(reg, v, repo_id, weights, license=license, push_format=to)
     (folder / "README.md").write_text(card, encoding="utf-8")
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def _write_reproducible(reg, v, path: Path, fmt: str, to: str) -> None:
+def _write_reproducible(reg, v, path: Path, fmt: str, to: str, arch=None) -> None:
     """The weights of a push, the same bytes every time for the same version: ModelSpec's date is
     the version's creation time and the header is written in a canonical order."""
     import datetime as _dt
@@ -109,7 +110,7 @@ def _write_reproducible(reg, v, path: Path, fmt: str, to: str) -> None:
     from loradex import api
     from loradex.converters import safetensors_io as sio
 
-    adapter = reg.load(v)
+    adapter = reg.load(v, arch=arch)
     created = _dt.datetime.fromisoformat(v.created).replace(microsecond=0).isoformat()
     adapter.metadata.setdefault("modelspec.date", created)
     try:
@@ -183,21 +184,22 @@ def model_card(reg, v, repo_id: str, weights: str | None, license: str | None = 
 
 
 def push(reg, ref, repo_id: str, *, private: bool = False, to: str | None = None, dry_run: bool = False,
-         out_dir=None, license: str | None = None, token: str | None = None, commit_message: str | None = None) -> dict:
+         out_dir=None, license: str | None = None, token: str | None = None, commit_message: str | None = None,
+         arch=None) -> dict:
     v = reg.get(ref)
     _check_repo_id(repo_id)
     if dry_run:
         if out_dir is None:
             raise RegistryError("push --dry-run needs -o DIR: the folder that would be uploaded is written there")
         folder = Path(out_dir)
-        files = build_folder(reg, v, folder, repo_id, to=to, license=license)
+        files = build_folder(reg, v, folder, repo_id, to=to, license=license, arch=arch)
         return {"dry_run": True, "ref": v.ref, "repo_id": repo_id, "folder": str(folder), "files": files,
                 "private": private}
     from huggingface_hub import CommitOperationAdd, HfApi
 
     with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-push-", dir=reg.tmp) as d:
         folder = Path(d) / "upload"
-        files = build_folder(reg, v, folder, repo_id, to=to, license=license)
+        files = build_folder(reg, v, folder, repo_id, to=to, license=license, arch=arch)
         api = HfApi(token=token)
         try:
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

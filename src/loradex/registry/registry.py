@@ -301,19 +301,56 @@ class Registry:
         if v.artifact == "checkpoint":
             raise RegistryError(f"{v.ref} is a {v.format} checkpoint, not an adapter; export it instead")
         with self.checkout(v) as p:
-            # the recorded arch by default: custom archs (tiny test models) are not detectable
-            return api.load(p, format=v.format, arch=arch or v.arch)
+            # the recorded arch by default: adapters for custom bases are not detectable from keys
+            return api.load(p, format=v.format, arch=arch or (self.arch(v.arch) if v.arch else None))
+
+    def arch(self, name: str):
+        """The ``Arch`` of a recorded arch name: a built-in or embedded one, one known to this
+        process or its cache, else rebuilt from the descriptor the catalogue keeps for it."""
+        import json
+
+        from loradex.core.archs import arch_from_descriptor, get_arch
+        from loradex.errors import ArchError
+
+        try:
+            return get_arch(name)
+        except ArchError:
+            desc = _db.get_arch_descriptor(self.db, name)
+            if desc is None:
+                raise
+            return arch_from_descriptor(json.loads(desc), name=name)
+
+    def _keep_arch(self, d, name: str | None) -> None:
+        """Record the descriptor of an arch derived from a custom base, so the name resolves on any
+        machine that has this registry (built-in and embedded names need none)."""
+        if not name:
+            return
+        import json
+
+        from loradex.core.archs import builtin_names, get_arch, tiny_names
+        from loradex.errors import ArchError
+
+        if name in builtin_names() or name in tiny_names():
+            return
+        try:
+            desc = get_arch(name).descriptor()
+        except ArchError:
+            return
+        if desc is not None:
+            _db.put_arch(d, name, desc["family"], json.dumps(desc, sort_keys=True, separators=(",", ":")))
 
     # ---- adding ----------------------------------------------------------------------------
     def add(self, path: str | os.PathLike, name: str, *, tags: Iterable[str] = (), description: str | None = None,
-            trigger_words: Iterable[str] | None = None, labels: Iterable[str] | None = None, arch: str | None = None,
+            trigger_words: Iterable[str] | None = None, labels: Iterable[str] | None = None, arch=None,
             base_model: str | None = None, parents: Iterable = (), operation: str = "import",
             params: dict | None = None, source: str | None = None,
             progress: Callable[[int], None] | None = None) -> Version:
         """Store one artifact (a file, a PEFT adapter folder or a diffusers pipeline folder) as the
         next version of ``name``. Adding bytes that ``name`` already has returns that version (its
         tags updated). ``parents``/``operation``/``params`` record lineage (REFs, Versions or paths);
-        an import records its source path."""
+        an import records its source path. ``arch`` (a name or an Arch, e.g. a ``--base``'s) reads
+        the file against that architecture; ``base_model`` records the base it is for (the
+        identity of a ``--base``: REF, Hub id or path)."""
         validate_name(name)
         tags = [validate_tag(t) for t in tags]
         if operation not in OPERATIONS:
@@ -340,7 +377,7 @@ class Registry:
         raise RegistryError(f"{p}: could not store the file (its blob kept disappearing; is a gc running?)")
 
     def add_many(self, root: str | os.PathLike, *, prefix: str | None = None, tags: Iterable[str] = (),
-                 arch: str | None = None, batch: int = 64, workers: int | None = None,
+                 arch=None, base_model: str | None = None, batch: int = 64, workers: int | None = None,
                  on_file: Callable[[str, str], None] | None = None,
                  progress: Callable[[int], None] | None = None) -> ImportReport:
         """Import every artifact under a folder (e.g. A1111's ``models/Lora``): each weights file,
@@ -348,7 +385,8 @@ class Registry:
         path relative to ``root`` (``prefix-`` prepended when given). Files loradex does not
         recognise are skipped with the reason. Blobs are made durable once per ``batch`` (one
         ``syncfs``) and each batch's rows are written in one transaction. ``workers`` threads (default:
-        one per CPU, at most 8) stage files ahead of the catalogue."""
+        one per CPU, at most 8) stage files ahead of the catalogue. ``arch`` (a name or an Arch:
+        ``--base``'s) and ``base_model`` apply to every file."""
         root = Path(root)
         if not root.is_dir():
             raise RegistryError(f"{root}: not a folder")
@@ -369,7 +407,8 @@ class Registry:
                 report.added.extend(self._record(pending))
             except _BlobVanished:  # a concurrent gc: redo this batch one by one, durably
                 for pe in pending:
-                    report.added.append(self.add(pe.info["_path"], pe.name, tags=pe.tags, arch=arch))
+                    report.added.append(self.add(pe.info["_path"], pe.name, tags=pe.tags, arch=arch,
+                                                 base_model=base_model))
             pending.clear()
 
         def prepare(path: Path):  # runs in a worker thread: bytes, hashes, description; no rows
@@ -399,9 +438,9 @@ class Registry:
                     try:
                         staged = fut.result()
                         if staged is None:
-                            pend = self._stage(path, name, arch, None, durable=False, progress=progress)
+                            pend = self._stage(path, name, arch, base_model, durable=False, progress=progress)
                         else:
-                            pend = self._stage_prepared(path, name, staged[0], staged[1], None, durable=False)
+                            pend = self._stage_prepared(path, name, staged[0], staged[1], base_model, durable=False)
                     except (LoradexError, OSError) as e:
                         report.skipped.append((rel, _reason(e, path)))
                         if on_file:
@@ -586,6 +625,7 @@ class Registry:
                 if same:  # a concurrent import of the same bytes won the race
                     vid = same[0]
                 else:
+                    self._keep_arch(d, pe.record.get("arch"))
                     vid = _db.insert_version(d, adapter, pe.record, pe.files)
                     for e in pe.edges:
                         _db.add_lineage(d, vid, e["operation"], e["params"], e["parent_id"], e["parent_ref"])
@@ -842,12 +882,13 @@ class Registry:
     # ---- Hub ---------------------------------------------------------------------------------
     def push(self, ref: str | Version, repo_id: str, *, private: bool = False, to: str | None = None,
              dry_run: bool = False, out_dir: str | os.PathLike | None = None, license: str | None = None,
-             token: str | None = None, commit_message: str | None = None) -> dict:
-        """Publish a version on the Hugging Face Hub with a model card (see ``registry.hub``)."""
+             token: str | None = None, commit_message: str | None = None, arch=None) -> dict:
+        """Publish a version on the Hugging Face Hub with a model card (see ``registry.hub``).
+        ``arch`` reads the stored file against that architecture (default: the recorded one)."""
         from loradex.registry import hub
 
         return hub.push(self, ref, repo_id, private=private, to=to, dry_run=dry_run, out_dir=out_dir,
-                        license=license, token=token, commit_message=commit_message)
+                        license=license, token=token, commit_message=commit_message, arch=arch)
 
     def pull(self, repo: str, name: str, *, revision: str | None = None, filename: str | None = None,
              tags: Iterable[str] = (), arch: str | None = None, token: str | None = None) -> Version:
@@ -980,8 +1021,10 @@ def describe_path(path: Path, arch=None) -> dict:
         if ck is None:
             raise
         meta = ck["metadata"]
-        return {"format": ck["format"], "arch": arch or ck["arch"], "kinds": {}, "ranks": {}, "modules": 0,
-                "embeddings": [], "metadata": meta, "notes": [], "artifact": "checkpoint",
+        notes = [f"base model unknown: {ck['arch_error']}"] if ck.get("arch_error") and arch is None else []
+        return {"format": ck["format"], "arch": getattr(arch, "name", arch) or ck["arch"], "kinds": {}, "ranks": {},
+                "modules": 0,
+                "embeddings": [], "metadata": meta, "notes": notes, "artifact": "checkpoint",
                 "base_model": _base_model(meta)}
     key = _structure_key(path, conv.name, arch)
     memo = _DESCRIPTIONS.get(key) if key is not None else None

@@ -584,13 +584,15 @@ DEFAULT_FORMAT = {"lora": "kohya", "loha": "kohya", "lokr": "kohya", "pivotal": 
                   "dreambooth": "diffusers-pipeline"}
 
 
-def save_trained(result: TrainResult, out: str | Path, format: str | None = None, title: str | None = None) -> dict:
+def save_trained(result: TrainResult, out: str | Path, format: str | None = None, title: str | None = None,
+                 base_model: str | None = None) -> dict:
     """Write what ``result`` trained to ``out`` with loradex's writers (ModelSpec + ss_* metadata).
 
     ``dreambooth``: a diffusers pipeline folder (written to a temporary sibling, then renamed).
     ``pivotal`` as ``diffusers``: the LoRA file plus ``<stem>_emb.safetensors`` (diffusers-ti),
     because diffusers' ``load_lora_weights`` rejects a file with ``bundle_emb`` keys; as kohya the
-    embedding is bundled. Returns {"paths": [...], "format": ..., "report": ConversionReport dict}."""
+    embedding is bundled. ``base_model``: the base's identity (registry REF, Hub id or path),
+    recorded as ``loradex.base_model``. Returns {"paths": [...], "format": ..., "report": ConversionReport dict}."""
     import shutil
 
     import loradex
@@ -617,6 +619,8 @@ def save_trained(result: TrainResult, out: str | Path, format: str | None = None
         os.replace(tmp, out)
         return {"paths": [str(out)], "format": "diffusers-pipeline", "report": None}
     adapter = result.export()
+    if base_model:
+        adapter.metadata["loradex.base_model"] = base_model
     title = title or out.stem
     if cfg.method == "ti" and fmt in ("kohya", "diffusers", "a1111"):
         fmt = {"kohya": "kohya-ti", "diffusers": "diffusers-ti", "a1111": "a1111-ti"}[fmt]

@@ -11,7 +11,7 @@
 Nothing here reads adapter or checkpoint files; ``converters`` parse them and ask these specs.
 """
 
-from loradex.core.archs import flux1, sd1, sd2, sdxl  # noqa: F401  (each registers its family)
+from loradex.core.archs import flux1, sd1, sd2, sd3, sdxl  # noqa: F401  (each registers its family)
 from loradex.core.archs.arch import Arch, Part, config_loader
 from loradex.core.archs.detect import ARCH_KEY, ARCH_SPEC_KEY, archs_named_by, detect_arch, match_embedding
 from loradex.core.archs.family import ComponentSpec, Family, families, get_family, register_family

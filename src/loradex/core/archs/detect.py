@@ -20,6 +20,7 @@ Clues, strongest first:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -202,19 +203,48 @@ def _lokr_verdict(arch: Arch, parts: list[Part], lokr: Mapping[str, tuple[int, .
 
 def _kind_verdict(arch: Arch, parts: list[Part], tensors: Mapping[str, tuple[int, ...]]) -> int:
     """Whether a module's tensors of any kind fit its weight, by the kind's own shape rules
-    (``core.kinds``): the patch is built from meta tensors of the stored shapes. +1 fits, -1 cannot
-    belong, 0 unknown (suffixes of no kind, or a kind that cannot be checked without values)."""
-    from loradex.core.kinds import patch_from_tensors
-    from loradex.errors import FormatError
-
+    (``core.kinds``): +1 fits, -1 cannot belong, 0 unknown. Tensors no kind owns are left out
+    (readers report them; they are no evidence either way), so are modules whose tensors name no
+    kind or several, and modules malformed whatever the weight (those fail without a weight shape
+    too). See :func:`_kind_fits` for how the patch is built from shapes alone."""
     info = arch.module(parts[0][0])
     ranges = [r for _, r in parts if r is not None]
-    shape = ((max(r[1] for r in ranges), *info.shape[1:]) if ranges else info.shape)
-    sd = {s: torch.empty(t, device="meta") for s, t in tensors.items()}
+    shape = (max(r[1] for r in ranges), *info.shape[1:]) if ranges else tuple(info.shape)
+    return _kind_fits(tuple(sorted((s, tuple(t)) for s, t in tensors.items())), shape)
+
+
+@functools.lru_cache(maxsize=8192)
+def _kind_fits(tensors: tuple[tuple[str, tuple[int, ...]], ...], weight_shape: tuple[int, ...]) -> int:
+    """:func:`_kind_verdict` for a module's ``(suffix, shape)`` pairs and its weight shape. The
+    patch is built from **meta tensors** of the stored shapes (integer ones -- ``on_input``, the
+    sparse residual's indices and size -- with an integer dtype), first without the weight shape
+    (a FormatError there is the module's own fault: 0), then with it (a FormatError now is a real
+    shape mismatch: -1). Kinds run their shape checks before anything that reads values and skip
+    value checks on meta tensors; anything else a kind cannot do on meta tensors gives 0, never a
+    false contradiction. Cached: the answer depends only on these shapes, and a file repeats a
+    few module signatures many times over every candidate arch."""
+    from loradex.core.kinds import INTEGER_SUFFIXES, KINDS, split_kind
+    from loradex.errors import FormatError
+
+    sd = {
+        s: torch.empty(t, device="meta", dtype=torch.int64 if s in INTEGER_SUFFIXES else torch.float32)
+        for s, t in tensors
+    }
     try:
-        patch_from_tensors(sd, shape)
-    except FormatError as e:
-        return 0 if str(e).startswith(("unknown patch kind", "malformed")) else -1
+        kind, own, _ = split_kind(sd)
+    except FormatError:
+        return 0  # several kinds mixed in one module: malformed whatever the arch
+    if kind is None:
+        return 0
+    cls = KINDS[kind]
+    try:
+        cls.from_tensors(own, None)
+    except (LoradexError, RuntimeError, ValueError, TypeError, NotImplementedError, IndexError):
+        return 0
+    try:
+        cls.from_tensors(own, weight_shape)
+    except FormatError:
+        return -1
     except (LoradexError, RuntimeError, ValueError, TypeError, NotImplementedError, IndexError):
         return 0
     return 1
@@ -349,7 +379,13 @@ def archs_named_by(metadata: Mapping[str, str] | None) -> list[Arch]:
                 pass
     for fam in families().values():
         if fam.matches_metadata(metadata):
-            out.extend(get_arch(n) for n in fam.builtins)
+            # the size the metadata names first (an SD3.5 Medium file touching only modules SD3
+            # Medium shares stays SD3.5 Medium), then the family's other sizes
+            sizes = [get_arch(n) for n in fam.builtins]
+            spec = str(metadata.get("modelspec.architecture", "")).split("/", 1)[0]
+            ver = str(metadata.get("ss_base_model_version", ""))
+            sizes.sort(key=lambda a, f=fam: not (f.modelspec_id(a) == spec or (ver and f.kohya_base_version(a) == ver)))
+            out.extend(sizes)
     seen: set[str] = set()
     return [a for a in out if not (a.name in seen or seen.add(a.name))]
 

@@ -96,6 +96,8 @@ class Family:
     #: kohya's ``--v2`` flag (``ss_v2``): the SD2 text encoder and UNet
     kohya_v2: ClassVar[bool] = False
     hub_repo: ClassVar[str | None] = None
+    #: the Hub repo of each published size where they differ (arch name -> repo; else ``hub_repo``)
+    hub_repos: ClassVar[dict[str, str]] = {}
     hub_tags: ClassVar[tuple[str, ...]] = ()
     license: ClassVar[str] = "other"
     #: substrings of adapter keys that only this family's naming produces

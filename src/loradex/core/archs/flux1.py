@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from loradex.core.archs.family import (
     ComponentSpec,
     Family,
@@ -133,6 +135,36 @@ class Flux1(Family):
         if component != "transformer":
             return {}, {}
         return fused_native_names(table, component, _locate, lambda path: path in _FLUX_SWAPPED)
+
+    # ---- training -----------------------------------------------------------------------------
+    #: the embedded guidance FLUX.1-dev is trained with (diffusers' train_dreambooth_lora_flux.py default)
+    train_guidance = 3.5
+
+    def encode_prompts(self, pipe, prompts, device):
+        """FluxPipeline.encode_prompt: the T5 sequence (``hidden``) and CLIP-L's pooled output, with
+        the T5 length the tokenizer allows (512 for FLUX.1)."""
+        length = min(512, int(getattr(pipe.tokenizer_2, "model_max_length", 512) or 512))
+        hidden, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                               max_sequence_length=length)
+        return {"hidden": hidden, "pooled": pooled}
+
+    def predict(self, pipe, noisy, timesteps, cond):
+        """The transformer on 2x2-packed latents with FLUX's position ids (zeros for the text, row
+        and column for the image), timestep = sigma (the pipeline divides its 0..1000 steps by
+        1000) and the embedded guidance where the model has a guidance embedder."""
+        b, c, h, w = noisy.shape
+        cls = type(pipe)
+        packed = cls._pack_latents(noisy, b, c, h, w)
+        img_ids = cls._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        txt_ids = torch.zeros(cond["hidden"].shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((b,), self.train_guidance, device=noisy.device, dtype=torch.float32)
+        out = pipe.transformer(hidden_states=packed, timestep=timesteps.to(noisy.dtype), guidance=guidance,
+                               pooled_projections=cond["pooled"], encoder_hidden_states=cond["hidden"],
+                               txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        vsf = pipe.vae_scale_factor
+        return cls._unpack_latents(out, h * vsf, w * vsf, vsf)
 
     # ---- LBW ------------------------------------------------------------------------------
     def lbw_layouts(self, arch):

@@ -3,13 +3,16 @@
 ``KINDS`` maps each kind name to its class; :func:`patch_from_tensors` builds the right kind from
 one module's on-disk suffix dictionary (``{"lora_up.weight": ..., "alpha": ...}``), raising
 ``loradex.errors.FormatError`` with a one-line message for unknown, mixed or malformed sets.
+:func:`split_kind` is the lenient first step readers use: which kind a module's tensors are, the
+tensors that kind owns, and the others -- tensors no kind explains, which readers report by name
+(``Adapter.unexplained``) instead of failing the module or dropping them silently.
 """
 
 from __future__ import annotations
 
 import torch
 
-from loradex.core.kinds.base import Patch, Shape
+from loradex.core.kinds.base import INTEGER_SUFFIXES, Patch, Shape
 from loradex.core.kinds.boft import BoftPatch
 from loradex.core.kinds.full import FullPatch
 from loradex.core.kinds.glora import GloraPatch
@@ -60,6 +63,23 @@ def detect_kind(tensors: dict[str, torch.Tensor]) -> str:
     return kind
 
 
+def split_kind(tensors: dict[str, torch.Tensor]) -> tuple[str | None, dict, dict]:
+    """``(kind, own, rest)`` for one module's suffix dictionary: the kind its marker suffixes name
+    (None when none does), the tensors that kind owns (its ``SUFFIXES``: the shared ``alpha``,
+    ``dora_scale``, ``rescale`` included where the kind has them) and every other tensor. With no
+    kind, ``rest`` is the whole dictionary. Tensors of several kinds mixed in one module still
+    raise FormatError (that is a malformed file, not an unknown extra). Values are never read, so
+    it works on meta tensors."""
+    keys = set(tensors)
+    if not any(keys & set(marks) for marks in _MARKERS.values()):
+        return None, {}, dict(tensors)
+    kind = detect_kind(tensors)
+    own_suffixes = KINDS[kind].SUFFIXES
+    own = {k: v for k, v in tensors.items() if k in own_suffixes}
+    rest = {k: v for k, v in tensors.items() if k not in own_suffixes}
+    return kind, own, rest
+
+
 def patch_from_tensors(tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> Patch:
     """Build the patch for one module from its suffix dictionary. ``weight_shape`` (the module
     weight's shape, from the architecture table) is checked against the tensors and gives
@@ -76,6 +96,7 @@ def patch_from_tensors(tensors: dict[str, torch.Tensor], weight_shape: Shape | N
 
 
 __all__ = [
+    "INTEGER_SUFFIXES",
     "KINDS",
     "BoftPatch",
     "FullPatch",
@@ -89,4 +110,5 @@ __all__ = [
     "Patch",
     "detect_kind",
     "patch_from_tensors",
+    "split_kind",
 ]

@@ -180,12 +180,23 @@ def require(cond: bool, message: str) -> None:
         raise FormatError(message)
 
 
+#: Suffixes that hold integers (``on_input`` is 0/1, the sparse residual's indices and size are
+#: int16 in LyCORIS files): architecture detection builds its meta tensors of these with an
+#: integer dtype, so the kinds' dtype checks hold on shapes alone.
+INTEGER_SUFFIXES = frozenset({"on_input", "bias_indices", "bias_size"})
+
+
 def fields_from(
-    kind: str, tensors: dict[str, torch.Tensor], suffixes: dict[str, str], required: tuple[str, ...]
+    kind: str,
+    tensors: dict[str, torch.Tensor],
+    suffixes: dict[str, str],
+    required: tuple[str, ...],
+    own_checks: tuple[str, ...] = (),
 ) -> dict[str, torch.Tensor]:
     """Map an on-disk suffix dictionary to dataclass field values, rejecting (FormatError) unknown
     suffixes, missing required ones, non-tensors, empty tensors and non-float factors (``alpha``
-    and ``on_input`` may be integer scalars)."""
+    and ``on_input`` may be integer scalars). Suffixes in ``own_checks`` are only required to be
+    tensors: the kind checks them itself (the sparse residual may be empty and is integer)."""
     unknown = sorted(set(tensors) - set(suffixes))
     require(not unknown, f"{kind} patch: unexpected tensors {unknown}")
     missing = [k for k in required if k not in tensors]
@@ -193,7 +204,9 @@ def fields_from(
     out = {}
     for key, t in tensors.items():
         require(isinstance(t, torch.Tensor), f"{kind} patch: {key} is not a tensor")
-        if key in ("alpha", "on_input"):
+        if key in own_checks:
+            pass
+        elif key in ("alpha", "on_input"):
             require(t.numel() == 1, f"{kind} patch: {key} must hold one number, has shape {tuple(t.shape)}")
         else:
             require(t.numel() > 0 and t.ndim > 0, f"{kind} patch: {key} is empty (shape {tuple(t.shape)})")

@@ -2,7 +2,8 @@
 
 On-disk suffixes (LyCORIS ``IA3Module``): ``weight`` -- ``(ch,)`` for Linear, ``(1, ch, 1, 1)``
 for Conv2d -- and ``on_input`` (0-dim integer: 1 when the scale is on the input channels, LyCORIS
-``train_on_input``). Checked against LyCORIS' forward:
+``train_on_input``; on the meta device -- shapes only, as architecture detection builds patches --
+the axis is unknown and the scales need only fit one of the two). Checked against LyCORIS' forward:
 ``W' = W * (1 + m * w)`` along the output axis (``on_input=0``) or the input axis
 (``on_input=1``), so ``dW = m * W * w``: it needs the base weight. The bias is not touched (the
 forward rebuilds the weight only).
@@ -67,9 +68,18 @@ class IA3Patch(Patch):
         return 1 if self.train_on_input else 0
 
     def _check(self, weight_shape: Shape) -> None:
+        n = self.weight.numel()
+        if self.on_input.is_meta:
+            # shapes only (architecture detection): which axis ``on_input`` names is unknown, so
+            # the scales must fit one of the two (LyCORIS writes the output axis by default)
+            require(
+                any(len(weight_shape) > ax and weight_shape[ax] == n for ax in (0, 1)),
+                f"ia3: {n} scales fit neither axis of a weight {tuple(weight_shape)}",
+            )
+            return
         require(
-            len(weight_shape) > self.axis and weight_shape[self.axis] == self.weight.numel(),
-            f"ia3: {self.weight.numel()} scales do not fit axis {self.axis} of a weight {tuple(weight_shape)}",
+            len(weight_shape) > self.axis and weight_shape[self.axis] == n,
+            f"ia3: {n} scales do not fit axis {self.axis} of a weight {tuple(weight_shape)}",
         )
 
     @property

@@ -10,7 +10,10 @@ On-disk suffixes (kohya sd-scripts, LyCORIS ``LoConModule``; the diffusers/PEFT 
 * ``lora_up.bias`` ``(out,)`` [``lora_B.bias``, PEFT ``lora_bias=True``]; loradex's name for it,
   kohya-style formats have none;
 * ``dora_scale`` ``(out, 1, ...)`` or ``(1, in, 1, ...)`` [``lora_magnitude_vector``, reshaped:
-  see ``dora.py``].
+  see ``dora.py``];
+* ``bias_indices`` / ``bias_values`` / ``bias_size``: LyCORIS' sparse residual of the weight
+  (written by lycoris-lora's extractor with ``use_bias=True``; a *weight* residual despite the
+  name, see ``sparse.py``) [no diffusers/PEFT equivalent: folded into the factors exactly].
 
 Math: ``gamma = alpha / r`` (alpha missing or 0: ``gamma = 1``; ``r = down.shape[0]``).
 ``dW = gamma * up @ down`` with conv factors flattened (``down`` to ``(r, in*kh*kw)`` in the conv
@@ -18,7 +21,9 @@ weight's ``(in, kh, kw)`` order). Tucker: ``dW[o, i, h, w] = gamma * sum_{m,n} u
 mid[m, n, h, w] * down[n, i]`` (LyCORIS ``einsum('m n ..., i m, n j -> i j ...', mid, up, down)``),
 which is a plain LoRA whose ``down`` is ``einsum('m n h w, n i -> m i h w', mid, down)``.
 Bias: the module bias changes by ``m * gamma * bias`` (PEFT adds ``lora_B(lora_A(x)) * scaling``,
-lora_B's bias included). DoRA: see ``dora.py``. ``delta(multiplier=m)`` is ``m * dW`` without DoRA.
+lora_B's bias included). Sparse residual ``S``: ``dW = gamma * (up @ down + S)`` (the LyCORIS A1111
+extension's order: added before the scale). DoRA: see ``dora.py``. ``delta(multiplier=m)`` is
+``m * dW`` without DoRA.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from loradex.core.kinds.base import (
     require,
 )
 from loradex.core.kinds.dora import AdditivePatch, dora_on_output
+from loradex.core.kinds.sparse import SPARSE_SUFFIXES, check_sparse, dense_residual, residual_factors
 from loradex.core.linalg import svd_truncate, truncate_factors
 
 
@@ -47,7 +53,9 @@ class LoraPatch(AdditivePatch):
 
     ``up`` ``(out, r[, 1, 1])``, ``down`` ``(r, in[, kh, kw])`` (Tucker: ``(r, in, 1, 1)``),
     ``alpha`` 0-dim tensor or None, ``mid`` ``(r, r, kh, kw)`` or None, ``bias`` ``(out,)`` or
-    None, ``dora_scale`` or None. Numbers given for ``alpha`` become tensors.
+    None, ``dora_scale`` or None, and LyCORIS' sparse weight residual as stored
+    (``residual_indices`` ``(2, nnz)``, ``residual_values`` ``(nnz,)``, ``residual_size`` ``(2,)``,
+    all three or none; see ``sparse.py``). Numbers given for ``alpha`` become tensors.
     """
 
     up: torch.Tensor
@@ -56,6 +64,9 @@ class LoraPatch(AdditivePatch):
     mid: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     dora_scale: torch.Tensor | None = None
+    residual_indices: torch.Tensor | None = None
+    residual_values: torch.Tensor | None = None
+    residual_size: torch.Tensor | None = None
 
     kind = "lora"
     detect_suffixes = ("lora_up.weight", "lora_down.weight")
@@ -66,6 +77,9 @@ class LoraPatch(AdditivePatch):
         "alpha": "alpha",
         "lora_up.bias": "bias",
         "dora_scale": "dora_scale",
+        "bias_indices": "residual_indices",
+        "bias_values": "residual_values",
+        "bias_size": "residual_size",
     }
 
     def __post_init__(self) -> None:
@@ -89,6 +103,7 @@ class LoraPatch(AdditivePatch):
             )
         if self.dora_scale is not None:
             dora_on_output(self.dora_scale, self.shape)
+        check_sparse(self.residual_indices, self.residual_values, self.residual_size, self.shape)
 
     # ---- contract --------------------------------------------------------------------------
     @property
@@ -107,12 +122,31 @@ class LoraPatch(AdditivePatch):
         """``gamma = alpha / rank`` (1 when alpha is missing or 0)."""
         return alpha_scale(self.alpha, self.rank)
 
+    @property
+    def has_residual(self) -> bool:
+        """True when the patch carries LyCORIS' sparse weight residual (``bias_*`` keys)."""
+        return self.residual_values is not None
+
+    def residual(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The sparse residual ``S`` densified to the weight's shape (without gamma), or None."""
+        if not self.has_residual:
+            return None
+        dt = dtype or compute_dtype(self.up, self.down, self.residual_values)
+        return dense_residual(self.residual_indices, self.residual_values, self.residual_size, self.shape, dt)
+
     def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(up, down)`` as 2-D matrices ``(out, r)`` and ``(r, in*kh*kw)`` with the Tucker
-        ``mid`` folded into ``down`` and without gamma; in ``dtype`` (default: the compute dtype)."""
+        """``(up, down)`` as 2-D matrices ``(out, k)`` and ``(k, in*kh*kw)`` with the Tucker ``mid``
+        folded into ``down`` and without gamma, so that ``dW = scale * up @ down``; in ``dtype``
+        (default: the compute dtype). ``k`` is the rank, plus, for a patch with a sparse residual,
+        the residual's non-zero rows or columns (its exact factors, :func:`residual_factors`): every
+        consumer of the factors (merges, resizes, slots) then sees the whole update."""
         dt = dtype or compute_dtype(self.up, self.down, self.mid)
         up = self.up.reshape(self.up.shape[0], self.rank).to(dt)
-        return up, self._full_down(dt).reshape(self.rank, -1)
+        down = self._full_down(dt).reshape(self.rank, -1)
+        if self.has_residual:
+            ru, rd = residual_factors(self.residual(dt).reshape(up.shape[0], -1))
+            up, down = torch.cat([up, ru], 1), torch.cat([down, rd], 0)
+        return up, down
 
     def _full_down(self, dt: torch.dtype) -> torch.Tensor:
         """``down`` with ``mid`` folded in: ``(r, in, kh, kw)`` (or ``down`` itself)."""
@@ -122,11 +156,14 @@ class LoraPatch(AdditivePatch):
         return torch.einsum("mn...,ni->mi...", self.mid.to(dt), d)
 
     def _dense(self, dt: torch.dtype) -> torch.Tensor:
-        up, down = self.factors(dt)
-        return ((up * self.scale) @ down).reshape(self.shape)
+        up = self.up.reshape(self.up.shape[0], self.rank).to(dt)
+        dense = ((up * self.scale) @ self._full_down(dt).reshape(self.rank, -1)).reshape(self.shape)
+        if self.has_residual:
+            dense = dense + self.residual(dt) * self.scale
+        return dense
 
     def _dtype_sources(self):
-        return (self.up, self.down, self.mid)
+        return (self.up, self.down, self.mid, self.residual_values)
 
     def bias_delta(self, base_bias: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor | None:
         if self.bias is None:
@@ -135,7 +172,8 @@ class LoraPatch(AdditivePatch):
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> LoraPatch:
-        patch = cls(**fields_from("lora", tensors, cls.SUFFIXES, ("lora_up.weight", "lora_down.weight")))
+        vals = fields_from("lora", tensors, cls.SUFFIXES, ("lora_up.weight", "lora_down.weight"), SPARSE_SUFFIXES)
+        patch = cls(**vals)
         check_fits("lora", patch.shape, weight_shape)
         return patch
 
@@ -144,7 +182,9 @@ class LoraPatch(AdditivePatch):
         """Exact identity when ``rank`` is None or >= the current rank (a Tucker ``mid`` is folded
         into a plain ``kh x kw`` down, exactly); below it, the optimal truncation of ``up @ down``
         computed from the factors (:func:`truncate_factors`), gamma and the bias scale folded
-        (alpha None). DoRA: needs ``base_weight`` and a rank (truncated SVD of the dense delta)."""
+        (alpha None). A sparse residual is folded into the factors (:meth:`factors`: rank grows by
+        its non-zero rows or columns, exact) and then truncated like the rest when ``rank`` is
+        smaller. DoRA: needs ``base_weight`` and a rank (truncated SVD of the dense delta)."""
         if self.dora_scale is not None:
             if base_weight is None:
                 raise ValueError("a DoRA patch (dora_scale) needs the base weight to become a plain LoRA")
@@ -152,6 +192,13 @@ class LoraPatch(AdditivePatch):
                 raise ValueError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
             return LoraPatch.from_dense(self.delta(base_weight), rank)
         dtype = self.up.dtype
+        if self.has_residual:
+            up, down = self.factors(torch.float64)
+            up = up * self.scale
+            err = 0.0
+            if rank is not None and rank < up.shape[1]:
+                up, down, err = truncate_factors(up, down, rank)
+            return self._from_2d(up, down, self.shape, dtype, self._scaled_bias()), err
         plain = self
         if self.mid is not None:
             plain = LoraPatch(
@@ -165,6 +212,26 @@ class LoraPatch(AdditivePatch):
         up, down = self.factors(torch.float64)
         new_up, new_down, err = truncate_factors(up * self.scale, down, rank)
         return self._from_2d(new_up, new_down, self.shape, dtype, self._scaled_bias()), err
+
+    @property
+    def exact_lora_rank(self) -> int:
+        """Rank of the exact plain-LoRA form: the rank, plus the sparse residual's share."""
+        if not self.has_residual:
+            return self.rank
+        return int(self.factors(torch.float32)[0].shape[1])
+
+    def scaled_residual_fields(self, factor: float) -> dict[str, torch.Tensor | None]:
+        """The residual fields with the values times ``factor`` (at least float32, so that scaling
+        fp16 values stays exact to float32 rounding)."""
+        if not self.has_residual:
+            return {}
+        v = self.residual_values
+        dt = torch.promote_types(v.dtype, torch.float32)
+        return {
+            "residual_indices": self.residual_indices,
+            "residual_values": (v.double() * factor).to(dt),
+            "residual_size": self.residual_size,
+        }
 
     def _scaled_bias(self) -> torch.Tensor | None:
         if self.bias is None:
@@ -213,7 +280,8 @@ class LoraPatch(AdditivePatch):
         """The same update with ``alpha = rank`` (scale 1), the form writers need when a format
         cannot carry per-module alphas. ``mode="sqrt"`` multiplies ``up`` and ``down`` by
         ``sqrt(|gamma|)`` (the sign goes to ``up``), ``"up"`` multiplies ``up`` by ``gamma``.
-        The bias is rescaled too; ``mid`` and ``dora_scale`` are kept (DoRA sees the same dW)."""
+        The bias and a sparse residual are rescaled too; ``mid`` and ``dora_scale`` are kept (DoRA
+        sees the same dW)."""
         g = self.scale
         if mode == "sqrt":
             fu, fd = math.copysign(math.sqrt(abs(g)), g), math.sqrt(abs(g))
@@ -229,10 +297,12 @@ class LoraPatch(AdditivePatch):
             mid=self.mid,
             bias=self._scaled_bias(),
             dora_scale=self.dora_scale,
+            **self.scaled_residual_fields(g),
         )
 
     def scaled(self, factor: float) -> LoraPatch:
-        """``factor`` times the update (``up`` and the bias scaled). Not for DoRA patches."""
+        """``factor`` times the update (``up``, the bias and a sparse residual scaled). Not for DoRA
+        patches."""
         if self.dora_scale is not None:
             raise ValueError("a DoRA patch cannot be scaled linearly")
         return LoraPatch(
@@ -241,4 +311,5 @@ class LoraPatch(AdditivePatch):
             alpha=self.alpha,
             mid=self.mid,
             bias=None if self.bias is None else (self.bias.double() * factor).to(self.bias.dtype),
+            **self.scaled_residual_fields(factor),
         )
