@@ -19,3 +19,19 @@ def bench():
     from loradex.demo import TinyBench
 
     return TinyBench()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _archs_per_module():
+    """Archs a test module derives or registers stay in that module: detection tries the archs known
+    to the process first, so one module's custom bases must not decide another module's files."""
+    from loradex.core.archs import lookup
+
+    with lookup._LOCK:
+        custom, derived = dict(lookup._CUSTOM), dict(lookup._DERIVED)
+    yield
+    with lookup._LOCK:
+        lookup._CUSTOM.clear()
+        lookup._CUSTOM.update(custom)
+        lookup._DERIVED.clear()
+        lookup._DERIVED.update(derived)

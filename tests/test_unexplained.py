@@ -358,3 +358,33 @@ def test_sparse_residual_on_a_fused_flux_projection(tmp_path):
     back = patch_from_tensors({k.partition(".")[2]: v for k, v in load_file(str(tmp_path / "back.safetensors")).items()
                                if k.startswith(flat + ".")}, (rows, inn))
     assert torch.allclose(back.delta(), fused, atol=1e-5)
+
+
+def test_cli_lists_unexplained_keys_and_strict_refuses(tmp_path, capsys, monkeypatch):
+    """The CLI shows every key nothing explains by name (inspect, convert's report, add's notes),
+    ``--json`` carries them all, and ``--strict`` makes them an input error (exit 2, one line)."""
+    from cli_util import bad, run
+
+    a = A.get_arch("tiny-sd1")
+    flat = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    info = a.module("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    path = tmp_path / "x.safetensors"
+    save_file({f"{flat}.lora_down.weight": torch.randn(2, info.shape[1]),
+               f"{flat}.lora_up.weight": torch.randn(info.shape[0], 2), f"{flat}.alpha": torch.tensor(2.0),
+               f"{flat}.weird_suffix": torch.randn(3), "lora_unet_nope_module.lora_down.weight": torch.randn(2, 4)},
+              str(path))
+    want = {f"{flat}.weird_suffix", "lora_unet_nope_module.lora_down.weight"}
+    code, out, _ = run(capsys, "inspect", path, "--arch", "tiny")
+    assert code == 0 and all(f"not understood: {k}" in out for k in want)
+    assert set(json.loads(run(capsys, "inspect", path, "--arch", "tiny", "--json")[1])["unexplained"]) == want
+    r = run(capsys, "convert", path, "--arch", "tiny", "--to", "diffusers", "-o", tmp_path / "y.safetensors", "--json")
+    assert r[0] == 0 and set(json.loads(r[1])["unexplained"]) == want
+    bad(run(capsys, "convert", path, "--arch", "tiny", "--to", "diffusers", "-o", tmp_path / "z.safetensors",
+            "--strict"), "2 keys")
+    assert not (tmp_path / "z.safetensors").exists()
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("LORADEX_HOME", str(home))
+    bad(run(capsys, "add", path, "--name", "x", "--arch", "tiny", "--strict"), "strict")
+    code, out, _ = run(capsys, "add", path, "--name", "x", "--arch", "tiny")
+    assert code == 0 and "key not understood" in out

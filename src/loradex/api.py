@@ -81,11 +81,11 @@ def describe(adapter: Adapter) -> dict:
     }
 
 
-def inspect(path: str | os.PathLike, arch=None) -> dict:
+def inspect(path: str | os.PathLike, arch=None, strict: bool = False) -> dict:
     """``describe`` of the loaded file plus its identities (sha256, Civitai AutoV1/V2/V3)."""
     from loradex.registry.hashes import file_hashes
 
-    adapter = load(path, arch=arch)
+    adapter = load(path, arch=arch, strict=strict)
     out = {"path": str(path), **describe(adapter)}
     p = Path(path)
     if p.is_file():

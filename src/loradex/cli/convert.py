@@ -15,6 +15,8 @@ from loradex.cli.registry import (
     recorded_base,
     save_as_option,
     store_output,
+    strict_option,
+    unexplained_lines,
 )
 
 
@@ -25,8 +27,9 @@ def _fmt_counts(d: dict) -> str:
 @cli.command("inspect")
 @click.argument("path", type=click.Path(exists=False), metavar="PATH|REF")
 @arch_options
+@strict_option
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
-def inspect_cmd(path: str, arch: str | None, base: str | None, as_json: bool) -> None:
+def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, as_json: bool) -> None:
     """Format, arch, kinds, modules, ranks, alphas, embeddings, metadata and hashes of PATH (or of a
     registry REF: NAME, NAME@N, NAME:TAG, sha256 prefix)."""
     from loradex.api import inspect
@@ -34,7 +37,7 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, as_json: bool) ->
     with contextlib.ExitStack() as stack:
         p, version = stack.enter_context(input_path(path))
         a, _ = chosen_arch(stack, arch, base, version)
-        info = inspect(p, arch=a)
+        info = inspect(p, arch=a, strict=strict)
     if version is not None:
         info.update(path=path, ref=version.ref)
     if as_json:
@@ -61,6 +64,11 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, as_json: bool) ->
         lines.append(f"civitai:     AutoV1 {h['autov1']}  AutoV2 {h['autov2']}  AutoV3 {h['autov3'] or '-'}")
     for n in info["notes"][:10]:
         lines.append(f"note:        {n}")
+    if len(info["notes"]) > 10:
+        lines.append(f"note:        ... and {len(info['notes']) - 10} more (--json lists all)")
+    if info.get("unexplained"):
+        lines.append(f"unexplained: {len(info['unexplained'])} keys no kind or module explains (not read)")
+        lines += unexplained_lines(info["unexplained"], indent="  ")
     emit(info, False, "\n".join(lines))
 
 
@@ -72,13 +80,14 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, as_json: bool) ->
 @click.option("--rank", type=int, default=None, help="SVD rank for kinds the target cannot hold exactly")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="cast the output tensors")
 @arch_options
+@strict_option
 @click.option("--uniform-alpha", is_flag=True,
               help="kohya: fold per-module alphas into lora_up so diffusers' kohya loader reads the file exactly")
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the conversion report as JSON")
 def convert_cmd(
     src: str, dst: str | None, to: str, rank: int | None, dtype: str | None, arch: str | None, base: str | None,
-    uniform_alpha: bool, save_as: str | None, as_json: bool
+    strict: bool, uniform_alpha: bool, save_as: str | None, as_json: bool
 ) -> None:
     """Convert SRC (any supported format) to FORMAT, exact wherever the math allows.
 
@@ -92,7 +101,7 @@ def convert_cmd(
         src_path, version = stack.enter_context(input_path(src))
         a, b = chosen_arch(stack, arch, base, version)
         out = stack.enter_context(output_path(dst, save_as, folder=to.lower() == "peft"))
-        report = convert(src_path, out, to, rank=rank, dtype=dtype, arch=a, **options)
+        report = convert(src_path, out, to, rank=rank, dtype=dtype, arch=a, strict=strict, **options)
         saved = None
         if save_as:
             params = {"to": to, "rank": rank, "dtype": dtype, "arch": getattr(a, "name", a), "base": base, **options}
@@ -104,11 +113,18 @@ def convert_cmd(
     if saved is not None:
         d["saved_as"] = saved.to_dict(metadata=False)
         text.append(f"stored as {saved.ref} (sha256 {saved.sha256[:12]})")
-    for name, how in list(report.exact.items())[:20]:
-        text.append(f"  exact   {name}: {how}")
-    for name, err in sorted(report.approximated.items(), key=lambda kv: -kv[1])[:20]:
-        text.append(f"  svd     {name}: rel. error {err:.3g}")
-    for name, why in list(report.dropped.items())[:20]:
-        text.append(f"  dropped {name}: {why}")
-    text += [f"  note: {n}" for n in report.notes[:20]]
+    text += _listed("exact  ", [f"{name}: {how}" for name, how in report.exact.items()])
+    text += _listed("svd    ", [f"{name}: rel. error {err:.3g}" for name, err in
+                               sorted(report.approximated.items(), key=lambda kv: -kv[1])])
+    text += _listed("dropped", [f"{name}: {why}" for name, why in report.dropped.items()])
+    text += unexplained_lines(report.unexplained)
+    text += _listed("note:", list(report.notes))
     emit(d, as_json, "\n".join(text))
+
+
+def _listed(label: str, items: list[str], limit: int = 20) -> list[str]:
+    """The first ``limit`` report lines, then how many more (``--json`` has them all)."""
+    out = [f"  {label} {x}" for x in items[:limit]]
+    if len(items) > limit:
+        out.append(f"  {label} ... and {len(items) - limit} more (--json lists all)")
+    return out

@@ -13,6 +13,7 @@ from loradex.cli.registry import (
     recorded_base,
     save_as_option,
     store_output,
+    strict_option,
 )
 
 #: Write formats that can hold what resize / merge produce.
@@ -95,9 +96,10 @@ def dynamic_rank_options(f):
 @dynamic_rank_options
 @click.option("--to", "to", default=None, help="output format (default: the input's when it can hold the result, else kohya)")
 @arch_options
+@strict_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, save_as, as_json):
+def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, strict, save_as, as_json):
     """Truncate every LoRA / LoHa / LoKr module of IN to a fixed or per-module dynamic rank (SVD from
     the factors; the scale alpha/rank is preserved). Other kinds are kept as they are."""
     from loradex.api import load
@@ -112,7 +114,7 @@ def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, save_as, 
     with contextlib.ExitStack() as stack:
         src_path, version = stack.enter_context(input_path(src))
         a, b = chosen_arch(stack, arch, base, version)
-        adapter = load(src_path, arch=a)
+        adapter = load(src_path, arch=a, strict=strict)
         out, report = resize(adapter, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative)
         params = {"rank": rank, "fro": fro, "ratio": ratio, "cumulative": cumulative, "to": to, "base": base}
         to, wreport, saved = _write(out, to, dst, save_as, "resize", [version or src_path],
@@ -166,9 +168,10 @@ _METHOD_HELP = ("concat: the exact weighted sum (ranks add up; one input: only s
 @click.option("--to", "to", default=None,
               help="output format (default: the first input's when it can hold the result, else kohya)")
 @arch_options
+@strict_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, arch, base, save_as,
+def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, arch, base, strict, save_as,
               as_json):
     """Merge adapters IN (files or registry REFs), each with an optional weight W (default 1,
     negative allowed) and block weights BLOCKS. concat: the result's update is exactly
@@ -193,7 +196,8 @@ def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, 
         a, b = chosen_arch(stack, arch, base)
         for path, w, spec in parsed:
             p, version = stack.enter_context(input_path(path))
-            items.append((load(p, arch=a if a is not None else chosen_arch(stack, None, None, version)[0]), w, spec))
+            items.append((load(p, arch=a if a is not None else chosen_arch(stack, None, None, version)[0],
+                               strict=strict), w, spec))
             parents.append(version or p)
             bases.append(recorded_base(version))
         out, report = merge(items, method=method, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative,

@@ -96,6 +96,23 @@ BASE_HELP = ("the base model it is for: a diffusers folder, a checkpoint file, a
              "local cache (its architecture is read from its own configs and sizes)")
 
 
+def strict_option(f):
+    """``--strict``: a source key that no patch kind, module or embedding explains is an error
+    (without it such keys are listed by name in the report, never dropped silently)."""
+    return click.option("--strict", is_flag=True,
+                        help="refuse an input with keys loradex does not understand (they are listed either way)")(f)
+
+
+def unexplained_lines(unexplained: dict, limit: int = 20, indent: str = "  ") -> list[str]:
+    """Report lines for keys nothing explained: the first ``limit`` by name, then how many more
+    (``--json`` carries every one)."""
+    items = list(unexplained.items())
+    out = [f"{indent}not understood: {k} ({why})" for k, why in items[:limit]]
+    if len(items) > limit:
+        out.append(f"{indent}... and {len(items) - limit} more keys not understood (--json lists all)")
+    return out
+
+
 def arch_options(f):
     """``--arch NAME`` and ``--base BASE``: the two ways to name the architecture of an input."""
     f = click.option("--base", "base", default=None, metavar="BASE", help=BASE_HELP)(f)
@@ -189,17 +206,18 @@ def store_output(path: Path, save_as: str, operation: str, parents: list, params
 @click.option("--label", "labels", multiple=True, help="a searchable label (style, character...); repeatable")
 @arch_options
 @click.option("--base-model", default=None, help="record this as its base model (a Hub id or a name) without reading it")
+@strict_option
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
-def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_model, as_json):
+def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_model, strict, as_json):
     """Store PATH in the registry: an adapter, embedding or checkpoint file, a PEFT adapter folder, a
     diffusers pipeline folder, or a folder of such files (e.g. A1111's models/Lora: every file
     loradex recognises is imported, the rest reported). With --base, every file is read against
     that base's architecture and the base is recorded, so later commands on the REF need no --base."""
     with contextlib.ExitStack() as stack:
-        _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, as_json)
+        _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, strict, as_json)
 
 
-def _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, as_json):
+def _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, strict, as_json):
     from loradex.registry.registry import is_folder_artifact
 
     arch, b = chosen_arch(stack, arch, base)
@@ -229,6 +247,15 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
         return
     if name is None:
         raise click.UsageError("--name NAME is required when adding one artifact")
+    if strict:
+        from loradex.converters import detect
+        from loradex.converters.checkpoint import describe_checkpoint
+
+        if describe_checkpoint(p, derive=False) is None:  # an adapter or embedding: every key must be read
+            from loradex.api import load
+
+            detect(p)
+            load(p, arch=arch, strict=True)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
     bar = _bar(as_json, total=size, unit="B", unit_scale=True, desc=f"hashing {p.name}") if size > (64 << 20) else None
     v = reg.add(p, name, tags=tags, description=description, trigger_words=list(triggers) or None,
@@ -239,7 +266,9 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
     out = reg.show(v)
     lines = [f"stored {_one_line(v)}"]
     lines += [f"  {n}" for n in out["identity_notes"]]
-    lines += [f"  note: {n}" for n in v.notes[:5]]
+    lines += [f"  note: {n}" for n in v.notes[:10]]
+    if len(v.notes) > 10:
+        lines.append(f"  note: ... and {len(v.notes) - 10} more (loradex show {v.ref} --json)")
     emit(out, as_json, "\n".join(lines))
 
 

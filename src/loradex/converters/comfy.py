@@ -93,7 +93,7 @@ class Comfy(Converter):
             if mod.startswith("text_encoders."):
                 _, enc, rest = mod.split(".", 2)
                 rest = rest[len("transformer.") :] if rest.startswith("transformer.") else rest
-                comp = _CLIP.get(enc)
+                comp = a.family.comfy_component(enc) or _CLIP.get(enc)  # SD3: t5xxl is text_encoder_3
                 if comp is None:
                     raise ArchError(mod)
                 return [(a.canonical(f"{comp}.{rest}"), None)]

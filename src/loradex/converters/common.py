@@ -143,15 +143,23 @@ def check_strict(adapter: Adapter, path) -> Adapter:
     return adapter
 
 
-def live_path(canonical: str) -> str:
-    """The module path (component removed) as the live transformers 5 model names it: the
-    ``CLIPTextModel`` of every arch's ``text_encoder`` has no ``text_model`` level, SDXL's
-    ``text_encoder_2`` (``CLIPTextModelWithProjection``) keeps it. Used where a format is loaded by
-    matching module names of the live model (PEFT folders, the lycoris_ wrapper)."""
+def live_path(canonical: str, arch=None) -> str:
+    """The module path (component removed) as the live transformers 5 model names it: a
+    ``CLIPTextModel`` has no ``text_model`` level, a ``CLIPTextModelWithProjection`` keeps it
+    (SDXL's ``text_encoder_2``, both of SD3's CLIPs). The arch's config says which class a component
+    is; without configs, the ``text_encoder`` of SD1/SD2/SDXL/FLUX is a ``CLIPTextModel``. Used where
+    a format is loaded by matching module names of the live model (PEFT folders, the lycoris_ wrapper)."""
     comp, _, path = canonical.partition(".")
-    if comp == "text_encoder" and path.startswith("text_model."):
-        return path[len("text_model.") :]
-    return path
+    if not path.startswith("text_model."):
+        return path
+    cfg = (getattr(arch, "configs", None) or {}).get(comp)
+    if cfg is not None:
+        from loradex.core.archs.tables import class_name
+
+        plain = class_name(cfg) == "CLIPTextModel"
+    else:
+        plain = comp == "text_encoder"
+    return path[len("text_model.") :] if plain else path
 
 
 def fit_kinds(

@@ -227,6 +227,11 @@ class Diffusers(Converter):
         by_comp: dict[str, list[str]] = {}
         for name in adapter.patches:
             by_comp.setdefault(component_of(name), []).append(name)
+        loadable = a.family.diffusers_lora_components if a is not None else None
+        for comp in by_comp:
+            if loadable is not None and comp not in loadable:
+                report.notes.append(f"{comp}: written, but diffusers' {a.family.label} pipeline does not load LoRAs "
+                                   f"of this component ({len(by_comp[comp])} modules; only {', '.join(loadable)})")
         for comp, names in by_comp.items():
             pats = {n: adapter.patches[n] for n in names}
             if a is not None:  # 1x1 convs need 4-D factors in diffusers, Linears 2-D

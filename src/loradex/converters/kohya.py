@@ -104,10 +104,7 @@ def read_patches(
         except FormatError as e:
             raise FormatError(f"{path}: {flat}: {e}") from None
         if getattr(fused, "has_residual", False):
-            # core.fusion.split_rows slices up/down only: fold the sparse residual into the factors
-            # first (exact, LoraPatch.to_lora) so that no part loses its rows of it
-            fused, _ = fused.to_lora()
-            notes.append(f"{flat}: sparse residual folded into the factors (rank {fused.rank}) to split it")
+            notes.append(f"{flat}: sparse residual folded into the factors to split it")
         order: dict[str, list[tuple[int, int]]] = {}
         for name, r in targets:
             order.setdefault(name, []).append(r)

@@ -104,13 +104,14 @@ class Lycoris(Converter):
                 )
             component = comps[0]
         adapter = fit_kinds(adapter, self.kinds, rank, report)
+        a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
         out: dict[str, torch.Tensor] = {}
         for name, p in adapter.patches.items():
             if component_of(name) != component:
                 report.dropped[name] = f"not in component {component}"
                 continue
             for suffix, t in p.tensors().items():
-                out[f"{PREFIX}{live_path(name).replace('.', '_')}.{suffix}"] = cast(t, dtype)
+                out[f"{PREFIX}{live_path(name, a).replace('.', '_')}.{suffix}"] = cast(t, dtype)
         if adapter.embeddings:
             report.notes.append("embeddings are not part of the lycoris_ format; write them with --to a1111-ti")
         sio.save(out, path, modelspec(adapter, title or Path(path).stem))

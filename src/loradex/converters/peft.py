@@ -170,6 +170,9 @@ class Peft(Converter):
         keys = " ".join(list(tensors)[:50])
         if "transformer_blocks" in keys and "down_blocks" not in keys and "single_transformer_blocks" in keys:
             return "transformer"
+        if (a is not None and "transformer" in a.components and "transformer_blocks" in keys
+                and not any(s in keys for s in ("down_blocks", "up_blocks", "mid_block"))):
+            return "transformer"  # an MMDiT (SD3) or a FLUX part without single blocks
         if ".self_attn." in keys or "encoder.layers." in keys:
             return "text_encoder"
         if ".SelfAttention." in keys:
@@ -225,7 +228,7 @@ class Peft(Converter):
                 pats = {n: p for n, p in adapter.patches.items() if component_of(n) == comp}
                 if a is not None:
                     pats = {n: conform(p, a.modules[n].shape if n in a.modules else None) for n, p in pats.items()}
-                self._write_one(pats, folder, "LOHA" if allowed == {"loha"} else "LORA", dtype)
+                self._write_one(pats, folder, "LOHA" if allowed == {"loha"} else "LORA", dtype, a)
             old = None
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('.', 2)[-2]}")
@@ -240,13 +243,13 @@ class Peft(Converter):
             report.notes.append("PEFT folders cannot hold textual-inversion embeddings; write them with --to diffusers-ti")
 
     @staticmethod
-    def _write_one(pats: dict[str, Patch], folder: Path, ptype: str, dtype) -> None:
+    def _write_one(pats: dict[str, Patch], folder: Path, ptype: str, dtype, arch=None) -> None:
         out: dict[str, torch.Tensor] = {}
-        pp = peft_patterns(pats, live_path, lambda t: "^" + re.escape(t))
+        pp = peft_patterns(pats, lambda n: live_path(n, arch), lambda t: "^" + re.escape(t))
         use_dora = dora_all_or_none(pats, component_of(next(iter(pats))), "peft")
         has_bias = any(getattr(p, "bias", None) is not None for p in pats.values())
         for n, p in pats.items():
-            mpath = live_path(n)
+            mpath = live_path(n, arch)
             pre = PREFIX + mpath + "."
             if ptype == "LORA":
                 out[pre + "lora_A.weight"] = cast(p.down, dtype)

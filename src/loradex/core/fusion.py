@@ -33,7 +33,9 @@ def split_rows(patch: Patch, groups: list[list[tuple[int, int]]], rank: int | No
             FullPatch(diff=rows(patch.diff, g), diff_b=None if patch.diff_b is None else rows(patch.diff_b, g))
             for g in groups
         ], 0.0
-    if not isinstance(patch, LoraPatch) or patch.mid is not None:
+    if not isinstance(patch, LoraPatch) or patch.mid is not None or patch.has_residual:
+        # a Tucker mid or a sparse residual spans every row: fold it into plain factors first
+        # (exact, LoraPatch.to_lora), so that each part keeps its rows of it
         patch, err = patch.to_lora(rank)
     if patch.dora_scale is not None:
         raise ValueError("DoRA patches cannot be split across fused projections")

@@ -1049,9 +1049,12 @@ def describe_path(path: Path, arch=None) -> dict:
                 "artifact": "embedding" if conv.name.endswith("-ti") else "adapter", "base_model": _base_model(meta)}
     d = api.describe(adapter)
     artifact = "embedding" if not adapter.patches and adapter.embeddings else "adapter"
+    notes = list(adapter.notes) + [f"key not understood (not read): {k} ({why})" for k, why in adapter.unexplained.items()]
+    if len(notes) > 50:
+        notes = notes[:49] + [f"... and {len(notes) - 49} more notes (loradex inspect lists every key)"]
     out = {"format": d["format"], "arch": d["arch"], "kinds": d["kinds"], "ranks": d["ranks"],
            "modules": d["modules"], "embeddings": list(d["embeddings"]), "metadata": dict(adapter.metadata),
-           "notes": list(adapter.notes)[:50], "artifact": artifact, "base_model": _base_model(adapter.metadata)}
+           "notes": notes, "artifact": artifact, "base_model": _base_model(adapter.metadata)}
     if key is not None:
         with _DESCRIPTIONS_LOCK:  # import workers describe concurrently
             if len(_DESCRIPTIONS) >= 256:

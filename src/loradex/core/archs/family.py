@@ -113,6 +113,8 @@ class Family:
     te_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
     #: module classes lycoris-lora wraps when training LoHa/LoKr on the denoiser (its attention)
     lycoris_modules: ClassVar[tuple[str, ...]] = ("Attention",)
+    #: components diffusers' ``load_lora_weights`` loads for this family (None: every component)
+    diffusers_lora_components: ClassVar[tuple[str, ...] | None] = None
     #: the embedded tiny pipeline: VAE overrides and the scheduler (class name, arguments)
     tiny_pipeline: ClassVar[tuple[dict, tuple[str, dict]]] = ({}, ("DDIMScheduler", {"num_train_timesteps": 1000}))
     #: named LBW presets of the family's layouts (block-weight vectors by name)

@@ -124,7 +124,9 @@ class Flux1(Family):
     hub_repo = "black-forest-labs/FLUX.1-dev"
     hub_tags = ("flux",)
     license = "other"
-    key_hints = ("double_blocks", "single_blocks", "single_transformer_blocks", "final_layer", "img_in", "txt_in")
+    # (not "final_layer" alone: CLIP's final_layer_norm has it)
+    key_hints = ("double_blocks", "single_blocks", "single_transformer_blocks", "final_layer.", "final_layer_linear",
+                 "final_layer_adaLN", "img_in", "txt_in")
     checkpoint_hints = ("double_blocks.", "model.diffusion_model.double_blocks.")
     resolution = 1024
     objective = "flow"

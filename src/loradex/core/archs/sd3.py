@@ -209,6 +209,8 @@ class SD3(Family):
     #: MLP, no adaLN; peft matches ".attn.to_q" suffixes, so SD3.5's attn2 is not hit either)
     lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
+    #: StableDiffusion3Pipeline's ``_lora_loadable_modules``: T5 LoRAs are written but never loaded
+    diffusers_lora_components = ("transformer", "text_encoder", "text_encoder_2")
     #: JointTransformerBlock's attention (``attn`` and ``attn2``) is diffusers' ``Attention``
     lycoris_modules = ("Attention",)
     #: SD3's VAE: 16 latent channels scaled by 1.5305 after shifting by 0.0609, no quant convs; the
