@@ -762,3 +762,42 @@ def test_table_cache_round_trips_and_survives_damage(tmp_path, monkeypatch):
     T.clear_memo()
     assert T.config_table(cfg) == built
     T.clear_memo()
+
+
+def test_a_new_family_is_one_class_and_one_registration(tmp_path):
+    """Extension point: a family defined and registered here (an SD1-topology model whose kohya
+    files use other prefixes) is usable by every layer without touching another file: derived
+    archs, kohya names, ModelSpec, detection of a file written for it, block weights."""
+    import loradex
+    from loradex.core.adapter import Adapter
+    from loradex.core.archs import family as F
+    from loradex.core.archs.family import ComponentSpec, register_family
+    from loradex.core.archs.sd1 import SD1
+    from loradex.core.kinds.lora import LoraPatch
+
+    class Toy(SD1):
+        name, label, order = "toy", "Toy diffusion", 99
+        components = (ComponentSpec("unet", "lora_toy", checkpoint=(("model.diffusion_model.", "native"),)),
+                      ComponentSpec("text_encoder", "lora_toytext", comfy=("clip_l",)))
+        builtins, tiny = {}, None
+        modelspec_arch, kohya_version = "toy-diffusion", "toy_v1"
+
+    register_family(Toy())
+    try:
+        a = A.arch_from_configs("toy", {"unet": T.load_config("tiny_sd1_unet.json"),
+                                        "text_encoder": T.load_config("tiny_clip_text.json")})
+        assert a.name.startswith("toy-") and a.family.name == "toy"
+        m = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+        assert a.kohya_name(m) == "lora_toy_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+        shape = a.module(m).shape
+        path = tmp_path / "toy.safetensors"
+        loradex.save(Adapter(patches={m: LoraPatch(up=torch.randn(shape[0], 2), down=torch.randn(2, shape[1]))},
+                             arch=a.name), path, "kohya")
+        got = loradex.load(path)
+        assert got.arch == a.name and got.metadata["modelspec.architecture"] == "toy-diffusion/lora"
+        assert got.metadata["ss_base_model_version"] == "toy_v1"
+        from loradex.merge.blocks import layouts
+
+        assert max(layouts(a)) == 26  # the SD1 layouts it inherits
+    finally:
+        F._FAMILIES.pop("toy", None)

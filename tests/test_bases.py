@@ -283,6 +283,13 @@ def test_extract_from_tuned_folder(base, capsys):
     y_tuned = bench.out(tuned)
     assert bench.rel(consume(bench, out), y_tuned) < 1e-4
     assert loradex.load(out).metadata.get("loradex.base_model") == str(base["folder"].resolve())
+    # the same from single files of base and tuned
+    _single_file(base["kind"], tuned, bench.arch, d / "tuned.safetensors")
+    out2 = d / "extracted2.safetensors"
+    r = run(capsys, "extract", "--base", base["file"], "--tuned", d / "tuned.safetensors", "--rank", 2, "-o", out2,
+            "--to", "diffusers")
+    assert r[0] == 0, r
+    assert bench.rel(consume(bench, out2), y_tuned) < 1e-4
 
 
 def test_merge_resize_export_push_with_base(base, capsys, tmp_path, monkeypatch):
@@ -305,6 +312,15 @@ def test_merge_resize_export_push_with_base(base, capsys, tmp_path, monkeypatch)
     # the registry remembers the base: later commands on the REF need no --base
     r = run(capsys, "add", base["peft"], "--name", "face", "--base", base["folder"], "--json")
     assert r[0] == 0, r
+    folder = tmp_path / "loras"  # a folder import: --base for every file
+    folder.mkdir()
+    shutil.copy(base["loha"], folder / "style.safetensors")
+    shutil.copy(base["peft"], folder / "face.safetensors")
+    r = run(capsys, "add", folder, "--name", "imp", "--base", base["folder"], "--json")
+    assert r[0] == 0, r
+    added = json.loads(r[1])["added"]
+    assert len(added) == 2 and all(v["arch"] == bench.arch.name and v["base_model"] == str(base["folder"].resolve())
+                                   for v in added)
     shown = json.loads(run(capsys, "show", "face", "--json")[1])
     assert shown["arch"] == bench.arch.name and shown["base_model"] == str(base["folder"].resolve())
     e = tmp_path / "e.safetensors"

@@ -20,6 +20,7 @@ before the rows are split (``core.fusion`` slices ``up`` only).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import replace
@@ -45,7 +46,21 @@ from loradex.core.kinds.base import Patch
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import ArchError, ConversionError, FormatError
 
-KOHYA_KEY = re.compile(r"^lora_(unet|te\d?)_[^.]+\.")
+
+def kohya_key():
+    """A key under any kohya prefix a registered family writes (``lora_unet_``, ``lora_te_``,
+    ``lora_te1_``...) followed by ``<module>.`` (other trainers' aliases such as OneTrainer's
+    ``lora_transformer_`` are the ComfyUI/OneTrainer reader's)."""
+    from loradex.core.archs import families
+
+    prefixes = {c.kohya_prefix for fam in families().values() for c in fam.components}
+    return _kohya_key(frozenset(prefixes))
+
+
+@functools.cache
+def _kohya_key(prefixes: frozenset[str]) -> re.Pattern:
+    alt = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
+    return re.compile(rf"^(?:{alt})_[^.]+\.")
 BUNDLE_PREFIX = "bundle_emb."
 
 
@@ -133,7 +148,8 @@ class Kohya(Converter):
         if not path.is_file():
             return False
         h = sio.read_header(path)
-        return any(KOHYA_KEY.match(k) for k in h.tensors)
+        key = kohya_key()
+        return any(key.match(k) for k in h.tensors)
 
     def read(self, path: Path, arch=None) -> Adapter:
         """Every key is read or named in ``Adapter.unexplained``: module keys are grouped at their
@@ -153,7 +169,7 @@ class Kohya(Converter):
                 continue
             groups.setdefault(flat, {})[suffix] = k
         has_bundle = any(k.startswith(BUNDLE_PREFIX) for k in h.tensors)
-        if not any(KOHYA_KEY.match(k) for k in h.tensors) and not has_bundle:
+        if not any(kohya_key().match(k) for k in h.tensors) and not has_bundle:
             raise FormatError(f"{path}: no kohya LoRA keys found")
         a = resolve_arch(arch, h.shapes(), required=bool(groups), path=path)
         tensors = sio.load(path, header=h)

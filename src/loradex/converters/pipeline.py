@@ -74,7 +74,14 @@ def _from_single_file(p: Path, dtype):
         raise FormatError(f"{p}: not a single-file diffusion checkpoint")
     if desc.get("arch") is None:
         raise FormatError(f"{p}: {desc.get('arch_error') or 'no model family loradex knows fits it'}")
-    family = get_arch(desc["arch"]).family
-    cls = getattr(diffusers, family.pipelines[0])  # the family's text-to-image pipeline
+    from loradex.core.archs import builtin_names
+
+    arch = get_arch(desc["arch"])
+    if arch.name not in builtin_names():
+        # from_single_file builds the published configs of the family (and their tokenizers and VAE)
+        raise FormatError(f"{p}: a {arch.family.label} checkpoint of a size diffusers does not publish ({arch.name}); "
+                          "diffusers loads single files only at the published sizes: use the base's diffusers folder "
+                          "(inspect, convert, bake, extract, merge and add take the single file)")
+    cls = getattr(diffusers, arch.family.pipelines[0])  # the family's text-to-image pipeline
     with quiet():
         return cls.from_single_file(str(p), torch_dtype=dtype, local_files_only=True)
