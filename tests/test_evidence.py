@@ -39,17 +39,6 @@ from loradex.tiny import quiet
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
 
-@pytest.fixture(autouse=True)
-def _only_known_archs(monkeypatch):
-    """Detection also weighs archs derived or registered in this process (a ``--base``): other
-    tests leave theirs behind (tiny-sd1 look-alikes, FLUX.1 clones), which would make these files
-    ambiguous. Each test here sees the built-in and embedded archs only."""
-    from loradex.core.archs import lookup
-
-    monkeypatch.setattr(lookup, "_CUSTOM", {})
-    monkeypatch.setattr(lookup, "_DERIVED", {})
-
-
 def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 

@@ -40,17 +40,6 @@ K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
 V = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"
 
 
-@pytest.fixture(autouse=True)
-def _only_known_archs(monkeypatch):
-    """Detection also weighs archs derived or registered in this process (a ``--base``): other
-    tests leave theirs behind (tiny-sd1 look-alikes, FLUX.1 clones), which would make these files
-    ambiguous. Each test here sees the built-in and embedded archs only."""
-    from loradex.core.archs import lookup
-
-    monkeypatch.setattr(lookup, "_CUSTOM", {})
-    monkeypatch.setattr(lookup, "_DERIVED", {})
-
-
 def _lora(out: int, inn: int, r: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"lora_down.weight": torch.randn(r, inn, generator=g), "lora_up.weight": torch.randn(out, r, generator=g),

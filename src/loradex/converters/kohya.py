@@ -14,8 +14,8 @@ Reading never drops a key silently: keys of modules the arch lacks, modules whos
 kind, tensors a module's kind does not own, and bundle keys that hold no embedding are named in
 ``Adapter.unexplained`` with the reason (``read_patches``). LyCORIS' sparse weight residual
 (``bias_indices``/``bias_values``/``bias_size``, ``core/kinds/sparse.py``) is part of the LoRA
-patch and written back bit-identically; on a fused FLUX projection it is folded into the factors
-before the rows are split (``core.fusion`` slices ``up`` only).
+patch and written back bit-identically; on a fused FLUX/SD3 projection ``core.fusion.split_rows``
+folds it into the factors before the rows are split.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def kohya_key():
 def _kohya_key(prefixes: frozenset[str]) -> re.Pattern:
     alt = "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True))
     return re.compile(rf"^(?:{alt})_[^.]+\.")
+
+
 BUNDLE_PREFIX = "bundle_emb."
 
 

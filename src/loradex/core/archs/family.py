@@ -241,17 +241,6 @@ def count_indices(keys, prefix: str) -> int:
     return best + 1
 
 
-def logit_normal_sigmas(n: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """Flow-matching timesteps drawn as ``sigmoid(N(mean, std))`` (SD3's and FLUX trainers'
-    ``logit_normal`` weighting scheme: more samples at mid noise levels)."""
-    return torch.sigmoid(torch.randn(n, generator=generator) * std + mean)
-
-
-def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """The resolution shift of flow-matching schedulers: ``s*sigma / (1 + (s-1)*sigma)``."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
 def fused_native_names(
     table: Table, component: str, locate, swapped: Callable[[str], bool] = lambda path: False
 ) -> tuple[dict[str, str], dict[str, list[Part]]]:
