@@ -35,12 +35,7 @@ from test_training import stripes
 KINDS = ("sd1c", "sdxlc", "fluxc", "sd3c")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build_pipe(kind: str, seed: int = 0):

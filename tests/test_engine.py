@@ -23,14 +23,7 @@ from loradex.tiny import quiet
 STEPS, SIZE = 1, 64  # 64 px is the smallest size a request may ask; 1 step, no CFG unless a test needs it
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared 2-core machine two spinning OpenMP
-    threads per process make each UNet call ~20x slower (measured: 0.42 s vs 0.02 s at 8x8)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

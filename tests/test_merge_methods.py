@@ -28,14 +28,7 @@ from loradex.tiny import tiny_arch
 HUGE = 10**6  # a rank above every module's size: the reduction keeps everything
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny models' matrices are far too small for intra-op threads: on a busy 2-core machine
-    two threads made these tests ~20x slower (spin-waiting), so run them single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -35,13 +35,7 @@ from test_arch import synth
 BUILTINS = ("sd3", "sd3.5-medium", "sd3.5-large")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: a second spinning OpenMP thread makes these tiny models many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,7 @@ from loradex.training.loop import TrainConfig, evaluate_loss, save_trained, trai
 RES = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: torch's second OpenMP thread makes tiny models ~20x slower under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stripes(root: Path, n: int = 4, size: int = RES) -> Path:

@@ -248,13 +248,11 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
     if name is None:
         raise click.UsageError("--name NAME is required when adding one artifact")
     if strict:
-        from loradex.converters import detect
         from loradex.converters.checkpoint import describe_checkpoint
 
         if describe_checkpoint(p, derive=False) is None:  # an adapter or embedding: every key must be read
             from loradex.api import load
 
-            detect(p)
             load(p, arch=arch, strict=True)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
     bar = _bar(as_json, total=size, unit="B", unit_scale=True, desc=f"hashing {p.name}") if size > (64 << 20) else None

@@ -50,7 +50,7 @@ class Comfy(Converter):
 
     def read(self, path: Path, arch=None) -> Adapter:
         h = sio.read_header(path)
-        a = resolve_arch(arch, h.shapes(), required=True, path=path)
+        a = resolve_arch(arch, h.shapes(), required=True, path=path, metadata=dict(h.metadata))
         sgm: dict[str, str] | None = None
         flat_tr: dict[str, str] | None = None
         groups: dict[str, dict[str, str]] = {}

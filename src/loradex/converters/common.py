@@ -326,12 +326,6 @@ def resolve_arch(arch, shapes: dict[str, tuple[int, ...]], required: bool, path:
     if isinstance(arch, Arch):
         return arch
     if arch is None:
-        if metadata is None and shapes:  # what the file says about its base is read before its keys
-            from loradex.converters import safetensors_io as sio
-
-            f = Path(path)
-            f = next((c for c in (f, f / "adapter_model.safetensors") if c.is_file()), None)
-            metadata = dict(sio.read_header(f).metadata) if f is not None and sio.is_safetensors(f) else None
         arch = detect_arch(shapes, metadata)
         if arch is None:
             if required:

@@ -146,7 +146,7 @@ class Diffusers(Converter):
             k if k.startswith("base_model.model.") or component_of(k) in COMPONENTS else "unet." + k: info.shape
             for k, info in h.tensors.items()
         }
-        a = resolve_arch(arch, shapes, required=False, path=path)
+        a = resolve_arch(arch, shapes, required=False, path=path, metadata=dict(h.metadata))
         tensors = sio.load(path, header=h)
         patches, notes = {}, []
         known = 0  # modules the arch has

@@ -173,7 +173,7 @@ class Kohya(Converter):
         has_bundle = any(k.startswith(BUNDLE_PREFIX) for k in h.tensors)
         if not any(kohya_key().match(k) for k in h.tensors) and not has_bundle:
             raise FormatError(f"{path}: no kohya LoRA keys found")
-        a = resolve_arch(arch, h.shapes(), required=bool(groups), path=path)
+        a = resolve_arch(arch, h.shapes(), required=bool(groups), path=path, metadata=dict(h.metadata))
         tensors = sio.load(path, header=h)
         patches, notes = {}, []
         if groups:

@@ -71,7 +71,7 @@ class Lycoris(Converter):
             groups.setdefault(flat[len(PREFIX) :], {})[suffix] = k
         if not groups:
             raise FormatError(f"{path}: no lycoris_ keys found")
-        a = resolve_arch(arch, h.shapes(), required=True, path=path)
+        a = resolve_arch(arch, h.shapes(), required=True, path=path, metadata=dict(h.metadata))
         maps = _flat_map(a)
         # the component whose module names cover the most keys
         comp = max(maps, key=lambda c: sum(f in maps[c] for f in groups))

@@ -91,7 +91,8 @@ class Peft(Converter):
             raw.append((comp, cfg, tensors, meta))
             # per-component folders: detect on "<component>.<module path>" keys (diffusers' naming)
             shapes.update({(f"{comp}.{k.removeprefix(PREFIX)}" if comp else k): tuple(v.shape) for k, v in tensors.items()})
-        a = resolve_arch(arch, shapes, required=False, path=path)
+        merged_meta = {k: v for _, _, _, m in raw for k, v in m.items()}
+        a = resolve_arch(arch, shapes, required=False, path=path, metadata=merged_meta)
         patches: dict[str, Patch] = {}
         notes: list[str] = []
         unexplained: dict[str, str] = {}

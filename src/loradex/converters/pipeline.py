@@ -60,6 +60,13 @@ def load_pipeline(base, device: str | torch.device | None = None, dtype: torch.d
         return pipe.to(dev, dtype) if dtype is not None else pipe.to(dev)
 
 
+def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
+    """The components of a pipeline that adapters patch (denoiser and text encoders), by name."""
+    from loradex.core.adapter import COMPONENTS
+
+    return {c: m for c in COMPONENTS if isinstance(m := getattr(pipe, c, None), torch.nn.Module)}
+
+
 def _from_single_file(p: Path, dtype):
     import diffusers
 

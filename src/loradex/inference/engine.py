@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loradex.core.adapter import COMPONENTS
+from loradex.converters.pipeline import load_pipeline, pipeline_components
 from loradex.errors import FormatError, LoradexError, RegistryError
 from loradex.inference.cache import Ready, ReadyCache, percentile, prepare
 from loradex.inference.slots import SlotBank, live_modules
@@ -45,14 +45,6 @@ TI_PLACEHOLDER = "<loradex-ti-{}>"
 def _defuse(text: str) -> str:
     """Break any reserved placeholder spelled in user text so the tokenizer cannot match it."""
     return text.replace("<loradex-ti-", "<loradex ti-")
-
-
-def load_pipeline(base, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A diffusers pipeline from a folder, a single-file safetensors checkpoint, an embedded tiny
-    arch, or as given (``converters.pipeline.load_pipeline``), on ``device``."""
-    from loradex.converters.pipeline import load_pipeline as _load
-
-    return _load(base, device, dtype)
 
 
 class _TIRows:
@@ -116,7 +108,7 @@ class Engine:
         if dtype is None and self.device.type == "cuda" and isinstance(base, (str, os.PathLike)):
             dtype = torch.float16
         self.pipe = load_pipeline(base, self.device, dtype)
-        comps = {c: getattr(self.pipe, c) for c in COMPONENTS if isinstance(getattr(self.pipe, c, None), nn.Module)}
+        comps = pipeline_components(self.pipe)
         denoiser = comps.get("unet", comps.get("transformer"))
         if denoiser is None:
             raise FormatError("the base pipeline has no unet or transformer")

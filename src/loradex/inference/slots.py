@@ -211,9 +211,9 @@ def wrappable(mod: nn.Module) -> bool:
 def live_modules(component: str, model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """``(canonical name, module path, module)`` for every submodule of a component, spelled the way
     ``loradex.core.archs.module_table`` spells canonical names (CLIP always with ``text_model.``)."""
-    from loradex.core.archs import model_kind
+    from loradex.core.archs.tables import needs_text_model_level
 
-    add_text_model = model_kind(model) == "clip" and not isinstance(getattr(model, "text_model", None), nn.Module)
+    add_text_model = needs_text_model_level(model)
     for path, mod in model.named_modules():
         if not path:
             continue

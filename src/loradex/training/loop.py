@@ -138,18 +138,12 @@ def load_base(base: str | None):
     return pipe
 
 
-def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
-    """The components of a pipeline that adapters patch (denoiser and text encoders)."""
-    from loradex.core.adapter import COMPONENTS
-
-    return {c: m for c in COMPONENTS if isinstance(m := getattr(pipe, c, None), torch.nn.Module)}
-
-
 def pipeline_arch(pipe):
     """The arch an adapter trained on ``pipe`` is written for, derived from the pipeline's own
     component configs (a built-in or embedded name when the modules are one's, else a derived arch
     that later commands resolve from the cache or the file's metadata). Call it before adapter
     layers are injected."""
+    from loradex.converters.pipeline import pipeline_components
     from loradex.core.archs import arch_from_models
     from loradex.errors import ArchError
 
