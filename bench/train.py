@@ -152,7 +152,7 @@ def build_pipe(kind: str):
 def child(args: argparse.Namespace) -> None:
     """One measured run in this (fresh) process; prints a JSON line."""
     torch.set_num_threads(args.threads)
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     with quiet():
         pipe = build_pipe(args.model)

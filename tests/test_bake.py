@@ -15,7 +15,7 @@ from cli_util import bad, run
 from loradex.converters.checkpoint import CheckpointReader
 from loradex.core.adapter import Adapter, Embedding
 from loradex.demo import LYCORIS_ALGOS, Reference, lycoris_preset, make_peft_reference, randomize_
-from loradex.tiny import quiet
+from loradex.log import quiet
 
 TOL = 1e-5
 #: the modules the lycoris references patch: Linear (self/cross attention, feed-forward), the 1x1

@@ -18,7 +18,7 @@ import torch
 from loradex.demo import make_lycoris_reference, make_peft_reference
 from loradex.inference import BadRequestError, GenerateRequest, UnknownAdapterError
 from loradex.inference.engine import Engine
-from loradex.tiny import quiet
+from loradex.log import quiet
 
 STEPS, SIZE = 1, 64  # 64 px is the smallest size a request may ask; 1 step, no CFG unless a test needs it
 

@@ -34,7 +34,7 @@ from loradex.core.archs.lookup import builtin_names
 from loradex.core.kinds import patch_from_tensors
 from loradex.core.kinds.norm import NormPatch
 from loradex.demo import lycoris_preset
-from loradex.tiny import quiet
+from loradex.log import quiet
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 

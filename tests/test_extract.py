@@ -19,7 +19,7 @@ from ckpt_util import flux_bfl_state_dict, sd1_single_file, sdxl_single_file
 from cli_util import bad, run
 from loradex.converters.checkpoint import CheckpointReader
 from loradex.core.linalg import rank_for
-from loradex.tiny import quiet
+from loradex.log import quiet
 
 RANK = 3
 #: modules that get a known low-rank delta: unet linear, 1x1 conv (SD1 proj_in), 3x3 conv, text encoder

@@ -18,7 +18,7 @@ import torch
 import loradex
 from loradex import Registry, RegistryError
 from loradex.demo import make_lycoris_reference
-from loradex.tiny import quiet
+from loradex.log import quiet
 from test_registry import REPO, child_env, cli, ok
 
 SECRET = "hf_loradexTestTokenThatMustNeverBePrinted"

@@ -401,7 +401,7 @@ def test_checkpoints_single_file_and_diffusers_folder(reg, bench, tmp_path):
         assert (out / rel).read_bytes() == (pipe_dir / rel).read_bytes()
     from diffusers import StableDiffusionPipeline
 
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     with quiet():
         StableDiffusionPipeline.from_pretrained(out)  # a working pipeline folder

@@ -29,7 +29,7 @@ from cli_util import run
 from loradex import tiny
 from loradex.core import archs as A
 from loradex.demo import LYCORIS_ALGOS, lycoris_preset, randomize_
-from loradex.tiny import quiet
+from loradex.log import quiet
 from test_arch import synth
 
 BUILTINS = ("sd3", "sd3.5-medium", "sd3.5-large")

@@ -32,7 +32,7 @@ from loradex.core.adapter import Adapter
 from loradex.core.kinds import patch_from_tensors
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import FormatError
-from loradex.tiny import quiet
+from loradex.log import quiet
 
 SD1 = "tiny-sd1"
 Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -143,7 +143,7 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
 def make_lycoris_reference(bench: TinyBench, label: str, out: Path, seed: int = 0) -> Reference:
     from lycoris import create_lycoris
 
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     unet = bench.fresh_unet()
     kw = dict(LYCORIS_ALGOS[label])
@@ -162,7 +162,7 @@ def make_peft_reference(bench: TinyBench, out: Path, seed: int = 0) -> Reference
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     pipe = bench.fresh_pipe()
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
@@ -190,7 +190,7 @@ def make_peft_reference(bench: TinyBench, out: Path, seed: int = 0) -> Reference
 # ---- consumers: load a written file with the real tool and run the UNet ---------------------
 
 def consume_diffusers(bench: TinyBench, path: Path) -> torch.Tensor:
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     pipe = bench.fresh_pipe()
     with quiet():
@@ -201,7 +201,7 @@ def consume_diffusers(bench: TinyBench, path: Path) -> torch.Tensor:
 def consume_lycoris(bench: TinyBench, path: Path) -> torch.Tensor:
     from lycoris import create_lycoris, create_lycoris_from_weights
 
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     unet = bench.fresh_unet()
     with quiet():
@@ -230,7 +230,7 @@ def consume_lycoris_kohya(bench: TinyBench, path: Path) -> torch.Tensor:
     """kohya-named files of LyCORIS kinds: lycoris-lora's kohya entry point (what sd-scripts uses)."""
     from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     if _is_ia3(path):
         return _consume_ia3_kohya(bench, path)
@@ -260,7 +260,7 @@ def _consume_ia3_kohya(bench: TinyBench, path: Path) -> torch.Tensor:
     ``lora_unet`` prefix and algo=ia3, then its own load_weights (see consume_lycoris)."""
     from lycoris import create_lycoris
 
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     unet = bench.fresh_unet()
     with quiet(), lycoris_preset({"target_module": ["Linear", "Conv2d"], "target_name": [], "lora_prefix": "lora_unet"}):
@@ -275,7 +275,7 @@ def _consume_ia3_kohya(bench: TinyBench, path: Path) -> torch.Tensor:
 def consume_peft(bench: TinyBench, path: Path) -> torch.Tensor:
     from peft import PeftModel
 
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     unet = bench.fresh_unet()
     with quiet():
@@ -325,7 +325,7 @@ def run_one(bench: TinyBench, ref: Reference, target: str, out: Path) -> Cell:
 def run_embeddings(bench: TinyBench, out: Path) -> dict[str, Cell]:
     import loradex
     from loradex.core.adapter import Adapter, Embedding
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     vec = torch.randn(3, 32, generator=torch.Generator().manual_seed(5))
     ad = Adapter(embeddings={"<sks>": Embedding("<sks>", {"text_encoder": vec})}, arch=bench.arch.name)

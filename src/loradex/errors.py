@@ -33,3 +33,7 @@ class ConversionError(LoradexError):
 
 class RegistryError(LoradexError):
     """A registry operation failed (unknown reference, bad name, unwritable home, ...)."""
+
+
+class TrainingError(LoradexError):
+    """A training run cannot start or go on as configured (bad options, dataset, base or checkpoint)."""

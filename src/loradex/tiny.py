@@ -15,15 +15,10 @@ from functools import lru_cache
 
 import torch
 
+from loradex.log import quiet
+
 TINY_TE_DIM = 32
 TINY_VOCAB_EXTRA = ("<|startoftext|>", "<|endoftext|>")
-
-
-def quiet():
-    """Silence the config warnings diffusers/transformers/peft/lycoris print for toy-sized models."""
-    from loradex.core.archs.tables import quiet as _quiet
-
-    return _quiet(("peft", "lycoris", "LyCORIS"))
 
 
 @lru_cache(maxsize=1)

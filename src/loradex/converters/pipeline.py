@@ -17,7 +17,7 @@ def load_pipeline(base, device: str | torch.device | None = None, dtype: torch.d
     """A diffusers pipeline from ``base``: a pipeline object (returned as is), an embedded tiny
     arch name, a diffusers folder or a single-file ``.safetensors`` checkpoint; moved to
     ``device``/``dtype`` when given. FormatError when it cannot be loaded."""
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     if base is None:
         base = "tiny"
@@ -72,7 +72,7 @@ def _from_single_file(p: Path, dtype):
 
     from loradex.converters.checkpoint import describe_checkpoint
     from loradex.core.archs import get_arch
-    from loradex.tiny import quiet
+    from loradex.log import quiet
 
     if p.suffix.lower() != ".safetensors":
         raise UnsafeFileError(f"{p}: a single-file base must be .safetensors (pickles are not loaded)")

@@ -96,7 +96,7 @@ def _embedding_plan(reader, adapters, report: BakeReport):
             raise LoradexError(f"{reader.path}: no {tok_dir[comp]}/ folder for {comp}'s tokens")
         import tempfile
 
-        from loradex.tiny import quiet
+        from loradex.log import quiet
 
         with quiet():
             tk = AutoTokenizer.from_pretrained(str(tdir))

@@ -353,7 +353,7 @@ def train(data: str | Path, cfg: TrainConfig, base: str | None = None, pipe=None
 
     ``work_dir`` receives ``checkpoint-N`` folders, ``samples/`` and the cached class images;
     ``resume``: a checkpoint folder (or a work dir: its newest checkpoint)."""
-    from loradex.tiny import quiet
+    from loradex.log import quiet
     from loradex.training.data import check_dataset, load_examples
     from loradex.training.methods import get_method
 
@@ -603,7 +603,7 @@ def save_trained(result: TrainResult, out: str | Path, format: str | None = None
             raise TrainingError(f"{out} exists: dreambooth writes a new folder")
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        from loradex.tiny import quiet
+        from loradex.log import quiet
 
         with quiet():
             pipe.save_pretrained(str(tmp), safe_serialization=True)

@@ -18,15 +18,11 @@ the wild (kohya, A1111, ComfyUI, older diffusers) use it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +30,7 @@ from pathlib import Path
 import torch
 
 from loradex.errors import ArchError
+from loradex.log import quiet
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -77,33 +74,6 @@ class ModuleInfo:
 
 
 Table = dict[str, ModuleInfo]
-
-
-@contextlib.contextmanager
-def quiet(extra_loggers: tuple[str, ...] = ()):
-    """Silence the config chatter of diffusers/transformers (and ``extra_loggers``) while models are
-    built: their loggers, transformers' own verbosity, warnings and stderr. ``loradex.tiny.quiet``
-    is this with peft's and LyCORIS' loggers added."""
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", *extra_loggers)]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as tlog
-
-        tlevel = tlog.get_verbosity()
-        tlog.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        tlog = None
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
-        if tlog is not None:
-            tlog.set_verbosity(tlevel)
 
 
 def _classify(mod: torch.nn.Module) -> tuple[str, tuple[int, ...], bool] | None:
