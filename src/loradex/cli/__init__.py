@@ -15,6 +15,26 @@ import click
 from loradex.errors import LoradexError
 
 
+class LazyHelpOption(click.Option):
+    """An option whose help text is computed when help is shown (``help_fn()``): texts derived from
+    a registry (the ``--to`` formats) stay true without importing it to build the command table."""
+
+    def __init__(self, *args, help_fn, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_fn = help_fn
+
+    def get_help_record(self, ctx):
+        self.help = self._help_fn()
+        return super().get_help_record(ctx)
+
+
+def format_help(prefix: str = "") -> str:
+    """``--to`` help: ``prefix`` followed by every write target of the format registry."""
+    from loradex.converters import targets_help
+
+    return f"{prefix}{targets_help()}"
+
+
 def emit(obj, as_json: bool, text: str | None = None) -> None:
     if as_json:
         click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))

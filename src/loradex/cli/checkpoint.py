@@ -8,7 +8,7 @@ import sys
 import click
 
 from loradex.bases import resolve_base
-from loradex.cli import cli, emit
+from loradex.cli import LazyHelpOption, cli, emit, format_help
 from loradex.cli.merge import dynamic_rank_options
 from loradex.cli.registry import ARCH_HELP, input_path, output_path, ref_arch, save_as_option, store_output
 
@@ -31,7 +31,8 @@ def _progress(as_json: bool) -> bool:
 @dynamic_rank_options
 @click.option("--min-diff", type=click.FloatRange(0), default=0.0, show_default=True,
               help="skip a module as identical when ||dW|| <= MIN_DIFF ||W|| (0: only exactly equal ones)")
-@click.option("--to", "to", default="kohya", show_default=True, help="output format (kohya, diffusers, peft, comfy, ...)")
+@click.option("--to", "to", default="kohya", show_default=True, cls=LazyHelpOption,
+              help_fn=lambda: format_help("output format: "))
 @click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="fp32", show_default=True, help="dtype of the factors")
 @click.option("--arch", default=None, help=ARCH_HELP)
 @save_as_option

@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from loradex.cli import cli, emit
+from loradex.cli import LazyHelpOption, cli, emit, format_help
 from loradex.cli.registry import (
     arch_options,
     chosen_arch,
@@ -76,7 +76,7 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, as_
 @click.argument("src", type=click.Path(exists=False), metavar="SRC|REF")
 @click.option("-o", "--output", "dst", default=None, type=click.Path(),
               help="output file (a folder for peft); optional with --save-as")
-@click.option("--to", "to", required=True, help="kohya | a1111 | comfy | lycoris | diffusers | peft | a1111-ti | kohya-ti | diffusers-ti")
+@click.option("--to", "to", required=True, cls=LazyHelpOption, help_fn=format_help)
 @click.option("--rank", type=int, default=None, help="SVD rank for kinds the target cannot hold exactly")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="cast the output tensors")
 @arch_options

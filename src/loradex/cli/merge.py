@@ -16,22 +16,23 @@ from loradex.cli.registry import (
     strict_option,
 )
 
-#: Write formats that can hold what resize / merge produce.
-_LORA_FORMATS = ("kohya", "comfy", "lycoris", "diffusers", "peft")
-
 
 def default_format(adapter) -> str:
     """The input's format when it can hold ``adapter`` (modules of LoRA kind only for diffusers and
     peft, embeddings only in kohya files), else kohya."""
+    from loradex.converters import converters, lora_targets, resolve_name
+
     fmt = (adapter.source_format or "").lower()
-    if fmt not in _LORA_FORMATS:
+    if fmt not in lora_targets():
         return "kohya"
-    if adapter.embeddings and fmt not in ("kohya", "comfy"):
+    fmt = resolve_name(fmt)  # comfy -> kohya: the writer of the keys ComfyUI loads
+    conv = converters()[fmt]
+    if adapter.embeddings and not conv.embeddings:
         return "kohya"
-    if fmt in ("diffusers", "peft") and any(p.kind != "lora" or getattr(p, "mid", None) is not None
-                                             for p in adapter.patches.values()):
+    if conv.kinds is not None and any(p.kind != "lora" or getattr(p, "mid", None) is not None
+                                      for p in adapter.patches.values()):
         return "kohya"
-    return "kohya" if fmt == "comfy" else fmt
+    return fmt
 
 
 def _parse_item(arg: str) -> tuple[str, float]:

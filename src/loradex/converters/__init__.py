@@ -1,53 +1,78 @@
 """Every on-disk format, by name: ``detect`` asks each converter, ``read``/``write`` dispatch.
 
-Write targets (``--to``): kohya (= a1111, comfy: both load kohya keys for every kind), lycoris,
+Each format is one module (``BUILTIN`` below) whose converter class registers itself with
+``@register_format`` (``converters/common.py``); the lists here -- detection order, ``--to`` names,
+which formats hold modules or embeddings -- are derived from the registered classes' attributes.
+Write targets today: kohya (= a1111, comfy: both load kohya keys for every kind), lycoris,
 diffusers, peft, and for textual inversion a1111-ti, kohya-ti, diffusers-ti. ``a1111`` on an
 adapter that only holds embeddings means A1111's ``.pt`` embedding.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import torch
 
-from loradex.converters.common import ConversionReport, Converter, check_strict
+from loradex.converters.common import (
+    COMMON_OPTIONS,
+    FORMATS,
+    ConversionReport,
+    Converter,
+    check_strict,
+    register_format,
+    unregister_format,
+)
 from loradex.core.adapter import Adapter
 from loradex.errors import ConversionError, FormatError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-
-def _table() -> dict[str, Converter]:
-    from loradex.converters.comfy import Comfy
-    from loradex.converters.diffusers import Diffusers
-    from loradex.converters.embeddings import A1111Embedding, DiffusersEmbedding, KohyaEmbedding
-    from loradex.converters.kohya import Kohya
-    from loradex.converters.lycoris import Lycoris
-    from loradex.converters.peft import Peft
-
-    convs: list[Converter] = [
-        Peft(), Kohya(), Lycoris(), Comfy(), A1111Embedding(), KohyaEmbedding(), DiffusersEmbedding(), Diffusers(),
-    ]
-    return {c.name: c for c in convs}
+#: The format modules shipped with loradex (each registers its converters when imported). A new
+#: format is one module plus its name here.
+BUILTIN = ("peft", "kohya", "lycoris", "comfy", "embeddings", "diffusers")
+_loaded = False
 
 
-_TABLE: dict[str, Converter] | None = None
+def _load_builtin() -> None:
+    global _loaded
+    if not _loaded:
+        for m in BUILTIN:
+            importlib.import_module(f"loradex.converters.{m}")
+        _loaded = True
 
 
 def converters() -> dict[str, Converter]:
-    """name -> converter, in detection order."""
-    global _TABLE
-    if _TABLE is None:
-        _TABLE = _table()
-    return _TABLE
+    """name -> converter, in detection order (each format's ``priority``, lowest first)."""
+    _load_builtin()
+    return dict(sorted(FORMATS.items(), key=lambda kv: (kv[1].priority, kv[0])))
 
 
-ALIASES = {"a1111": "kohya", "comfy": "kohya", "comfyui": "kohya", "sd-scripts": "kohya", "ti": "diffusers-ti"}
-#: Formats that hold only adapter modules (no embeddings): nothing to write without patches.
-MODULE_ONLY = ("diffusers", "peft", "lycoris")
-WRITE_TARGETS = ("kohya", "a1111", "comfy", "lycoris", "diffusers", "peft", "a1111-ti", "kohya-ti", "diffusers-ti")
+def aliases() -> dict[str, str]:
+    """Every other name a writer answers to (listed and hidden aliases) -> its format name."""
+    return {a: c.name for c in converters().values() for a in (*c.aliases, *c.hidden_aliases)}
+
+
+def write_targets() -> tuple[str, ...]:
+    """The ``--to`` names to offer: each writable format, then its listed aliases, in detection
+    order (module formats first, then the embedding-only ones)."""
+    convs = sorted(converters().values(), key=lambda c: (not c.modules, c.priority))
+    return tuple(n for c in convs if c.writes for n in (c.name, *c.aliases))
+
+
+def targets_help() -> str:
+    """``--to`` help text: the targets separated by ``|``."""
+    return " | ".join(write_targets())
+
+
+def lora_targets() -> tuple[str, ...]:
+    """Write targets that hold plain LoRA modules (what merge, resize and extract produce)."""
+    table = converters()
+    names = aliases()
+    return tuple(t for t in write_targets()
+                 if (c := table[names.get(t, t)]).modules and (c.kinds is None or "lora" in c.kinds))
 
 
 def detect(path: str | os.PathLike) -> Converter:
@@ -80,12 +105,17 @@ def read(path: str | os.PathLike, format: str | None = None, arch=None, strict: 
 
 
 def resolve_name(name: str, adapter: Adapter | None = None) -> str:
+    """The registered format a ``--to`` name means: its own name, an alias, or -- for an adapter
+    holding only embeddings -- a format's embedding alias (``a1111`` -> ``a1111-ti``)."""
     n = name.lower()
-    if n == "a1111" and adapter is not None and not adapter.patches and adapter.embeddings:
-        return "a1111-ti"
-    n = ALIASES.get(n, n)
-    if n not in converters():
-        raise FormatError(f"unknown format {name!r}; choose one of: {', '.join(WRITE_TARGETS)}")
+    table = converters()
+    if adapter is not None and not adapter.patches and adapter.embeddings:
+        for c in table.values():
+            if n in c.embedding_aliases:
+                return c.name
+    n = aliases().get(n, n)
+    if n not in table:
+        raise FormatError(f"unknown format {name!r}; choose one of: {', '.join(write_targets())}")
     return n
 
 
@@ -95,13 +125,21 @@ def write(
     """Write ``adapter`` in format ``to``; returns what happened to each module."""
     name = resolve_name(to, adapter)
     conv = converters()[name]
+    if not conv.writes:
+        raise FormatError(f"loradex reads {name} files but does not write them; choose one of: "
+                          f"{', '.join(write_targets())}")
+    unknown = sorted(set(options) - COMMON_OPTIONS - conv.options)
+    if unknown:
+        takes = sorted(conv.options)
+        raise ConversionError(f"the {name} writer has no option {', '.join(unknown)}"
+                              + (f" (its own options: {', '.join(takes)})" if takes else ""))
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise FormatError(f"unknown dtype {dtype!r}; choose fp16, bf16 or fp32")
         dtype = DTYPES[dtype]
     if rank is not None and rank < 1:
         raise FormatError("--rank must be a positive integer")
-    if not adapter.patches and name in MODULE_ONLY:
+    if not adapter.patches and conv.modules and not conv.embeddings:
         # an empty LoRA file or PEFT folder would "succeed" and load as nothing
         held = "only textual-inversion embeddings" if adapter.embeddings else "nothing"
         raise ConversionError(
@@ -111,3 +149,10 @@ def write(
     report = ConversionReport(target=name)
     conv.write(adapter, Path(path), report, dtype=dtype, rank=rank, **options)
     return report
+
+
+__all__ = [
+    "BUILTIN", "DTYPES", "FORMATS", "ConversionReport", "Converter", "aliases", "converters", "detect",
+    "lora_targets", "read", "register_format", "resolve_name", "targets_help", "unregister_format", "write",
+    "write_targets",
+]

@@ -55,14 +55,19 @@ from loradex.errors import ArchError, FormatError
 
 #: diffusers pipeline folders: the components whose weights adapters patch
 COMPONENT_DIRS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-_ADAPTER_SUFFIXES = (".alpha", ".lora_up.weight", ".lora_down.weight", ".lora_A.weight", ".lora_B.weight", ".hada_w1_a",
-                     ".hada_w1_b", ".lokr_w1", ".lokr_w2", ".lokr_w1_a", ".lokr_w2_a", ".oft_blocks", ".diff", ".diff_b",
-                     ".on_input", ".w_norm")
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 #: below this a pickle is an embedding or an adapter, not a full model
 MIN_CKPT_BYTES = 50 * 1024 * 1024
 #: the VAE's single-file prefixes (not patched by adapters; copied through)
 _VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+
+def _adapter_suffixes() -> tuple[str, ...]:
+    """Key endings no full model has: every kind's marker suffix, ``alpha`` and PEFT's factor names
+    (derived from the kind registry, so a new kind is recognised here too)."""
+    from loradex.core.kinds import marker_suffixes
+
+    return tuple(f".{s}" for s in sorted({*marker_suffixes(), "alpha", "lora_A.weight", "lora_B.weight"}))
 
 
 def _checkpoint_prefixes() -> tuple[str, ...]:
@@ -190,7 +195,7 @@ def describe_checkpoint(path: str | Path, derive: bool = True) -> dict | None:
     except FormatError:
         return None
     keys = list(h.tensors)
-    if not keys or any(k.endswith(_ADAPTER_SUFFIXES) for k in keys):
+    if not keys or any(k.endswith(_adapter_suffixes()) for k in keys):
         return None
     if not any(k.startswith(_checkpoint_prefixes()) for k in keys):
         return None

@@ -18,14 +18,14 @@ import torch
 
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import (
-    LYCORIS_SUFFIXES,
     PEFT_TO_LYCORIS,
-    ConversionReport,
     Converter,
+    adapter_suffixes,
+    register_format,
     resolve_arch,
     split_key,
 )
-from loradex.converters.kohya import Kohya, nothing_read, read_patches
+from loradex.converters.kohya import nothing_read, read_patches
 from loradex.core.adapter import Adapter
 from loradex.errors import ArchError, FormatError
 
@@ -36,11 +36,13 @@ _CLIP = {
     "clip_g": "text_encoder_2",
     "t5xxl": "text_encoder_2",
 }
-_SUFFIXES = tuple(sorted(set(LYCORIS_SUFFIXES) | set(PEFT_TO_LYCORIS), key=len, reverse=True))
 
 
+@register_format
 class Comfy(Converter):
     name = "comfy"
+    priority = 40
+    writes = False  # "--to comfy" is the kohya writer's alias: ComfyUI loads kohya keys
     description = "ComfyUI / OneTrainer spellings (diffusion_model., text_encoders., lora_transformer_); read only"
 
     def detect(self, path: Path) -> bool:
@@ -55,11 +57,12 @@ class Comfy(Converter):
         flat_tr: dict[str, str] | None = None
         groups: dict[str, dict[str, str]] = {}
         unexplained: dict[str, str] = {}
+        suffixes = adapter_suffixes()
         for k in h.tensors:
             if not k.startswith(PREFIXES):
                 unexplained[k] = f"not a ComfyUI/OneTrainer key ({', '.join(p + '...' for p in PREFIXES)})"
                 continue
-            sp = split_key(k, _SUFFIXES)
+            sp = split_key(k, suffixes)
             if sp is None:
                 # dotted module paths: without a known tensor suffix the module cannot be told
                 unexplained[k] = "no patch kind has a tensor named like this (unknown suffix)"
@@ -111,6 +114,3 @@ class Comfy(Converter):
         if not patches:
             raise nothing_read(path, unexplained)
         return Adapter(patches, {}, dict(h.metadata), a.name, self.name, notes, unexplained)
-
-    def write(self, adapter: Adapter, path: Path, report: ConversionReport, **options) -> None:
-        Kohya().write(adapter, path, report, **options)

@@ -15,27 +15,9 @@ from typing import ClassVar
 import torch
 
 from loradex.core.adapter import Adapter
+from loradex.core.kinds import kind_suffixes
 from loradex.core.kinds.base import Patch, scalar
 from loradex.errors import ArchError, ConversionError, FormatError
-
-#: Suffixes of the kohya/LyCORIS family (the on-disk names that patch kinds use), longest first
-#: so that ``split_key`` picks ``lora_down.weight`` before ``weight``.
-LYCORIS_SUFFIXES = tuple(
-    sorted(
-        {
-            "lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale",
-            "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
-            "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2",
-            "diff", "diff_b", "w_norm", "b_norm", "on_input",
-            "a1.weight", "a2.weight", "b1.weight", "b2.weight",
-            "oft_blocks", "rescale", "oft_diag", "lora_up.bias", "bm.weight",
-            "bias_indices", "bias_values", "bias_size",  # LyCORIS' sparse weight residual
-            "weight",  # (IA)^3 — must stay last in priority (shortest)
-        },
-        key=len,
-        reverse=True,
-    )
-)
 
 #: PEFT / diffusers LoRA suffixes -> the kohya/LyCORIS suffix of the same tensor.
 PEFT_TO_LYCORIS = {
@@ -46,6 +28,13 @@ PEFT_TO_LYCORIS = {
     "alpha": "alpha",
 }
 PEFT_SUFFIXES = tuple(sorted(PEFT_TO_LYCORIS, key=len, reverse=True))
+
+
+def adapter_suffixes() -> tuple[str, ...]:
+    """Every tensor suffix an adapter module may have in any format: the kinds' own (derived from
+    the kind registry, ``core.kinds.kind_suffixes``) and the PEFT/diffusers spellings, longest
+    first so that ``split_key`` picks ``lora_down.weight`` before ``weight``."""
+    return tuple(sorted(set(kind_suffixes()) | set(PEFT_TO_LYCORIS), key=lambda x: (-len(x), x)))
 
 
 def split_key(key: str, suffixes: tuple[str, ...]) -> tuple[str, str] | None:
@@ -250,17 +239,46 @@ def dora_all_or_none(patches: dict[str, Patch], component: str, target: str) -> 
     return flags == {True}
 
 
+#: Writer options every format takes (``title`` goes where the format has a metadata field for it
+#: and nowhere else: PEFT folders have none).
+COMMON_OPTIONS = frozenset({"dtype", "rank", "arch", "title"})
+
+
 class Converter:
     """One on-disk format. ``detect`` must be cheap (header only); ``read`` builds an Adapter;
-    ``write`` runs ``fit_kinds`` for ``kinds`` then serializes atomically."""
+    ``write`` runs ``fit_kinds`` for ``kinds`` then serializes atomically.
+
+    A format is one module in ``converters/`` whose class is decorated with :func:`register_format`;
+    everything the rest of loradex knows about formats (detection order, ``--to`` names and their
+    help text, which formats hold LoRA modules or embeddings, the options each writer takes) is
+    read from these class attributes, never listed again elsewhere."""
 
     name: ClassVar[str] = "?"
+    #: Detection order: ``detect(path)`` asks the formats from the lowest priority up, so a format
+    #: whose keys are a special case of another's (PEFT folders before diffusers) asks first.
+    priority: ClassVar[int] = 50
+    #: Other ``--to`` names for this writer (``a1111``/``comfy`` write kohya keys, which both load).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: Accepted ``--to`` names that are not listed in help texts (spellings people type).
+    hidden_aliases: ClassVar[tuple[str, ...]] = ()
+    #: Names that mean this format when the adapter holds only embeddings (``a1111`` -> ``.pt`` TI).
+    embedding_aliases: ClassVar[tuple[str, ...]] = ()
     #: Kinds the format can hold; None = every kind.
     kinds: ClassVar[frozenset[str] | None] = None
-    #: Does the format hold DoRA's magnitude vector?
-    dora: ClassVar[bool] = True
+    #: Does the format hold DoRA's magnitude vector? (``"row"``: one magnitude per output row only)
+    dora: ClassVar[bool | str] = True
+    #: Does it hold a LoRA's Tucker core (``lora_mid``)?
+    tucker: ClassVar[bool] = True
+    #: Does it hold textual-inversion embeddings (kohya's ``bundle_emb``, the TI formats)?
+    embeddings: ClassVar[bool] = False
+    #: Does it hold adapter modules? (False: embeddings only.)
+    modules: ClassVar[bool] = True
+    #: Can loradex write it? (A read-only format's name may still be a writer's alias.)
+    writes: ClassVar[bool] = True
     #: Writes a folder rather than one file.
     folder: ClassVar[bool] = False
+    #: Writer options beyond :data:`COMMON_OPTIONS`; anything else is a ConversionError.
+    options: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""
 
     def detect(self, path: Path) -> bool:  # pragma: no cover - interface
@@ -271,6 +289,27 @@ class Converter:
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, **options) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+#: format name -> converter instance, filled by :func:`register_format` as each format's module is
+#: imported (``converters/__init__.py`` imports the built-in ones).
+FORMATS: dict[str, Converter] = {}
+
+
+def register_format(cls: type[Converter]) -> type[Converter]:
+    """Class decorator: make ``cls`` (a :class:`Converter`) a format ``detect`` asks, ``read`` and
+    ``write`` dispatch to and ``--to`` accepts. A new format is one file with this decorator plus
+    its module name in ``converters.BUILTIN`` (or an import of the file). Registering a name again
+    replaces the format."""
+    if not cls.name or cls.name == "?":
+        raise ValueError(f"{cls.__name__}: a format needs a name (class attribute 'name')")
+    FORMATS[cls.name] = cls()
+    return cls
+
+
+def unregister_format(name: str) -> None:
+    """Remove a format (tests that register a toy format clean up with this)."""
+    FORMATS.pop(name, None)
 
 
 @dataclass

@@ -42,6 +42,7 @@ from loradex.converters.common import (
     dora_all_or_none,
     fit_kinds,
     peft_patterns,
+    register_format,
     resolve_arch,
 )
 from loradex.converters.metadata import modelspec
@@ -110,8 +111,11 @@ def _pattern_value(patterns: dict, path: str, default):
     return default
 
 
+@register_format
 class Diffusers(Converter):
     name = "diffusers"
+    priority = 80  # any safetensors of lora_A/lora_B keys: asked last
+    tucker = False
     kinds = frozenset({"lora"})
     dora = "row"  # PEFT's lora_magnitude_vector: one magnitude per output row
     description = "diffusers pytorch_lora_weights.safetensors (lora_A/lora_B + lora_adapter_metadata)"
@@ -219,7 +223,7 @@ class Diffusers(Converter):
             return float(alpha) * r / (r**0.5)  # rsLoRA: scale alpha / sqrt(r)
         return float(alpha)
 
-    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, title=None, arch=None, **_):
+    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, title=None, arch=None):
         adapter = fit_kinds(adapter, self.kinds, rank, report, dora_ok=self.dora, tucker_ok=False, residual_ok=False)
         a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
         out: dict[str, torch.Tensor] = {}

@@ -60,8 +60,9 @@ from pathlib import Path
 import torch
 
 from loradex.converters import safetensors_io as sio
-from loradex.converters.common import LYCORIS_SUFFIXES, ConversionReport, Converter, cast
+from loradex.converters.common import ConversionReport, Converter, cast, register_format
 from loradex.core.adapter import Adapter, Embedding
+from loradex.core.kinds import kind_suffixes
 from loradex.errors import ArchError, ConversionError, FormatError, LoradexError
 
 BUNDLE_PREFIX = "bundle_emb."
@@ -90,8 +91,6 @@ IMPLEMENTATION = {
 
 #: A1111 ``.pt`` fields kept in ``Adapter.metadata`` under ``a1111.<field>``.
 A1111_FIELDS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
-#: A lone tensor named like a module's (``x.weight``, ``x.diff``, ``x.lora_up.weight``) is a weight.
-_SUFFIXES = tuple({".bias", *(f".{s}" for s in LYCORIS_SUFFIXES)})
 
 
 # ---- layouts -------------------------------------------------------------------------------
@@ -111,8 +110,9 @@ def _layout(keys: Mapping[str, object] | set[str]) -> str | None:
 
 
 def _lone_module_tensor(keys: Mapping[str, object] | set[str]) -> bool:
-    """Whether a one-tensor file is named like a module's weight rather than a token."""
-    return len(keys) == 1 and next(iter(keys)).endswith(_SUFFIXES)
+    """Whether a one-tensor file is named like a module's weight rather than a token: ``x.weight``,
+    ``x.bias``, ``x.diff``, ``x.lora_up.weight`` (any kind's suffix)."""
+    return len(keys) == 1 and next(iter(keys)).endswith((".bias", *(f".{s}" for s in kind_suffixes())))
 
 
 def _plausible(shape: tuple[int, ...], is_float: bool) -> bool:
@@ -518,6 +518,9 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
 class _TIConverter(Converter):
     kinds = frozenset()
     dora = False
+    modules = False
+    embeddings = True
+    options = frozenset({"token"})
 
     def detect(self, path: Path) -> bool:
         return detect_embedding_format(path) == self.name
@@ -545,6 +548,7 @@ class _TIConverter(Converter):
             )
 
 
+@register_format
 class A1111Embedding(_TIConverter):
     """AUTOMATIC1111's layout. ``.pt`` (default): the pickle A1111 itself saves, loadable with
     ``torch.load(weights_only=True)``; its ``name`` is the token (diffusers reads it), ``step`` and
@@ -553,9 +557,11 @@ class A1111Embedding(_TIConverter):
     only SDXL layout) in either container."""
 
     name = "a1111-ti"
+    priority = 50
+    embedding_aliases = ("a1111",)
     description = "AUTOMATIC1111 textual inversion (.pt string_to_param, or .safetensors)"
 
-    def write(self, adapter, path, report, dtype=None, title=None, token=None, arch=None, **_):
+    def write(self, adapter, path, report, dtype=None, title=None, token=None, arch=None, rank=None):
         path = Path(path)
         emb, a = self._prepare(adapter, path, report, token, dtype, arch)
         self._stem_note(path, emb.token, report)
@@ -584,14 +590,16 @@ class A1111Embedding(_TIConverter):
         _write_pickle(obj, path)
 
 
+@register_format
 class KohyaEmbedding(_TIConverter):
     """kohya sd-scripts' layout: ``{'emb_params': [n, d]}``, SDXL ``{'clip_l', 'clip_g'}``;
     safetensors with ModelSpec metadata (a ``.pt`` name gets the same dict pickled, as kohya does)."""
 
     name = "kohya-ti"
+    priority = 60
     description = "kohya sd-scripts textual inversion (emb_params; clip_l/clip_g for SDXL)"
 
-    def write(self, adapter, path, report, dtype=None, title=None, token=None, arch=None, **_):
+    def write(self, adapter, path, report, dtype=None, title=None, token=None, arch=None, rank=None):
         path = Path(path)
         emb, a = self._prepare(adapter, path, report, token, dtype, arch)
         self._stem_note(path, emb.token, report)
@@ -605,6 +613,7 @@ class KohyaEmbedding(_TIConverter):
             _write_pickle({k: _owned(v) for k, v in out.items()}, path)
 
 
+@register_format
 class DiffusersEmbedding(_TIConverter):
     """diffusers' ``learned_embeds``: ``{token: [n, d]}`` (``.bin`` names get a pickle, anything
     else safetensors with ModelSpec metadata). SDXL, ``sdxl_layout``: ``"clip"`` (default) one file
@@ -613,10 +622,13 @@ class DiffusersEmbedding(_TIConverter):
     (see the module docstring)."""
 
     name = "diffusers-ti"
+    priority = 70
+    hidden_aliases = ("ti",)
+    options = frozenset({"token", "sdxl_layout"})
     description = "diffusers learned_embeds {token: tensor} (SDXL: clip_l/clip_g, or a _2 file pair)"
 
     def write(
-        self, adapter, path, report, dtype=None, title=None, token=None, arch=None, sdxl_layout="clip", **_
+        self, adapter, path, report, dtype=None, title=None, token=None, arch=None, sdxl_layout="clip", rank=None
     ):
         path = Path(path)
         emb, a = self._prepare(adapter, path, report, token, dtype, arch)

@@ -36,6 +36,7 @@ from loradex.converters.common import (
     conform,
     describe_unexplained,
     fit_kinds,
+    register_format,
     resolve_arch,
 )
 from loradex.converters.metadata import kohya_ss, modelspec
@@ -142,8 +143,14 @@ def nothing_read(path: Path, unexplained: dict[str, str]) -> FormatError:
                        + describe_unexplained(unexplained))
 
 
+@register_format
 class Kohya(Converter):
     name = "kohya"
+    priority = 20
+    aliases = ("a1111", "comfy")  # both load kohya keys for every kind
+    hidden_aliases = ("comfyui", "sd-scripts")
+    embeddings = True  # bundle_emb.<token>.<key> (kohya's pivotal-tuning bundle)
+    options = frozenset({"uniform_alpha"})
     description = "kohya sd-scripts / A1111 / ComfyUI keys (lora_unet_*, lora_te*_*), every LyCORIS kind"
 
     def detect(self, path: Path) -> bool:
@@ -189,7 +196,7 @@ class Kohya(Converter):
 
     def write(
         self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, title=None,
-        uniform_alpha: bool = False, **_,
+        uniform_alpha: bool = False,
     ):
         from loradex.converters.embeddings import bundle_tensors
 

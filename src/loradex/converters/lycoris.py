@@ -22,6 +22,7 @@ from loradex.converters.common import (
     cast,
     fit_kinds,
     live_path,
+    register_format,
     resolve_arch,
 )
 from loradex.converters.kohya import nothing_read, read_patches
@@ -47,8 +48,11 @@ def _flat_map(arch, component: str | None = None) -> dict[str, str]:
     return m
 
 
+@register_format
 class Lycoris(Converter):
     name = "lycoris"
+    priority = 30
+    options = frozenset({"component"})
     description = "LyCORIS standalone wrapper keys (lycoris_*), one model component, every kind"
 
     def detect(self, path: Path) -> bool:
@@ -93,7 +97,7 @@ class Lycoris(Converter):
         return Adapter(patches, {}, dict(h.metadata), a.name, self.name, notes, unexplained)
 
     def write(
-        self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, component=None, arch=None, title=None, **_
+        self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, component=None, arch=None, title=None
     ):
         comps = sorted({component_of(n) for n in adapter.patches})
         if component is None:

@@ -26,7 +26,7 @@ import torch
 
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import (
-    LYCORIS_SUFFIXES,
+    PEFT_TO_LYCORIS,
     ConversionReport,
     Converter,
     cast,
@@ -35,11 +35,12 @@ from loradex.converters.common import (
     fit_kinds,
     live_path,
     peft_patterns,
+    register_format,
     resolve_arch,
 )
 from loradex.converters.diffusers import _pattern_value, clip_canonical
 from loradex.core.adapter import COMPONENTS, Adapter, component_of
-from loradex.core.kinds import patch_from_tensors, split_kind
+from loradex.core.kinds import LohaPatch, LokrPatch, patch_from_tensors, split_kind
 from loradex.core.kinds.base import Patch
 from loradex.core.kinds.dora import dora_scale_from_magnitude, magnitude_from_dora_scale
 from loradex.core.kinds.lora import LoraPatch
@@ -48,9 +49,10 @@ from loradex.errors import ArchError, FormatError
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
-_PEFT_SUF = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight", "lora_B.bias": "lora_B.bias",
-             "lora_magnitude_vector": "dora_scale"}
-_ALL_SUF = tuple(sorted(set(_PEFT_SUF) | {s for s in LYCORIS_SUFFIXES if s.startswith(("hada_", "lokr_"))}, key=len, reverse=True))
+#: PEFT's LoRA tensor names -> the kind's suffix (PEFT files carry no per-module alpha tensors)
+_PEFT_SUF = {k: v for k, v in PEFT_TO_LYCORIS.items() if k != "alpha"}
+#: PEFT's LoHa/LoKr layers name their tensors as LyCORIS does (``hada_w1_a``, ``lokr_w1``...)
+_ALL_SUF = tuple(sorted(set(_PEFT_SUF) | set(LohaPatch.MARKERS) | set(LokrPatch.MARKERS), key=len, reverse=True))
 
 
 def _folders(path: Path) -> list[tuple[str | None, Path]]:
@@ -60,8 +62,11 @@ def _folders(path: Path) -> list[tuple[str | None, Path]]:
     return [(c, path / c) for c in COMPONENTS if (path / c / CONFIG).is_file()]
 
 
+@register_format
 class Peft(Converter):
     name = "peft"
+    priority = 10  # a folder with adapter_config.json: asked before anything else
+    tucker = False
     kinds = frozenset({"lora", "loha", "lokr"})
     folder = True
     description = "PEFT adapter folder(s): adapter_config.json + adapter_model.safetensors (LoRA, LoHa, LoKr)"
@@ -202,7 +207,7 @@ class Peft(Converter):
         cfg_r = _pattern_value(cfg.get("rank_pattern") or {}, mod, None) or cfg.get("r", r)
         return float(alpha) / (cfg_r**0.5 if cfg.get("use_rslora") else cfg_r)
 
-    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, **_):
+    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, title=None):
         kinds = set(adapter.kinds())
         # one PEFT config holds one tuner type: LoHa-only stays LoHa, anything else becomes LoRA
         allowed = frozenset({"loha"}) if kinds == {"loha"} else frozenset({"lora"})

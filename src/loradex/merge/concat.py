@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from loradex.core.adapter import Embedding
+from loradex.core.kinds import exact_lora_kinds
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import LoradexError
-
-EXACT_LORA_KINDS = ("lora", "loha", "lokr")
 
 
 @dataclass
@@ -77,8 +76,9 @@ def _as_lora(patch, where: str) -> LoraPatch:
             "the base weight, so a weighted sum of DoRA adapters is not a DoRA adapter); bake or "
             "convert it first"
         )
-    if patch.kind not in EXACT_LORA_KINDS:
-        raise LoradexError(f"{where}: a {patch.kind} patch has no exact LoRA form; concat merges lora, loha and lokr")
+    if not patch.has_exact_lora:
+        raise LoradexError(f"{where}: a {patch.kind} patch has no exact LoRA form; concat merges "
+                           f"{', '.join(exact_lora_kinds())}")
     return patch if patch.kind == "lora" else patch.to_lora()[0]
 
 

@@ -33,9 +33,6 @@ from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import factors_svd, rank_for
 from loradex.errors import LoradexError
 
-#: Kinds whose ``to_lora()`` is exact (without DoRA).
-EXACT_LORA_KINDS = ("lora", "loha", "lokr")
-
 
 @dataclass
 class ResizeReport:
@@ -83,9 +80,9 @@ def _check_policy(rank, fro, ratio, cumulative) -> dict:
 def resize_patch(patch, rank=None, fro=None, ratio=None, cumulative=None) -> tuple[LoraPatch | None, dict]:
     """Resize one patch. Returns ``(new_patch or None when kept as is, info)``; ``info`` holds
     ``old_rank``, ``new_rank``, ``energy``, ``error`` (or ``why`` when there is nothing to do)."""
-    if patch.kind not in EXACT_LORA_KINDS:
+    if not type(patch).exact_lora:
         return None, {"why": f"{patch.kind}: no exact LoRA form"}
-    if getattr(patch, "dora_scale", None) is not None:
+    if not patch.has_exact_lora:
         return None, {"why": f"{patch.kind} with DoRA: no exact LoRA form (the update depends on the base weight)"}
     lora = patch if patch.kind == "lora" else patch.to_lora()[0]
     dtype = lora.up.dtype

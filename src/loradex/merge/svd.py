@@ -31,14 +31,13 @@ import math
 
 import torch
 
+from loradex.core.kinds import KINDS
 from loradex.core.kinds.full import FullPatch
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.kinds.norm import NormPatch
 from loradex.core.linalg import EXACT_SHARE, SMALL_DIM, factors_svd, rank_for, svd
 from loradex.errors import LoradexError
 
-#: Kinds whose ``to_lora()`` is exact (without DoRA).
-EXACT_LORA_KINDS = ("lora", "loha", "lokr")
 #: Singular values below this share of the largest are numerically zero (not kept).
 ZERO_SHARE = 1e-13
 
@@ -75,7 +74,7 @@ def check_additive(name: str, i: int, patch, method: str) -> None:
     if patch.needs_base:
         raise LoradexError(
             f"input {i + 1}, {name}: a {patch.kind} patch's update depends on the base weight; "
-            f"{method} merges additive kinds (lora, loha, lokr, full, norm)"
+            f"{method} merges additive kinds ({', '.join(k for k, c in KINDS.items() if not c.always_needs_base)})"
         )
 
 
@@ -185,7 +184,7 @@ def svd_module(name: str, parts, policy: dict, seed: int = 0) -> tuple[object, d
     bias = bias_sum(parts)
     ups, downs, dense = [], [], None
     for _, p, w in parts:
-        if p.kind in EXACT_LORA_KINDS:
+        if p.has_exact_lora:
             lora = p if p.kind == "lora" else p.to_lora()[0]
             up, down = lora.factors(torch.float64)
             ups.append(up * (lora.scale * w))

@@ -37,26 +37,9 @@ from loradex.core.archs.lookup import (
     registered_archs,
     tiny_names,
 )
+from loradex.core.kinds import factor_roles
 from loradex.errors import ArchError, LoradexError
 
-_DOWN_SUFFIXES = {
-    "lora_down.weight",
-    "lora_A.weight",
-    "lora.down.weight",
-    "lora_linear_layer.down.weight",
-    "down.weight",
-    "hada_w1_b",
-    "hada_w2_b",
-}
-_UP_SUFFIXES = {
-    "lora_up.weight",
-    "lora_B.weight",
-    "lora.up.weight",
-    "lora_linear_layer.up.weight",
-    "up.weight",
-    "hada_w1_a",
-    "hada_w2_a",
-}
 _COMPONENT_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.")
 _TI_KEYS = ("emb_params", "clip_l", "clip_g")
 #: metadata keys naming the arch loradex wrote a file for, and its descriptor (derived archs)
@@ -153,8 +136,11 @@ def _resolve_key(arch: Arch, key: str) -> tuple[list[Part], str] | None:
 
 
 def _shape_verdict(arch: Arch, parts: list[Part], suffix: str, shape: tuple[int, ...]) -> int:
-    """+1 when the tensor's shape fits the module, -1 when it cannot belong to it, 0 when unknown."""
-    if suffix not in _DOWN_SUFFIXES and suffix not in _UP_SUFFIXES and suffix != "diff":
+    """+1 when the tensor's shape fits the module, -1 when it cannot belong to it, 0 when unknown.
+    Which axis holds the module's inputs or outputs is the kind's own fact (``Patch.FACTOR_ROLES``,
+    other tools' spellings included: ``core.kinds.factor_roles``)."""
+    role = factor_roles().get(suffix)
+    if role is None:
         return 0
     info = arch.module(parts[0][0])
     if info.type not in ("linear", "conv") or not shape:
@@ -163,41 +149,15 @@ def _shape_verdict(arch: Arch, parts: list[Part], suffix: str, shape: tuple[int,
     out = max(r[1] for r in ranges) if ranges else info.out_features
     inn = info.in_features
     k = math.prod(info.kernel) if info.kernel else 1
-    if suffix in _DOWN_SUFFIXES:
+    if role == "in":
         if len(shape) < 2:
             return -1
         ok = shape[1] == inn or math.prod(shape[1:]) in (inn, inn * k)
-    elif suffix in _UP_SUFFIXES:
-        ok = shape[0] == out or (suffix.startswith("hada") and len(shape) == 2 and shape[1] == out)
-    else:  # full diff
+    elif role in ("out", "out*"):
+        # "out*": the outputs may also be the second axis (LoHa's Tucker layout stores w_a as (r, out))
+        ok = shape[0] == out or (role == "out*" and len(shape) == 2 and shape[1] == out)
+    else:  # "full": a dense update shaped like the weight
         ok = shape[0] == out and math.prod(shape) == out * inn * k
-    return 1 if ok else -1
-
-
-def _lokr_verdict(arch: Arch, parts: list[Part], lokr: Mapping[str, tuple[int, ...]]) -> int:
-    """``_shape_verdict`` for a module's LoKr tensors taken together (no single LoKr factor has the
-    module's rows or columns): ``kron(w1, w2)`` must be ``(out, in * kh * kw)``."""
-    info = arch.module(parts[0][0])
-    if info.type not in ("linear", "conv"):
-        return 0
-
-    def half(i: int) -> tuple[int, int] | None:  # (rows, columns with the kernel flattened)
-        full, a, b, t = (lokr.get(f"lokr_{x}") for x in (f"w{i}", f"w{i}_a", f"w{i}_b", f"t{i}"))
-        if full is not None and len(full) >= 2:
-            return full[0], math.prod(full[1:])
-        if a is None or b is None or len(a) != 2 or len(b) < 2:
-            return None
-        if t is not None:  # Tucker: w_a (r, rows), w_b (r, cols), t (r, r, kh, kw)
-            return a[1], b[1] * math.prod(t[2:])
-        return a[0], math.prod(b[1:])
-
-    h1, h2 = half(1), half(2)
-    if h1 is None or h2 is None:
-        return 0
-    ranges = [r for _, r in parts if r is not None]
-    out = max(r[1] for r in ranges) if ranges else info.out_features
-    k = math.prod(info.kernel) if info.kernel else 1
-    ok = h1[0] * h2[0] == out and h1[1] * h2[1] in (info.in_features, info.in_features * k)
     return 1 if ok else -1
 
 
@@ -255,7 +215,7 @@ def _score(arch: Arch, shapes: Mapping[str, tuple[int, ...]], keys: list[str]) -
 
     Scored per module: one tensor whose shape cannot belong to a module discredits all the keys of
     that module (its ``alpha`` included), so a wrong arch does not score on shape-less keys. A
-    module none of whose tensors the LoRA/LoKr rules can judge is judged by its kind."""
+    module none of whose tensors the factor roles can judge (LoKr halves, (IA)^3, OFT...) is judged by its kind."""
     per_mod: dict[tuple, list[int]] = {}
     tensors: dict[tuple, dict[str, tuple[int, ...]]] = {}
     for key in keys:
@@ -269,11 +229,7 @@ def _score(arch: Arch, shapes: Mapping[str, tuple[int, ...]], keys: list[str]) -
         tensors.setdefault(mod, {})[suffix] = tuple(shapes[key])
     for mod, ts in tensors.items():
         rec = per_mod[mod]
-        lokr = {s: t for s, t in ts.items() if s.startswith("lokr_")}
-        if lokr:
-            verdicts = [_lokr_verdict(arch, list(mod), lokr)]
-        else:
-            verdicts = [_shape_verdict(arch, list(mod), s, t) for s, t in ts.items()]
+        verdicts = [_shape_verdict(arch, list(mod), s, t) for s, t in ts.items()]
         if not any(verdicts):
             verdicts = [_kind_verdict(arch, list(mod), ts)]
         rec[1] += sum(1 for v in verdicts if v < 0)

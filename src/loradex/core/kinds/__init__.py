@@ -10,57 +10,95 @@ tensors that kind owns, and the others -- tensors no kind explains, which reader
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 
-from loradex.core.kinds.base import INTEGER_SUFFIXES, Patch, Shape
-from loradex.core.kinds.boft import BoftPatch
-from loradex.core.kinds.full import FullPatch
-from loradex.core.kinds.glora import GloraPatch
-from loradex.core.kinds.ia3 import IA3Patch
-from loradex.core.kinds.loha import LohaPatch
-from loradex.core.kinds.lokr import LokrPatch
-from loradex.core.kinds.lora import LoraPatch
-from loradex.core.kinds.norm import NormPatch
-from loradex.core.kinds.oft import OftPatch
+from loradex.core.kinds.base import (
+    INTEGER_SUFFIXES,
+    KINDS,
+    Patch,
+    Shape,
+    kinds_generation,
+    register_kind,
+    unregister_kind,
+)
 from loradex.errors import FormatError, LoradexError
 
-KINDS: dict[str, type[Patch]] = {
-    cls.kind: cls
-    for cls in (LoraPatch, LohaPatch, LokrPatch, FullPatch, NormPatch, IA3Patch, GloraPatch, OftPatch, BoftPatch)
-}
+#: The kinds shipped with loradex, one module each (``core/kinds/<name>.py``, registering itself
+#: with ``@register_kind``). A new kind is one file plus its name here; a kind defined elsewhere
+#: (a plugin, a test) registers by being imported.
+BUILTIN = ("lora", "loha", "lokr", "full", "norm", "ia3", "glora", "oft", "boft")
+for _m in BUILTIN:
+    importlib.import_module(f"loradex.core.kinds.{_m}")
 
-#: Suffixes that identify a kind (shared ones -- alpha, dora_scale, rescale -- identify nothing).
-_MARKERS: dict[str, tuple[str, ...]] = {
-    "lora": ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_up.bias"),
-    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
-    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2"),
-    "full": ("diff", "diff_b"),
-    "norm": ("w_norm", "b_norm"),
-    "ia3": ("on_input",),
-    "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"),
-    "oft": ("oft_blocks",),
-}
+from loradex.core.kinds.boft import BoftPatch  # noqa: E402
+from loradex.core.kinds.full import FullPatch  # noqa: E402
+from loradex.core.kinds.glora import GloraPatch  # noqa: E402
+from loradex.core.kinds.ia3 import IA3Patch  # noqa: E402
+from loradex.core.kinds.loha import LohaPatch  # noqa: E402
+from loradex.core.kinds.lokr import LokrPatch  # noqa: E402
+from loradex.core.kinds.lora import LoraPatch  # noqa: E402
+from loradex.core.kinds.norm import NormPatch  # noqa: E402
+from loradex.core.kinds.oft import OftPatch  # noqa: E402
+
+
+# ---- tables derived from the registry (cached per registry generation) ---------------------------
+@functools.lru_cache(maxsize=4)
+def _suffix_tables(generation: int) -> tuple[tuple[str, ...], frozenset[str], tuple[str, ...]]:
+    suffixes = {s for cls in KINDS.values() for s in cls.SUFFIXES}
+    markers = frozenset(m for cls in KINDS.values() for m in cls.MARKERS)
+    exact = tuple(k for k, cls in KINDS.items() if cls.exact_lora)
+    return tuple(sorted(suffixes, key=lambda x: (-len(x), x))), markers, exact
+
+
+def kind_suffixes() -> tuple[str, ...]:
+    """Every on-disk suffix some kind owns (kohya/LyCORIS names: ``lora_down.weight``,
+    ``hada_w1_a``, ``alpha``...), longest first so that a key splits at the longest match
+    (``lora_down.weight`` before ``weight``)."""
+    return _suffix_tables(kinds_generation())[0]
+
+
+def marker_suffixes() -> frozenset[str]:
+    """The suffixes that identify some kind (``Patch.MARKERS`` of every kind)."""
+    return _suffix_tables(kinds_generation())[1]
+
+
+def exact_lora_kinds() -> tuple[str, ...]:
+    """Kinds whose patches have an exact plain-LoRA form when they carry no DoRA."""
+    return _suffix_tables(kinds_generation())[2]
+
+
+@functools.lru_cache(maxsize=4)
+def _roles(generation: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for cls in KINDS.values():
+        out.update(cls.FACTOR_ROLES)
+        for spelling, own in cls.SPELLINGS.items():
+            if own in cls.FACTOR_ROLES:
+                out[spelling] = cls.FACTOR_ROLES[own]
+    return out
+
+
+def factor_roles() -> dict[str, str]:
+    """Suffix (any kind's, and other tools' spellings of them) -> ``"in"`` (the factor's trailing
+    axes hold the module's inputs), ``"out"`` (its first axis the outputs) or ``"full"`` (a dense
+    update shaped like the weight): the shapes architecture detection reads a module's size from."""
+    return _roles(kinds_generation())
 
 
 def detect_kind(tensors: dict[str, torch.Tensor]) -> str:
-    """The kind name for a suffix dictionary (FormatError when none or several match). OFT and
-    BOFT share ``oft_blocks`` and are told apart by its rank: 3 (Diag-OFT) or 4 (BOFT)."""
-    keys = set(tensors)
-    found = [kind for kind, marks in _MARKERS.items() if keys & set(marks)]
+    """The kind name for a suffix dictionary: the kind whose :meth:`Patch.claims` accepts it.
+    FormatError when none or several do (OFT and BOFT share ``oft_blocks`` and claim it by its
+    rank: 3-D Diag-OFT, 4-D BOFT)."""
+    found = [k for k in dict.fromkeys(cls.claims(tensors) for cls in KINDS.values()) if k]
     if not found:
-        shown = ", ".join(sorted(keys)[:8]) or "none"
+        shown = ", ".join(sorted(tensors)[:8]) or "none"
         raise FormatError(f"unknown patch kind (tensors: {shown})")
     if len(found) > 1:
         raise FormatError(f"tensors of several patch kinds mixed in one module: {', '.join(found)}")
-    kind = found[0]
-    if kind == "oft":
-        blocks = tensors["oft_blocks"]
-        nd = getattr(blocks, "ndim", None)
-        if nd == 4:
-            return "boft"
-        if nd != 3:
-            raise FormatError(f"oft_blocks must be 3-D (Diag-OFT) or 4-D (BOFT), got {nd}-D")
-    return kind
+    return found[0]
 
 
 def split_kind(tensors: dict[str, torch.Tensor]) -> tuple[str | None, dict, dict]:
@@ -70,8 +108,7 @@ def split_kind(tensors: dict[str, torch.Tensor]) -> tuple[str | None, dict, dict
     kind, ``rest`` is the whole dictionary. Tensors of several kinds mixed in one module still
     raise FormatError (that is a malformed file, not an unknown extra). Values are never read, so
     it works on meta tensors."""
-    keys = set(tensors)
-    if not any(keys & set(marks) for marks in _MARKERS.values()):
+    if not marker_suffixes() & set(tensors):
         return None, {}, dict(tensors)
     kind = detect_kind(tensors)
     own_suffixes = KINDS[kind].SUFFIXES
@@ -96,6 +133,7 @@ def patch_from_tensors(tensors: dict[str, torch.Tensor], weight_shape: Shape | N
 
 
 __all__ = [
+    "BUILTIN",
     "INTEGER_SUFFIXES",
     "KINDS",
     "BoftPatch",
@@ -109,6 +147,12 @@ __all__ = [
     "OftPatch",
     "Patch",
     "detect_kind",
+    "exact_lora_kinds",
+    "factor_roles",
+    "kind_suffixes",
+    "marker_suffixes",
     "patch_from_tensors",
+    "register_kind",
     "split_kind",
+    "unregister_kind",
 ]

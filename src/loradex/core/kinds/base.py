@@ -44,8 +44,30 @@ class Patch(ABC):
     kind: ClassVar[str] = "?"
     #: True when every patch of the kind needs the base module's weight ((IA)^3, GLoRA, OFT, BOFT).
     always_needs_base: ClassVar[bool] = False
-    #: Suffixes (after ``<module>.``) whose presence identifies this kind in a file.
-    detect_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: Suffixes (after ``<module>.``) whose presence identifies this kind in a file. Suffixes several
+    #: kinds share (``alpha``, ``dora_scale``, ``rescale``) identify nothing and are left out.
+    MARKERS: ClassVar[tuple[str, ...]] = ()
+    #: True when ``to_lora()`` (no rank, no base weight) is exact for every patch of the kind that
+    #: carries no DoRA (LoRA, LoHa, LoKr): merges, resizes and the writers of LoRA-only formats use
+    #: that form. See :attr:`has_exact_lora` for the per-patch answer.
+    exact_lora: ClassVar[bool] = False
+    #: True when the kind may carry DoRA's ``dora_scale`` (see ``dora.py``).
+    dora: ClassVar[bool] = False
+    #: Which factor holds the module's inputs (``"in"``: its trailing axes are ``in`` or
+    #: ``in*kh*kw``) or outputs (``"out"``: first axis ``out``; ``"out*"``: first or second), or is a
+    #: dense update shaped like the weight (``"full"``), by suffix: architecture detection reads a
+    #: module's size from these shapes alone.
+    FACTOR_ROLES: ClassVar[dict[str, str]] = {}
+    #: Other tools' names of this kind's tensors (diffusers/PEFT spellings) -> the kind's suffix;
+    #: only the tensors whose shape :attr:`FACTOR_ROLES` judges need to be listed.
+    SPELLINGS: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def claims(cls, tensors) -> str | None:
+        """The kind name when a module's suffix dictionary (values may be meta tensors or shapes)
+        is of this kind -- any of :attr:`MARKERS` present -- else None. Kinds that share markers
+        (OFT/BOFT) override it to tell themselves apart."""
+        return cls.kind if any(m in tensors for m in cls.MARKERS) else None
 
     @property
     def needs_base(self) -> bool:
@@ -86,13 +108,17 @@ class Patch(ABC):
         """Build from the suffix dictionary. ``weight_shape`` (from the architecture table) is needed
         where the file does not determine it (e.g. LoHa conv factors are stored flattened)."""
 
+    @property
+    def has_exact_lora(self) -> bool:
+        """True when ``to_lora()`` of *this* patch is exact: its kind has an exact LoRA form
+        (:attr:`exact_lora`) and it carries no DoRA (whose update depends on the base weight)."""
+        return type(self).exact_lora and getattr(self, "dora_scale", None) is None
+
     def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None):
         """Return ``(LoraPatch, relative_error)``. Default: truncated SVD of ``delta`` at ``rank``."""
-        from loradex.core.kinds.lora import LoraPatch
-
         if rank is None:
             raise ValueError(f"a {self.kind} patch has no exact LoRA form: a rank is needed")
-        return LoraPatch.from_dense(self.delta(base_weight), rank)
+        return KINDS["lora"].from_dense(self.delta(base_weight), rank)
 
     def scaled(self, factor: float) -> Patch:
         """A patch whose ``delta`` is ``factor`` times this one's (additive kinds only)."""
@@ -117,6 +143,38 @@ class Patch(ABC):
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+#: kind name -> class, in registration order. Filled by :func:`register_kind` as each kind's module
+#: (``core/kinds/<kind>.py``) is imported; every table of kinds elsewhere (suffixes, markers, exact
+#: LoRA kinds, shape roles) is derived from it by ``loradex.core.kinds``.
+KINDS: dict[str, type[Patch]] = {}
+_generation = [0]
+
+
+def register_kind(cls: type[Patch]) -> type[Patch]:
+    """Class decorator: make ``cls`` a patch kind that readers detect (:meth:`Patch.claims`),
+    writers emit and merges use. A new kind is one file with this decorator plus its module name
+    in ``loradex.core.kinds.BUILTIN`` (or, outside loradex, an import of the file). Registering a
+    name again replaces the class (a reloaded module); the derived tables follow."""
+    if not cls.kind or cls.kind == "?":
+        raise ValueError(f"{cls.__name__}: a patch kind needs a name (class attribute 'kind')")
+    if not cls.SUFFIXES or not set(cls.MARKERS) <= set(cls.SUFFIXES):
+        raise ValueError(f"{cls.__name__}: MARKERS must be a non-empty subset of SUFFIXES")
+    KINDS[cls.kind] = cls
+    _generation[0] += 1
+    return cls
+
+
+def unregister_kind(name: str) -> None:
+    """Remove a kind (tests that register a toy kind clean up with this)."""
+    if KINDS.pop(name, None) is not None:
+        _generation[0] += 1
+
+
+def kinds_generation() -> int:
+    """A counter that changes whenever a kind is registered or removed (derived-table caches key on it)."""
+    return _generation[0]
 
 
 def scalar(t: torch.Tensor | float | None) -> float | None:

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from loradex.core.kinds.base import Patch, Shape, compute_dtype, fit_to, require
+from loradex.core.kinds.base import KINDS, Patch, Shape, compute_dtype, fit_to, require
 from loradex.errors import FormatError
 
 #: The eps lycoris adds to every norm (its dora_scale parameters are float32).
@@ -113,7 +113,12 @@ def magnitude_from_dora_scale(dora_scale: torch.Tensor, weight_shape: Shape) -> 
 class AdditivePatch(Patch):
     """The additive kinds (LoRA, LoHa, LoKr): a full-strength update ``self._dense(dtype)``, scaled
     linearly by the multiplier, optionally with DoRA's ``dora_scale`` on top (then the base weight
-    is required and the epilogue runs in float64)."""
+    is required and the epilogue runs in float64). The DoRA rules live here once: a DoRA patch has
+    no exact plain-LoRA form (its update depends non-linearly on the base weight) and cannot be
+    scaled linearly; the kinds implement ``_exact_lora`` and ``_scaled`` for the rest."""
+
+    exact_lora = True
+    dora = True
 
     def _dtype_sources(self):
         """The tensors whose widest dtype the update is computed in."""
@@ -132,3 +137,27 @@ class AdditivePatch(Patch):
             return fit_to(d.float(), base_weight)
         dt = compute_dtype(*self._dtype_sources(), base_weight)
         return fit_to((self._dense(dt) * multiplier).float(), base_weight)
+
+    def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None):
+        """``(LoraPatch, relative_error)``: the kind's exact plain-LoRA form (``_exact_lora``), the
+        optimal truncation of it when ``rank`` is smaller. DoRA: needs ``base_weight`` and a rank
+        (truncated SVD of the dense ``W' - W``)."""
+        if self.dora_scale is not None:
+            if base_weight is None:
+                raise ValueError("a DoRA patch (dora_scale) needs the base weight to become a plain LoRA")
+            if rank is None:
+                raise ValueError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
+            return KINDS["lora"].from_dense(self.delta(base_weight), rank)
+        return self._exact_lora(rank)
+
+    def _exact_lora(self, rank: int | None):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def scaled(self, factor: float):
+        """``factor`` times the update (``_scaled`` of the kind). Not for DoRA patches."""
+        if self.dora_scale is not None:
+            raise ValueError("a DoRA patch cannot be scaled linearly")
+        return self._scaled(factor)
+
+    def _scaled(self, factor: float):  # pragma: no cover - interface
+        raise NotImplementedError

@@ -12,9 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from loradex.core.kinds.base import Patch, Shape, check_fits, compute_dtype, fields_from, fit_to, require
+from loradex.core.kinds.base import (
+    Patch,
+    Shape,
+    check_fits,
+    compute_dtype,
+    fields_from,
+    fit_to,
+    register_kind,
+    require,
+)
 
 
+@register_kind
 @dataclass(eq=False)
 class FullPatch(Patch):
     """``diff`` (weight-shaped) and optional ``diff_b`` ``(out,)``."""
@@ -23,7 +33,8 @@ class FullPatch(Patch):
     diff_b: torch.Tensor | None = None
 
     kind = "full"
-    detect_suffixes = ("diff",)
+    MARKERS = ("diff", "diff_b")
+    FACTOR_ROLES = {"diff": "full"}
     SUFFIXES = {"diff": "diff", "diff_b": "diff_b"}
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ from loradex.core.kinds.base import (
     compute_dtype,
     fields_from,
     fit_to,
+    register_kind,
     require,
 )
 from loradex.core.linalg import truncate_factors
@@ -70,6 +71,7 @@ def glora_layout(a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch
     return None
 
 
+@register_kind
 @dataclass(eq=False)
 class GloraPatch(Patch):
     """``a1``, ``a2``, ``b1``, ``b2`` (the ``*.weight`` tensors), ``alpha``, optional ``bm``.
@@ -85,7 +87,8 @@ class GloraPatch(Patch):
 
     kind = "glora"
     always_needs_base = True
-    detect_suffixes = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
+    MARKERS = ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight")
+    REQUIRED = ("a1.weight", "a2.weight", "b1.weight", "b2.weight")
     SUFFIXES = {
         "a1.weight": "a1",
         "a2.weight": "a2",
@@ -166,7 +169,7 @@ class GloraPatch(Patch):
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> GloraPatch:
-        vals = fields_from("glora", tensors, cls.SUFFIXES, cls.detect_suffixes)
+        vals = fields_from("glora", tensors, cls.SUFFIXES, cls.REQUIRED)
         return cls(**vals, weight_shape=weight_shape)
 
     def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None):

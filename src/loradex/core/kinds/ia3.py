@@ -25,11 +25,13 @@ from loradex.core.kinds.base import (
     compute_dtype,
     fields_from,
     fit_to,
+    register_kind,
     require,
     scalar,
 )
 
 
+@register_kind
 @dataclass(eq=False)
 class IA3Patch(Patch):
     """``weight`` (one scale per channel) and ``on_input`` (0-dim; nonzero = input channels).
@@ -41,7 +43,7 @@ class IA3Patch(Patch):
 
     kind = "ia3"
     always_needs_base = True
-    detect_suffixes = ("on_input",)
+    MARKERS = ("on_input",)
     SUFFIXES = {"weight": "weight", "on_input": "on_input"}
 
     def __post_init__(self) -> None:

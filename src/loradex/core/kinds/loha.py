@@ -39,6 +39,7 @@ from loradex.core.kinds.base import (
     as_shape,
     check_fits,
     fields_from,
+    register_kind,
     require,
 )
 from loradex.core.kinds.dora import AdditivePatch, dora_on_output
@@ -65,6 +66,7 @@ def hadamard_lora_factors(
     return khatri_rao_rows(a1, a2), khatri_rao_rows(b1.T, b2.T).T
 
 
+@register_kind
 @dataclass(eq=False)
 class LohaPatch(AdditivePatch):
     """A LoHa. Fields are the on-disk tensors (see the module docstring for layouts);
@@ -81,7 +83,11 @@ class LohaPatch(AdditivePatch):
     weight_shape: Shape | None = None
 
     kind = "loha"
-    detect_suffixes = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    MARKERS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+    #: the factors every LoHa has (Tucker cores are optional)
+    REQUIRED = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    #: ``w_a`` ``(out, r)`` (Tucker: ``(r, out)``, hence "out*") and ``w_b`` ``(r, in*kh*kw)``, flattened or not
+    FACTOR_ROLES = {"hada_w1_b": "in", "hada_w2_b": "in", "hada_w1_a": "out*", "hada_w2_a": "out*"}
     SUFFIXES = {
         "hada_w1_a": "hada_w1_a",
         "hada_w1_b": "hada_w1_b",
@@ -181,21 +187,15 @@ class LohaPatch(AdditivePatch):
         """``weight_shape`` is needed to get a conv's 4-D shape from flattened factors (without it
         the patch is 2-D ``(out, in*kh*kw)``); a ``weight_shape`` the factors cannot fill raises
         FormatError."""
-        vals = fields_from("loha", tensors, cls.SUFFIXES, cls.detect_suffixes)
+        vals = fields_from("loha", tensors, cls.SUFFIXES, cls.REQUIRED)
         return cls(**vals, weight_shape=weight_shape)
 
     # ---- conversions -----------------------------------------------------------------------
-    def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None) -> tuple[LoraPatch, float]:
+    def _exact_lora(self, rank: int | None = None) -> tuple[LoraPatch, float]:
         """Exact plain LoRA of rank ``r1 * r2`` (row-wise Khatri-Rao, gamma folded into ``up``,
         alpha None), plain and Tucker alike. With a smaller ``rank``: the optimal truncation of
-        those exact factors (QR + core SVD, never the dense delta). DoRA: needs ``base_weight`` and
-        a rank (truncated SVD of the dense delta)."""
-        if self.dora_scale is not None:
-            if base_weight is None:
-                raise ValueError("a DoRA patch (dora_scale) needs the base weight to become a plain LoRA")
-            if rank is None:
-                raise ValueError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
-            return LoraPatch.from_dense(self.delta(base_weight), rank)
+        those exact factors (QR + core SVD, never the dense delta).
+        DoRA: see ``AdditivePatch.to_lora``."""
         up, down = hadamard_lora_factors(self.halves(torch.float64))
         up = up * self.scale
         err = 0.0
@@ -203,10 +203,8 @@ class LohaPatch(AdditivePatch):
             up, down, err = truncate_factors(up, down, rank)
         return LoraPatch._from_2d(up, down, self.shape, self.hada_w1_a.dtype), err
 
-    def scaled(self, factor: float) -> LohaPatch:
+    def _scaled(self, factor: float) -> LohaPatch:
         """``factor`` times the update (``hada_w1_a`` scaled). Not for DoRA patches."""
-        if self.dora_scale is not None:
-            raise ValueError("a DoRA patch cannot be scaled linearly")
         vals = dict(self.tensors())
         vals["hada_w1_a"] = (self.hada_w1_a.double() * factor).to(self.hada_w1_a.dtype)
         return LohaPatch(**vals, weight_shape=self.weight_shape)

@@ -44,6 +44,7 @@ from loradex.core.kinds.base import (
     as_shape,
     check_fits,
     fields_from,
+    register_kind,
     require,
     scalar,
 )
@@ -64,6 +65,7 @@ def _full_as_factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w, torch.eye(q, dtype=w.dtype, device=w.device)
 
 
+@register_kind
 @dataclass(eq=False)
 class LokrPatch(AdditivePatch):
     """A LoKr. Every tensor field is optional; exactly one layout per half must be present (see
@@ -82,8 +84,8 @@ class LokrPatch(AdditivePatch):
     weight_shape: Shape | None = None
 
     kind = "lokr"
-    detect_suffixes = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-    SUFFIXES = {s: s for s in (*detect_suffixes, "alpha", "dora_scale")}
+    MARKERS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    SUFFIXES = {s: s for s in (*MARKERS, "alpha", "dora_scale")}
 
     def __post_init__(self) -> None:
         self.alpha = as_alpha(self.alpha)
@@ -219,16 +221,10 @@ class LokrPatch(AdditivePatch):
         (a1, _), (a2, _) = self.halves(torch.float32)
         return int(a1.shape[1] * a2.shape[1])
 
-    def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None) -> tuple[LoraPatch, float]:
+    def _exact_lora(self, rank: int | None = None) -> tuple[LoraPatch, float]:
         """Exact plain LoRA of rank ``rank(w1) * rank(w2)`` (Kronecker product of the factors,
         gamma folded into ``up``, alpha None), every layout; with a smaller ``rank`` the optimal
-        truncation of those factors (QR + core SVD). DoRA: needs ``base_weight`` and a rank."""
-        if self.dora_scale is not None:
-            if base_weight is None:
-                raise ValueError("a DoRA patch (dora_scale) needs the base weight to become a plain LoRA")
-            if rank is None:
-                raise ValueError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
-            return LoraPatch.from_dense(self.delta(base_weight), rank)
+        truncation of those factors (QR + core SVD). DoRA: see ``AdditivePatch.to_lora``."""
         (a1, b1), (a2, b2) = self.halves(torch.float64)
         up = torch.kron(a1, a2) * self.scale
         down = torch.kron(b1, b2)
@@ -238,11 +234,9 @@ class LokrPatch(AdditivePatch):
         dtype = next(iter(self.tensors().values())).dtype
         return LoraPatch._from_2d(up, down, self.shape, dtype), err
 
-    def scaled(self, factor: float) -> LokrPatch:
+    def _scaled(self, factor: float) -> LokrPatch:
         """``factor`` times the update (folded into ``lokr_w1`` or ``lokr_w1_a``). Not for DoRA.
         Use it to read PEFT LoKr files whose halves are both full: ``scaled(alpha / r)``."""
-        if self.dora_scale is not None:
-            raise ValueError("a DoRA patch cannot be scaled linearly")
         vals = dict(self.tensors())
         key = "lokr_w1" if self.lokr_w1 is not None else "lokr_w1_a"
         vals[key] = (vals[key].double() * factor).to(vals[key].dtype)

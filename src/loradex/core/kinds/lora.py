@@ -40,6 +40,7 @@ from loradex.core.kinds.base import (
     check_fits,
     compute_dtype,
     fields_from,
+    register_kind,
     require,
 )
 from loradex.core.kinds.dora import AdditivePatch, dora_on_output
@@ -47,6 +48,7 @@ from loradex.core.kinds.sparse import SPARSE_SUFFIXES, check_sparse, dense_resid
 from loradex.core.linalg import svd_truncate, truncate_factors
 
 
+@register_kind
 @dataclass(eq=False)
 class LoraPatch(AdditivePatch):
     """A (Lo)Con LoRA. Fields hold the on-disk tensors as they are (any float dtype).
@@ -69,7 +71,16 @@ class LoraPatch(AdditivePatch):
     residual_size: torch.Tensor | None = None
 
     kind = "lora"
-    detect_suffixes = ("lora_up.weight", "lora_down.weight")
+    MARKERS = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_up.bias")
+    FACTOR_ROLES = {"lora_down.weight": "in", "lora_up.weight": "out"}
+    #: diffusers/PEFT (``lora_A``/``lora_B``), old diffusers attention processors
+    #: (``lora.down``, ``lora_linear_layer.down``) and bare ``down``/``up`` spellings
+    SPELLINGS = {
+        "lora_A.weight": "lora_down.weight", "lora.down.weight": "lora_down.weight",
+        "lora_linear_layer.down.weight": "lora_down.weight", "down.weight": "lora_down.weight",
+        "lora_B.weight": "lora_up.weight", "lora.up.weight": "lora_up.weight",
+        "lora_linear_layer.up.weight": "lora_up.weight", "up.weight": "lora_up.weight",
+    }
     SUFFIXES = {
         "lora_up.weight": "up",
         "lora_down.weight": "down",
@@ -178,19 +189,13 @@ class LoraPatch(AdditivePatch):
         return patch
 
     # ---- conversions -----------------------------------------------------------------------
-    def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None) -> tuple[LoraPatch, float]:
+    def _exact_lora(self, rank: int | None = None) -> tuple[LoraPatch, float]:
         """Exact identity when ``rank`` is None or >= the current rank (a Tucker ``mid`` is folded
         into a plain ``kh x kw`` down, exactly); below it, the optimal truncation of ``up @ down``
         computed from the factors (:func:`truncate_factors`), gamma and the bias scale folded
         (alpha None). A sparse residual is folded into the factors (:meth:`factors`: rank grows by
         its non-zero rows or columns, exact) and then truncated like the rest when ``rank`` is
-        smaller. DoRA: needs ``base_weight`` and a rank (truncated SVD of the dense delta)."""
-        if self.dora_scale is not None:
-            if base_weight is None:
-                raise ValueError("a DoRA patch (dora_scale) needs the base weight to become a plain LoRA")
-            if rank is None:
-                raise ValueError("a DoRA patch has no exact plain-LoRA form: a rank is needed")
-            return LoraPatch.from_dense(self.delta(base_weight), rank)
+        smaller. DoRA: see ``AdditivePatch.to_lora``."""
         dtype = self.up.dtype
         if self.has_residual:
             up, down = self.factors(torch.float64)
@@ -300,11 +305,9 @@ class LoraPatch(AdditivePatch):
             **self.scaled_residual_fields(g),
         )
 
-    def scaled(self, factor: float) -> LoraPatch:
+    def _scaled(self, factor: float) -> LoraPatch:
         """``factor`` times the update (``up``, the bias and a sparse residual scaled). Not for DoRA
         patches."""
-        if self.dora_scale is not None:
-            raise ValueError("a DoRA patch cannot be scaled linearly")
         return LoraPatch(
             up=(self.up.double() * factor).to(self.up.dtype),
             down=self.down,

@@ -11,9 +11,19 @@ from dataclasses import dataclass
 
 import torch
 
-from loradex.core.kinds.base import Patch, Shape, check_fits, compute_dtype, fields_from, fit_to, require
+from loradex.core.kinds.base import (
+    Patch,
+    Shape,
+    check_fits,
+    compute_dtype,
+    fields_from,
+    fit_to,
+    register_kind,
+    require,
+)
 
 
+@register_kind
 @dataclass(eq=False)
 class NormPatch(Patch):
     """``w_norm`` ``(C,)`` and optional ``b_norm`` ``(C,)``."""
@@ -22,7 +32,7 @@ class NormPatch(Patch):
     b_norm: torch.Tensor | None = None
 
     kind = "norm"
-    detect_suffixes = ("w_norm",)
+    MARKERS = ("w_norm", "b_norm")
     SUFFIXES = {"w_norm": "w_norm", "b_norm": "b_norm"}
 
     def __post_init__(self) -> None:

@@ -18,10 +18,22 @@ There is no low-rank form: ``to_lora(rank)`` is a truncated SVD of ``dW`` (base 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from loradex.core.kinds.base import Patch, Shape, as_alpha, as_shape, fields_from, fit_to, require, scalar
+from loradex.core.kinds.base import (
+    Patch,
+    Shape,
+    as_alpha,
+    as_shape,
+    fields_from,
+    fit_to,
+    register_kind,
+    require,
+    scalar,
+)
+from loradex.errors import FormatError
 
 
 def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
@@ -46,32 +58,49 @@ def check_rescale(kind: str, rescale: torch.Tensor | None, out: int) -> None:
 
 
 @dataclass(eq=False)
-class OftPatch(Patch):
-    """``oft_blocks`` ``(n, s, s)``, ``alpha`` (constraint), optional ``rescale``. ``weight_shape``
-    (not stored in files) is the module weight's shape when known."""
+class OrthogonalPatch(Patch):
+    """What Diag-OFT and BOFT share: the stored ``oft_blocks`` (Diag-OFT ``(n, s, s)``, BOFT
+    ``(stages, n, b, b)``, which is how a file tells them apart), ``alpha`` (the norm constraint,
+    ``alpha * out``; 0 or missing = none), an optional ``rescale`` per output row, and the module
+    weight's shape (not stored in files; needed for ``shape``). Subclasses give ``out_features``,
+    ``_check_blocks`` and ``delta``."""
 
     oft_blocks: torch.Tensor
     alpha: torch.Tensor | None = None
     rescale: torch.Tensor | None = None
     weight_shape: Shape | None = None
 
-    kind = "oft"
     always_needs_base = True
-    detect_suffixes = ("oft_blocks",)
+    MARKERS = ("oft_blocks",)
     SUFFIXES = {"oft_blocks": "oft_blocks", "alpha": "alpha", "rescale": "rescale"}
+    #: ``oft_blocks.ndim`` of each kind (LyCORIS ``DiagOFTModule`` 3-D, ``ButterflyOFTModule`` 4-D).
+    BLOCK_NDIM: ClassVar[int] = 0
+
+    @classmethod
+    def claims(cls, tensors) -> str | None:
+        blocks = tensors.get("oft_blocks")
+        if blocks is None:
+            return None
+        nd = len(blocks) if isinstance(blocks, tuple) else getattr(blocks, "ndim", None)
+        if nd not in (3, 4):
+            raise FormatError(f"oft_blocks must be 3-D (Diag-OFT) or 4-D (BOFT), got {nd}-D")
+        return cls.kind if nd == cls.BLOCK_NDIM else None
 
     def __post_init__(self) -> None:
         self.alpha = as_alpha(self.alpha)
         self.weight_shape = as_shape(self.weight_shape)
-        b = self.oft_blocks
-        require(b.ndim == 3 and b.shape[1] == b.shape[2], f"oft: oft_blocks must be (n, s, s), got {tuple(b.shape)}")
-        check_rescale("oft", self.rescale, self.out_features)
+        self._check_blocks()
+        out = self.out_features
+        check_rescale(self.kind, self.rescale, out)
         if self.weight_shape is not None:
-            require(self.weight_shape[0] == self.out_features, f"oft: blocks cover {self.out_features} rows, weight is {self.weight_shape}")
+            require(self.weight_shape[0] == out, f"{self.kind}: blocks cover {out} rows, weight is {self.weight_shape}")
+
+    def _check_blocks(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
 
     @property
-    def out_features(self) -> int:
-        return int(self.oft_blocks.shape[0] * self.oft_blocks.shape[1])
+    def out_features(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
 
     @property
     def constraint(self) -> float:
@@ -82,26 +111,51 @@ class OftPatch(Patch):
     @property
     def shape(self) -> Shape:
         if self.weight_shape is None:
-            raise ValueError("the full shape of an OFT patch is unknown: build it with weight_shape")
+            raise ValueError(f"the full shape of a {self.kind} patch is unknown: build it with weight_shape")
         return self.weight_shape
+
+    def _base(self, base_weight: torch.Tensor | None) -> torch.Tensor:
+        """The base weight as float64, checked against the rows the blocks cover."""
+        if base_weight is None:
+            raise ValueError(f"a {self.kind} patch needs the base weight")
+        out = self.out_features
+        require(base_weight.shape[0] == out, f"{self.kind}: blocks cover {out} rows, weight has {base_weight.shape[0]}")
+        return base_weight.double()
+
+    def _rescaled(self, rotated: torch.Tensor) -> torch.Tensor:
+        if self.rescale is None:
+            return rotated
+        return rotated * self.rescale.double().reshape(rotated.shape[0], *([1] * (rotated.ndim - 1)))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> OrthogonalPatch:
+        return cls(**fields_from(cls.kind, tensors, cls.SUFFIXES, ("oft_blocks",)), weight_shape=weight_shape)
+
+
+@register_kind
+@dataclass(eq=False)
+class OftPatch(OrthogonalPatch):
+    """Diag-OFT: ``oft_blocks`` ``(n, s, s)``; see :class:`OrthogonalPatch` for the rest."""
+
+    kind = "oft"
+    BLOCK_NDIM = 3
+
+    def _check_blocks(self) -> None:
+        b = self.oft_blocks
+        require(b.ndim == 3 and b.shape[1] == b.shape[2], f"oft: oft_blocks must be (n, s, s), got {tuple(b.shape)}")
+
+    @property
+    def out_features(self) -> int:
+        return int(self.oft_blocks.shape[0] * self.oft_blocks.shape[1])
 
     def rotations(self) -> torch.Tensor:
         """The orthogonal blocks ``R`` ``(n, s, s)`` (float64)."""
         return cayley(self.oft_blocks, self.constraint)
 
     def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-        if base_weight is None:
-            raise ValueError("an OFT patch needs the base weight")
+        w = self._base(base_weight)
         n, s, _ = self.oft_blocks.shape
-        require(base_weight.shape[0] == n * s, f"oft: blocks cover {n * s} rows, weight has {base_weight.shape[0]}")
-        w = base_weight.double()
         eye = torch.eye(s, dtype=torch.float64)
         a = eye + multiplier * (self.rotations() - eye)
         rotated = torch.einsum("kji,kj...->ki...", a, w.reshape(n, s, *w.shape[1:])).reshape(w.shape)
-        if self.rescale is not None:
-            rotated = rotated * self.rescale.double().reshape(w.shape[0], *([1] * (w.ndim - 1)))
-        return fit_to((rotated - w).float(), base_weight)
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> OftPatch:
-        return cls(**fields_from("oft", tensors, cls.SUFFIXES, ("oft_blocks",)), weight_shape=weight_shape)
+        return fit_to((self._rescaled(rotated) - w).float(), base_weight)
