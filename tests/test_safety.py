@@ -21,7 +21,7 @@ import torch
 from loradex.converters import embeddings as E
 from loradex.converters import safetensors_io as sio
 from loradex.core.adapter import Adapter, Embedding
-from loradex.errors import FormatError, LoradexError, UnsafeFileError
+from loradex.errors import DiskFullError, FormatError, LoradexError, UnsafeFileError
 
 FAST = 1.0  # seconds
 
@@ -284,8 +284,8 @@ def test_save_failure_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypat
         real_write(fd, data)
 
     monkeypatch.setattr(sio, "_write_all", half_then_fail)
-    err = expect(FormatError, sio.save, {"new": torch.zeros(3)}, dst)
-    assert "disk full" in str(err)
+    err = expect(DiskFullError, sio.save, {"new": torch.zeros(3)}, dst)
+    assert "disk is full" in str(err) and str(dst) in str(err) and ".tmp" not in str(err)
     assert dst.read_bytes() == before
     assert only_file(tmp_path) == ["model.safetensors"]
 

@@ -76,6 +76,8 @@ def describe(adapter: Adapter) -> dict:
             "trigger": meta.get("modelspec.trigger_phrase") or meta.get("ss_tag_frequency", "")[:0] or None,
         },
         "notes": list(adapter.notes),
+        # modules with NaN/Inf values: the whole list (merge, bake and add refuse them by default)
+        "nonfinite": adapter.nonfinite(),
         # every source key nothing explained, key -> reason: the whole list, never cut
         "unexplained": dict(adapter.unexplained),
     }

@@ -37,3 +37,7 @@ class RegistryError(LoradexError):
 
 class TrainingError(LoradexError):
     """A training run cannot start or go on as configured (bad options, dataset, base or checkpoint)."""
+
+
+class DiskFullError(LoradexError):
+    """The disk (or the quota) ran out while writing an output; nothing half-written was left."""

@@ -44,13 +44,20 @@ def emit(obj, as_json: bool, text: str | None = None) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="loradex")
-def cli() -> None:
+@click.option("-v", "--verbose", count=True, help="more log lines on stderr (-vv: the libraries' own too)")
+@click.option("-q", "--quiet", count=True, help="errors only on stderr")
+def cli(verbose: int, quiet: int) -> None:
     """Store, convert, merge, serve and train diffusion-model adapters (LoRA, LyCORIS, TI)."""
+    from loradex.log import setup
+
+    setup(verbose - quiet)
 
 
 def main(argv: list[str] | None = None) -> None:
-    # transformers prints import-time notices (e.g. about torchvision) that are noise on a CLI
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers prints import-time notices (e.g. about torchvision) that are noise on a CLI;
+    # ``-vv`` turns them back on (loradex.log.setup)
+    if not any(a.startswith("-vv") for a in (argv or sys.argv[1:])):
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         rv = cli.main(args=argv, prog_name="loradex", standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -66,6 +66,11 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, as_
         lines.append(f"note:        {n}")
     if len(info["notes"]) > 10:
         lines.append(f"note:        ... and {len(info['notes']) - 10} more (--json lists all)")
+    if info.get("nonfinite"):
+        bad = info["nonfinite"]
+        lines.append(f"NaN/Inf:     {len(bad)} modules hold non-finite values: {', '.join(bad[:5])}"
+                     + (f" and {len(bad) - 5} more (--json lists all)" if len(bad) > 5 else "")
+                     + "; merge, bake and add refuse it without --allow-nonfinite")
     if info.get("unexplained"):
         lines.append(f"unexplained: {len(info['unexplained'])} keys no kind or module explains (not read)")
         lines += unexplained_lines(info["unexplained"], indent="  ")

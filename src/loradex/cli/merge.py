@@ -170,10 +170,11 @@ _METHOD_HELP = ("concat: the exact weighted sum (ranks add up; one input: only s
               help="output format (default: the first input's when it can hold the result, else kohya)")
 @arch_options
 @strict_option
+@click.option("--allow-nonfinite", is_flag=True, help="merge inputs holding NaN/Inf values anyway")
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, arch, base, strict, save_as,
-              as_json):
+def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, arch, base, strict,
+              allow_nonfinite, save_as, as_json):
     """Merge adapters IN (files or registry REFs), each with an optional weight W (default 1,
     negative allowed) and block weights BLOCKS. concat: the result's update is exactly
     sum_i W_i dW_i (LoHa/LoKr through their exact LoRA form). Embeddings are kept (a token in
@@ -203,7 +204,7 @@ def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, 
             bases.append(recorded_base(version))
         out, report = merge(items, method=method, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative,
                             density=density, seed=seed, blocks=blocks, arch=a,
-                            progress=not as_json and sys.stderr.isatty())
+                            progress=not as_json and sys.stderr.isatty(), allow_nonfinite=allow_nonfinite)
         params = {"method": method, "weights": [w for _, w, _ in parsed], **report.params,
                   **({"blocks": blocks} if blocks else {}),
                   **({"input_blocks": [b for _, _, b in parsed]} if any(b for _, _, b in parsed) else {}),

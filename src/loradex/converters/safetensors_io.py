@@ -16,6 +16,7 @@ Writes are atomic: a temporary file in the destination folder, fsync, then ``os.
 from __future__ import annotations
 
 import contextvars
+import errno
 import json
 import math
 import os
@@ -31,10 +32,12 @@ from typing import NamedTuple
 
 import torch
 
-from loradex.errors import FormatError, UnsafeFileError
+from loradex.errors import DiskFullError, FormatError, LoradexError, UnsafeFileError
 
 #: Largest header we accept. Real headers are a few hundred KiB even for FLUX checkpoints.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The most tensors a file may hold (SDXL checkpoints hold ~2,500, the largest LyCORIS files ~20,000).
+MAX_TENSORS = 100_000
 #: Largest JSON side file (adapter_config.json, model_index.json...).
 MAX_JSON_BYTES = 16 * 1024 * 1024
 
@@ -125,13 +128,39 @@ def _read_header(p: Path, size: int, _mtime_ns: int) -> Header:
     return parse_header(raw, size, p)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads`` object hook: a JSON object naming a key twice is refused, as the safetensors
+    library (serde) refuses it -- Python's default keeps the last value silently."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return d
+
+
 def parse_header(raw: bytes, size: int, p: Path) -> Header:
     """Validate the JSON header ``raw`` of a ``size``-byte safetensors file named ``p`` (for the
     messages): dtypes known, shapes non-negative ints, offsets inside the data section, each
     tensor's byte count equal to its shape times its item size, no two tensors overlapping."""
     n = len(raw)
+    # a cheap count before parsing: a header of millions of tiny tensors costs seconds and GBs to
+    # parse and describe, and no adapter or checkpoint holds more than tens of thousands
+    count = raw.count(b'"data_offsets"')
+    if count > MAX_TENSORS:
+        raise FormatError(f"{p}: holds {count} tensors, more than the {MAX_TENSORS} loradex reads "
+                          "(adapters and checkpoints hold a few thousand)")
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise FormatError(f"{p}: safetensors header names {e.args[0]!r} twice (the safetensors library "
+                          "refuses such files)") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"{p}: safetensors header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict):
@@ -227,7 +256,9 @@ def load(path: str | os.PathLike, keys: list[str] | None = None, header: Header 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``."""
+    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
+    On any failure the temporary file is removed; a full disk (ENOSPC/EDQUOT) becomes
+    DiskFullError naming ``path``."""
     dst = Path(path)
     if dst.is_dir():
         raise FormatError(f"{dst}: is a directory; give a file name")
@@ -243,8 +274,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, dst)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # every writer (checkpoints, embeddings, images, training outputs) gets the one-line
+            # error naming the user's path, not the temporary file's
+            raise write_failure(e, dst) from None
         raise
 
 
@@ -279,10 +314,23 @@ def _source_range(t: torch.Tensor, stamps: dict[str, tuple[int, int] | None]) ->
 
 
 def _write_all(fd: int, data) -> None:
+    """``os.write`` until every byte is out: a short write is continued, one that makes no progress
+    is a full disk (``ENOSPC``), never a silently truncated file."""
     mv = memoryview(data).cast("B")
     while mv:
         n = os.write(fd, mv)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, f"a write made no progress ({len(mv)} bytes left)")
         mv = mv[n:]
+
+
+def write_failure(e: OSError, path: str | os.PathLike) -> LoradexError:
+    """The one-line error for an OSError while writing the user's output ``path`` (never the
+    temporary file next to it): DiskFullError for ENOSPC/EDQUOT, FormatError otherwise."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"the disk is full: cannot write {path} ({e.strerror or 'no space left'}); "
+                             "nothing was left half-written")
+    return FormatError(f"{path}: cannot write ({e.strerror or e})")
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
@@ -358,18 +406,25 @@ def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata:
     """Write a safetensors file atomically (see ``_serialize``; views and tensors sharing storage
     are fine: each is written as its own bytes)."""
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp:
-        try:
-            _serialize(tensors, tmp, meta or None)
-        except FormatError:
-            raise
-        except Exception as e:
-            raise FormatError(f"{path}: cannot write: {e}") from None
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                _serialize(tensors, tmp, meta or None)
+            except (FormatError, OSError):
+                raise
+            except Exception as e:
+                raise FormatError(f"{path}: cannot write: {e}") from None
+    except OSError as e:  # the write, the fsync or the rename: the temporary file is gone already
+        raise write_failure(e, path) from None
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write a text file (configs, model cards) atomically."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise write_failure(e, path) from None
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -507,16 +562,19 @@ def save_with_kohya_hashes(
     which equals Civitai's AutoV3) do not depend on the metadata. Returns the final metadata."""
     meta = {str(k): str(v) for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
     ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
-    with atomic_path(path) as tmp:
-        try:
-            _serialize(tensors, tmp, ss_only or None)
-            model_hash, legacy = data_section_hashes(tmp)
-            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy
-            _serialize(tensors, tmp, meta)
-        except FormatError:
-            raise
-        except Exception as e:
-            raise FormatError(f"{path}: cannot write: {e}") from None
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                _serialize(tensors, tmp, ss_only or None)
+                model_hash, legacy = data_section_hashes(tmp)
+                meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy
+                _serialize(tensors, tmp, meta)
+            except (FormatError, OSError):
+                raise
+            except Exception as e:
+                raise FormatError(f"{path}: cannot write: {e}") from None
+    except OSError as e:
+        raise write_failure(e, path) from None
     return meta
 
 

@@ -95,7 +95,29 @@ class Adapter:
             unexplained=dict(self.unexplained),
         )
 
+    def nonfinite(self) -> list[str]:
+        """Modules and embedding tokens holding NaN or Inf values (sorted). Such an adapter loads
+        everywhere and then turns every image it touches into noise (or a black frame), so merge,
+        bake and the registry refuse it unless told otherwise (``allow_nonfinite``)."""
+        bad = [n for n, p in self.patches.items()
+               if any(t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
+                      for t in p.tensors().values())]
+        bad += [f"embedding {tok}" for tok, e in self.embeddings.items()
+                if any(v.is_floating_point() and not bool(torch.isfinite(v).all()) for v in e.vectors.values())]
+        return sorted(bad)
+
+    def check_finite(self, what: str = "adapter") -> None:
+        """FormatError naming the count and the first modules when :meth:`nonfinite` is not empty."""
+        bad = self.nonfinite()
+        if bad:
+            from loradex.errors import FormatError
+
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise FormatError(f"{what} holds NaN/Inf values in {len(bad)} module(s): {', '.join(bad[:3])}{more} "
+                              "(pass --allow-nonfinite / allow_nonfinite=True to use it anyway)")
+
     def nbytes(self) -> int:
+        """Bytes of every tensor the adapter holds."""
         return sum(p.nbytes() for p in self.patches.values()) + sum(
             v.numel() * v.element_size() for e in self.embeddings.values() for v in e.vectors.values()
         )

@@ -56,6 +56,7 @@ def merge(
     blocks: str | Sequence[float] | None = None,
     arch=None,
     progress: bool = False,
+    allow_nonfinite: bool = False,
 ) -> tuple[Adapter, MergeReport]:
     """Merge ``[(adapter, weight) or (adapter, weight, block_weights), ...]`` into one adapter.
 
@@ -65,11 +66,15 @@ def merge(
     (0, 1], DARE seeded by ``seed``; then the same rank reduction). ``blocks``: block weights (a
     preset name or ``w,w,...``, see :mod:`loradex.merge.blocks`) applied to every input that has no
     own third element. ``arch`` (name or Arch) is used where an adapter carries none. Modules
-    present in only some inputs are fine. Returns ``(adapter, report)``."""
+    present in only some inputs are fine. An input holding NaN/Inf values is refused (FormatError)
+    unless ``allow_nonfinite``. Returns ``(adapter, report)``."""
     if method not in METHODS:
         raise LoradexError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
     if not items:
         raise LoradexError("merge needs at least one input")
+    if not allow_nonfinite:
+        for i, item in enumerate(items):
+            item[0].check_finite(f"merge input {i + 1}")
     params: dict = {}
     if method != "concat":
         params.update(check_policy(method, rank, fro, ratio, cumulative))

@@ -124,17 +124,21 @@ def _embedding_plan(reader, adapters, report: BakeReport):
 
 def bake(
     base, adapters: list[tuple[Adapter, float]], out, with_embeddings: bool = False, arch=None,
-    progress: bool = False,
+    progress: bool = False, allow_nonfinite: bool = False,
 ) -> BakeReport:
     """Merge ``adapters`` (``(adapter, weight)`` pairs) into ``base`` (a path of a diffusers folder
     or single-file checkpoint, or a ``CheckpointReader``) and write the result to ``out`` in the
     base's layout. Every patched module must exist in the base (else ConversionError: wrong base
-    model?). Returns a ``BakeReport``."""
+    model?). An adapter holding NaN/Inf values is refused (FormatError) unless ``allow_nonfinite``:
+    it would write a checkpoint full of NaN. Returns a ``BakeReport``."""
     from loradex.converters.checkpoint import CheckpointReader
 
     t0 = time.perf_counter()
     if not adapters:
         raise LoradexError("bake needs at least one adapter")
+    if not allow_nonfinite:
+        for i, (adapter, _w) in enumerate(adapters):
+            adapter.check_finite(f"bake adapter {i + 1}")
     reader = base if isinstance(base, CheckpointReader) else CheckpointReader(base, arch=arch)
     report = BakeReport(out=str(out), layout=reader.layout)
     changed: set[tuple[str, str]] = set()
