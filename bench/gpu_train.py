@@ -31,7 +31,8 @@ def sd15_pipeline(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from loradex.core.archs.tables import load_config as _load_config
-    from loradex.tiny import quiet, tiny_tokenizer
+    from loradex.log import quiet
+    from loradex.tiny import tiny_tokenizer
 
     torch.manual_seed(seed)
     ucfg = {k: v for k, v in _load_config("sd15_unet.json").items() if not k.startswith("_")}

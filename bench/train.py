@@ -160,8 +160,8 @@ def child(args: argparse.Namespace) -> None:
     import diffusers.models.attention_processor  # noqa: F401
     import peft  # noqa: F401
 
+    import loradex.training  # noqa: F401  (config, context, objective, checkpoint, output, loop)
     import loradex.training.data  # noqa: F401
-    import loradex.training.loop  # noqa: F401
     import loradex.training.methods.lora  # noqa: F401
     from loradex.training.data import check_dataset, load_examples
 
@@ -180,7 +180,7 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     with quiet():
         if args.which == "loradex":
-            from loradex.training.loop import TrainConfig, train
+            from loradex.training import TrainConfig, train
 
             cfg = TrainConfig(method="lora", steps=args.steps, rank=args.rank, lr=args.lr, resolution=args.resolution,
                               seed=0, curate=False, faces=False, mixed_precision=args.mixed_precision,
@@ -197,7 +197,7 @@ def child(args: argparse.Namespace) -> None:
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_mem
     # after timing: the denoising loss on the training images with fixed noise (lower = learned)
-    from loradex.training.loop import evaluate_loss
+    from loradex.training import evaluate_loss
 
     examples = load_examples(check_dataset(args.data, resolution=args.resolution, min_size=1, blur_threshold=0,
                                            faces=False), token="sks")
@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> None:
                 runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
     base_eval = None
     if args.model == "tiny":  # the untrained model's loss on the same images, for scale
-        from loradex.tiny import quiet, tiny_sd_pipeline
+        from loradex.log import quiet
+        from loradex.tiny import tiny_sd_pipeline
+        from loradex.training import evaluate_loss
         from loradex.training.data import check_dataset, load_examples
-        from loradex.training.loop import evaluate_loss
 
         with tempfile.TemporaryDirectory() as d:
             data = make_images(Path(d) / "data", args.images, args.resolution)

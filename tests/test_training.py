@@ -6,7 +6,11 @@ denoising loss on the training data there; TI leaves every other embedding row b
 
 from __future__ import annotations
 
+import ast
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from loradex.training.checkpoint import completion
 from loradex.training.loop import TrainConfig, evaluate_loss, save_trained, train
 
 RES = 16
@@ -100,11 +105,22 @@ def test_resume_equals_uninterrupted_run(data, tmp_path):
     assert a.keys() == b.keys() and any("magnitude" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert full.losses == resumed.losses
+    # from the run's last checkpoint: nothing left to train, the checkpoint is the result
+    assert full.final_checkpoint == str(tmp_path / "a" / "checkpoint-8") and completion(full.final_checkpoint) is None
+    again = run(work="b", resume=tmp_path / "a")
+    assert again.started_step == again.steps_done == 8 and again.losses == full.losses and again.checkpoints == []
+    c = again.method.state(again.ctx)
+    assert all(torch.equal(a[k], c[k]) for k in a) and again.final_checkpoint == full.final_checkpoint
+    out = tmp_path / "a.safetensors"
+    save_trained(again, out)  # writes, then marks the last checkpoint complete
+    assert completion(full.final_checkpoint) == {"step": 8, "outputs": [str(out)]}
     from loradex.training.loop import TrainingError
 
     with pytest.raises(TrainingError, match="other settings"):
         train(data, cfg("lora", steps=8, rank=2, checkpoint_every=4), work_dir=tmp_path / "c",
               resume=tmp_path / "a" / "checkpoint-4")
+    with pytest.raises(TrainingError, match="already at step 8 of 6"):
+        train(data, cfg("lora", steps=6, lr=3e-3, batch_size=2, dora=True), resume=tmp_path / "a")
 
 
 def test_ti_only_new_rows_learn_and_load_in_diffusers(data, tmp_path):
@@ -261,12 +277,14 @@ def test_cli_train_registers_with_lineage(data, tmp_path, monkeypatch):
     out = tmp_path / "cli.safetensors"
     res = CliRunner().invoke(cli, ["train", "lora", "--data", str(data), "--token", "sks", "--steps", "3",
                                    "--resolution", str(RES), "--blur-threshold", "0", "--sample-every", "3",
-                                   "--work-dir", str(tmp_path / "work"), "-o", str(out), "--save-as", "face",
+                                   "--checkpoint-every", "3", "--work-dir", str(tmp_path / "work"), "-o", str(out), "--save-as", "face",
                                    "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)  # stderr may carry library notices
     assert d["steps"] == 3 and len(d["losses"]) == 3 and d["saved_as"]["ref"] == "face@1"
     assert Path(d["samples"][0]).is_file() and out.is_file()
+    # marked complete once written and stored
+    assert completion(tmp_path / "work" / "checkpoint-3") == {"step": 3, "outputs": [str(out)], "saved_as": "face@1"}
     from loradex.registry import Registry
 
     lin = Registry().lineage("face")
@@ -313,3 +331,146 @@ def test_cli_resume_continues_bit_for_bit(data, tmp_path):
     a, b = load_file(full), load_file(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], load_file(part)[k]) for k in a)  # the last 3 steps did change it
+
+
+#: Run in a subprocess: the CLI, SIGKILLed by itself at a fixed point of a run's end, so no cleanup
+#: runs (as when killed from outside) and the point is deterministic: ``after`` the rename that
+#: puts TARGET in place (the last checkpoint), or ``before`` it (the output, its temporary file
+#: written and fsynced).
+_KILLED_CHILD = r"""
+import os, signal, sys
+
+import torch
+
+torch.set_num_threads(1)
+when, target = sys.argv[1], os.path.abspath(sys.argv[2])
+real_replace = os.replace
+
+
+def replace(src, dst, *args, **kw):
+    hit = os.path.abspath(os.fspath(dst)) == target
+    if hit and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst, *args, **kw)
+    if hit and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+os.replace = replace
+from loradex.cli import main
+
+main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("kill_at", ["last-checkpoint", "output-rename"])
+def test_killed_run_resumes_to_its_output(data, tmp_path, kill_at):
+    """Issue 12: a run killed after its last checkpoint and before its output exists. --resume
+    writes the output (nothing is retrained), its tensors equal an uninterrupted run's, and the
+    last checkpoint is marked complete only once the output exists."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from loradex.cli import cli
+
+    common = ["train", "lora", "--data", str(data), "--resolution", str(RES), "--blur-threshold", "0", "--seed", "5",
+              "--steps", "4", "--checkpoint-every", "2", "--json"]
+    full = tmp_path / "full.safetensors"
+    r = CliRunner().invoke(cli, [*common, "--work-dir", str(tmp_path / "wf"), "-o", str(full)])
+    assert r.exit_code == 0, r.output
+    assert completion(tmp_path / "wf" / "checkpoint-4") == {"step": 4, "outputs": [str(full)]}
+    full_losses = json.loads(r.stdout)["losses"]
+
+    out, work = tmp_path / "out.safetensors", tmp_path / "w"
+    when, target = ("after", work / "checkpoint-4") if kill_at == "last-checkpoint" else ("before", out)
+    p = subprocess.run([sys.executable, "-c", _KILLED_CHILD, when, str(target), *common, "--work-dir", str(work),
+                        "-o", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    assert (work / "checkpoint-4" / "state.json").is_file() and not out.exists()
+    assert completion(work / "checkpoint-4") is None  # the output does not exist: not complete
+    if kill_at == "output-rename":  # written whole to its temporary file, never visible half-written
+        assert len(list(tmp_path.glob(".out.safetensors.*.tmp"))) == 1
+
+    r = CliRunner().invoke(cli, [*common, "--work-dir", str(work), "--resume", str(work), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["resumed_from"] == 4 and d["steps"] == 4 and d["losses"] == full_losses and d["checkpoints"] == []
+    a, b = load_file(full), load_file(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert completion(work / "checkpoint-4") == {"step": 4, "outputs": [str(out)]}
+
+
+def import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """module -> the modules of ``package`` (a folder ``root``) it imports, at the top or inside a
+    function alike (a lazy import closes a circle just the same). ``from a import b`` names module
+    ``a.b`` when that is a module, else ``a``; importing ``a.b`` is not counted as importing the
+    package ``a`` (Python runs ``a/__init__`` first, but that is no dependency of the code)."""
+    mods = {}
+    for f in sorted(root.rglob("*.py")):
+        parts = [package, *f.relative_to(root).with_suffix("").parts]
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                graph[m] |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = m.split(".") if f.name == "__init__.py" else m.split(".")[:-1]
+                    base = ".".join(pkg[:len(pkg) - node.level + 1] + ([base] if base else []))
+                for a in node.names:
+                    target = f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+                    if target in mods and target != m:
+                        graph[m].add(target)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan): each is a circle."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_training_package_has_no_import_circle_and_small_modules():
+    """Issue 11: the training rooms import one way (config <- context <- objective, checkpoint,
+    methods <- output <- loop), with lazy imports counted too, and no module grows past ~600 lines."""
+    import loradex.training
+
+    root = Path(loradex.training.__file__).parent
+    graph = import_graph(root, "loradex.training")
+    assert import_cycles(graph) == [], import_cycles(graph)
+    assert "loradex.training.loop" not in set().union(*(graph[m] for m in graph if m != "loradex.training"))
+    sizes = {f.name: len(f.read_text().splitlines()) for f in root.rglob("*.py")}
+    assert max(sizes.values()) <= 600, sizes
+    demo = ast.parse((root.parent / "demo.py").read_text())
+    assert not any(isinstance(n, ast.FunctionDef) and n.name == "lycoris_preset" for n in demo.body)
+    from loradex.training.methods import lycoris
+
+    assert not any("loradex.demo" in ast.unparse(n) for n in ast.walk(ast.parse(Path(lycoris.__file__).read_text()))
+                   if isinstance(n, (ast.Import, ast.ImportFrom)))

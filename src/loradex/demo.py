@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import tempfile
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from loradex.training.methods.lycoris import lycoris_preset
 
 TARGETS = ("kohya", "lycoris", "diffusers", "peft")
 SVD_RANK = 8
@@ -93,22 +94,6 @@ class TinyBench:
     def rel(self, y: torch.Tensor, y_ref: torch.Tensor) -> float:
         d = torch.linalg.vector_norm(y_ref - self.y_base)
         return float(torch.linalg.vector_norm(y - y_ref) / d) if d > 0 else math.inf
-
-
-@contextlib.contextmanager
-def lycoris_preset(preset: dict):
-    """lycoris-lora keeps presets in class attributes: set one and restore the defaults after."""
-    from lycoris import LycorisNetwork
-
-    keep = {k: getattr(LycorisNetwork, k) for k in (
-        "ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "MODULE_ALGO_MAP", "NAME_ALGO_MAP",
-        "LORA_PREFIX", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")}
-    LycorisNetwork.apply_preset(preset)
-    try:
-        yield
-    finally:
-        for k, v in keep.items():
-            setattr(LycorisNetwork, k, v)
 
 
 #: label -> create_lycoris keyword arguments

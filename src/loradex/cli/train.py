@@ -112,7 +112,8 @@ def train_cmd(method, base, data, token, class_word, steps, rank, alpha, lr, tex
     import contextlib
     from pathlib import Path
 
-    from loradex.training.loop import DEFAULT_FORMAT, TrainConfig, save_trained, train
+    from loradex.training import TrainConfig, save_trained, train
+    from loradex.training.config import DEFAULT_FORMAT
 
     if not Path(data).is_dir():
         raise click.BadParameter(f"{data}: not a folder", param_hint="--data")
@@ -144,7 +145,8 @@ def train_cmd(method, base, data, token, class_word, steps, rank, alpha, lr, tex
         where = Path(dst) if dst else Path.cwd() / (save_as or "train")
         wd = work_dir or (str(where) + ".work" if (checkpoint_every or sample_every or prior_preservation) else None)
         result = train(data, cfg, base=source, work_dir=wd, resume=resume, device=device, progress=not as_json)
-        written = save_trained(result, out, format=to, base_model=identity)
+        # the run's last checkpoint is marked complete only once the output is written and stored
+        written = save_trained(result, out, format=to, base_model=identity, complete=False)
         params = {**{k: v for k, v in cfg.to_dict().items() if v is not None}, "base": base or "tiny",
                   "dataset_sha256": result.dataset.fingerprint() if result.dataset is not None else None}
         saved = None
@@ -153,6 +155,7 @@ def train_cmd(method, base, data, token, class_word, steps, rank, alpha, lr, tex
             saved = _registry().add(Path(written["paths"][0]), save_as, parents=parents, operation="train",
                                     params=params, arch=result.ctx.arch, trigger_words=[token], base_model=identity,
                                     source=str(b.path if b is not None and b.path else identity))
+        result.mark_complete(written["paths"] if dst else [], **({"saved_as": saved.ref} if saved is not None else {}))
     losses = result.losses
     k = max(1, min(10, len(losses) // 4))
     d = {
@@ -166,6 +169,8 @@ def train_cmd(method, base, data, token, class_word, steps, rank, alpha, lr, tex
     }
     text = [f"trained {method} for {result.steps_done} steps in {result.seconds:.1f} s on {len(result.examples)} "
             f"images ({d['dataset']}); loss {d['loss_first']:.4f} -> {d['loss_last']:.4f}"]
+    if result.started_step and result.started_step == result.steps_done:
+        text.append(f"resumed at the run's last step ({result.steps_done}): nothing left to train, output written")
     if dst:
         text.append(f"wrote {', '.join(written['paths'])} ({written['format']})")
     if saved is not None:

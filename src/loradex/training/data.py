@@ -96,6 +96,7 @@ def dhash(img) -> int:
 
 
 def hamming(a: int, b: int) -> int:
+    """Bits in which two 64-bit hashes differ (the near-duplicate distance)."""
     return (a ^ b).bit_count()
 
 
@@ -184,6 +185,8 @@ def detect_faces(detector, img) -> list[tuple[int, int, int, int]]:
 # ---- the report ----------------------------------------------------------------------------------
 @dataclass
 class ImageInfo:
+    """One file's curation record: its measures, bucket and crop, and why it is left out (if it is)."""
+
     path: str
     readable: bool
     width: int = 0
@@ -200,11 +203,15 @@ class ImageInfo:
 
     @property
     def kept(self) -> bool:
+        """True when nothing leaves the image out."""
         return not self.issues
 
 
 @dataclass
 class DatasetReport:
+    """The curation of a folder: every image's record and the settings used; ``kept()`` is the
+    cleaned view the trainer uses."""
+
     root: str
     resolution: int
     min_size: int
@@ -215,9 +222,11 @@ class DatasetReport:
     skipped: list[str] = field(default_factory=list)  # files that are not images (captions excluded)
 
     def kept(self) -> list[ImageInfo]:
+        """The images the trainer uses (no issue)."""
         return [i for i in self.images if i.kept]
 
     def by_issue(self) -> dict[str, list[str]]:
+        """Issue kind (``duplicate-of:x`` counts as ``duplicate-of``) -> the paths it leaves out."""
         out: dict[str, list[str]] = {}
         for i in self.images:
             for issue in i.issues:
@@ -225,6 +234,7 @@ class DatasetReport:
         return out
 
     def buckets(self) -> dict[str, int]:
+        """``WxH`` -> how many kept images train at that bucket."""
         out: dict[str, int] = {}
         for i in self.kept():
             k = f"{i.bucket[0]}x{i.bucket[1]}"
@@ -242,6 +252,7 @@ class DatasetReport:
         return h.hexdigest()
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready data (``loradex dataset check --json``)."""
         return {
             "root": self.root, "resolution": self.resolution, "min_size": self.min_size,
             "blur_threshold": self.blur_threshold, "dup_distance": self.dup_distance,
@@ -251,6 +262,7 @@ class DatasetReport:
         }
 
     def summary(self) -> str:
+        """One line: kept of total, counts per issue, faces."""
         issues = self.by_issue()
         parts = [f"{len(self.kept())} of {len(self.images)} images kept"]
         parts += [f"{len(v)} {k}" for k, v in sorted(issues.items())]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from loradex.training.methods import Method, cast_frozen, training_metadata
+from loradex.training.methods.common import Method, cast_frozen, training_metadata
 
 
 def _base_fingerprint(unet) -> str:
@@ -61,9 +61,12 @@ def class_images(ctx, work: Path):
 
 
 class DreamBooth(Method):
+    """Full fine-tuning of the denoiser (and with ``--text-encoder`` the text encoders)."""
+
     name = "dreambooth"
 
     def setup(self, ctx) -> None:
+        """Unfreeze the denoiser (and the text encoders when they train); cast the rest for mixed precision."""
         self.trains_text = ctx.cfg.text_encoder
         ctx.denoiser.requires_grad_(True)
         if self.trains_text:

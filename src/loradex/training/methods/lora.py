@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from loradex.training.methods import Method, cast_frozen, te_canonical, training_metadata
+from loradex.training.methods.common import Method, cast_frozen, te_canonical, training_metadata
 
 ADAPTER = "default"
 
 
 def inject_lora(model: torch.nn.Module, rank: int, alpha: float, targets, dora: bool) -> None:
+    """PEFT LoRA (DoRA) layers on ``targets`` of ``model``; only their factors learn."""
     from peft import LoraConfig, inject_adapter_in_model
 
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
@@ -53,9 +54,12 @@ def lora_patches(model: torch.nn.Module, component: str) -> dict:
 
 
 class LoraMethod(Method):
+    """PEFT LoRA on the denoiser's attention projections (and the CLIP encoders with ``--text-encoder``)."""
+
     name = "lora"
 
     def setup(self, ctx) -> None:
+        """Inject the LoRA layers (seeded by the loop: PEFT's Kaiming init draws from torch's RNG)."""
         cfg = ctx.cfg
         self.trains_text = cfg.text_encoder
         inject_lora(ctx.denoiser, cfg.rank, cfg.lora_alpha, cfg.targets or ctx.family.lora_targets, cfg.dora)
@@ -72,6 +76,7 @@ class LoraMethod(Method):
         return [{"params": ps, "lr": ctx.cfg.learning_rate, "weight_decay": 1e-2}]
 
     def patches(self, ctx) -> dict:
+        """The trained factors as loradex LoraPatches by canonical module name."""
         out = lora_patches(ctx.denoiser, ctx.arch.denoiser)
         if self.trains_text:
             for comp, enc, _ in ctx.clip_encoders():
@@ -79,6 +84,7 @@ class LoraMethod(Method):
         return out
 
     def export(self, ctx, result):
+        """An Adapter of the trained LoRA with kohya's ``ss_*`` training metadata."""
         from loradex.core.adapter import Adapter
 
         cfg = ctx.cfg

@@ -7,17 +7,20 @@ diffusers LoRA file plus a separate ``learned_embeds`` file.
 
 from __future__ import annotations
 
-from loradex.training.loop import DEFAULT_LR
-from loradex.training.methods import Method, training_metadata
+from loradex.training.config import DEFAULT_LR
+from loradex.training.methods.common import Method, training_metadata
 from loradex.training.methods.lora import inject_lora, lora_patches
 from loradex.training.methods.ti import TextualInversion
 
 
 class Pivotal(Method):
+    """A denoiser LoRA and a new token's embedding, each with its own learning rate."""
+
     name = "pivotal"
     trains_text = True
 
     def setup(self, ctx) -> None:
+        """Inject the LoRA, then add the token (TI's setup)."""
         cfg = ctx.cfg
         inject_lora(ctx.denoiser, cfg.rank, cfg.lora_alpha, cfg.targets or ctx.family.lora_targets, cfg.dora)
         self.ti = TextualInversion()
@@ -40,6 +43,7 @@ class Pivotal(Method):
         self.ti.after_backward(ctx)
 
     def export(self, ctx, result):
+        """One Adapter holding the LoRA patches and the embedding."""
         from loradex.core.adapter import Adapter
 
         cfg = ctx.cfg

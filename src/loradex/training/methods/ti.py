@@ -16,16 +16,18 @@ import re
 
 import torch
 
-from loradex.training.methods import Method, cast_frozen, training_metadata
+from loradex.errors import TrainingError
+from loradex.training.methods.common import Method, cast_frozen, training_metadata
 
 
 class TextualInversion(Method):
+    """A new token whose embedding rows are the only thing that learns."""
+
     name = "ti"
     trains_text = True
 
     def setup(self, ctx) -> None:
-        from loradex.training.loop import TrainingError
-
+        """Add the token (and its extra vectors) to every CLIP tokenizer, initialised from ``--init-word``."""
         cfg = ctx.cfg
         if len(ctx.clip_encoders()) != len(ctx.encoders()):
             raise TrainingError(f"textual inversion trains CLIP token embeddings; {ctx.family.label} is also "
@@ -53,6 +55,7 @@ class TextualInversion(Method):
         cast_frozen(ctx, [e for _, e, _ in ctx.clip_encoders()] + [ctx.denoiser])
 
     def embedding_weights(self, ctx) -> list[torch.Tensor]:
+        """The input-embedding matrix of each CLIP encoder (what the optimizer holds)."""
         return [enc.get_input_embeddings().weight for _, enc, _ in ctx.clip_encoders()]
 
     def modules(self, ctx):
@@ -64,16 +67,19 @@ class TextualInversion(Method):
         return [{"params": self.embedding_weights(ctx), "lr": lr, "weight_decay": 0.0}]
 
     def prompt(self, ctx, prompt: str) -> str:
+        """A multi-vector token spelled out as ``tok tok_1 ...`` (diffusers' convention)."""
         if len(self.tokens) == 1:
             return prompt
         return re.sub(rf"(?<![\w]){re.escape(self.tokens[0])}(?![\w])", " ".join(self.tokens), prompt)
 
     def after_backward(self, ctx) -> None:
+        """Zero every other row's gradient: with weight decay 0 those rows never move (bit-identical)."""
         for (comp, _, _), w in zip(ctx.clip_encoders(), self.embedding_weights(ctx)):
             if w.grad is not None:
                 w.grad[self.frozen[comp]] = 0
 
     def embedding(self, ctx):
+        """The trained rows as a loradex Embedding (one tensor per text encoder)."""
         from loradex.core.adapter import Embedding
 
         vec = {comp: enc.get_input_embeddings().weight[self.ids[comp]].detach().float().cpu().clone()
@@ -81,6 +87,7 @@ class TextualInversion(Method):
         return Embedding(ctx.cfg.token, vec)
 
     def export(self, ctx, result):
+        """An Adapter holding only the embedding."""
         from loradex.core.adapter import Adapter
 
         md = training_metadata(ctx, result)
