@@ -23,6 +23,20 @@ from collections.abc import Iterator
 #: Loggers of the libraries loradex drives, silenced by :func:`quiet`.
 THIRD_PARTY = ("diffusers", "transformers", "peft", "lycoris", "LyCORIS", "huggingface_hub", "accelerate")
 
+class _AtLeast(logging.Filter):
+    """Drops records below ``level``. A *filter*, not only a level, because lycoris-lora resets its
+    ``LyCORIS`` logger to INFO when it is first imported (``lycoris/logging.py``), which may happen
+    inside a ``quiet()`` block or after ``setup()``; filters on the logger object survive that."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+_ERRORS_ONLY = _AtLeast(logging.ERROR)
 _lock = threading.RLock()
 _depth = 0
 _saved: list[tuple[logging.Logger, int]] = []
@@ -40,6 +54,7 @@ def quiet() -> Iterator[None]:
             _saved[:] = [(lg, lg.level) for lg in map(logging.getLogger, THIRD_PARTY)]
             for lg, _ in _saved:
                 lg.setLevel(logging.ERROR)
+                lg.addFilter(_ERRORS_ONLY)
             try:
                 from transformers.utils import logging as tlog
 
@@ -58,6 +73,8 @@ def quiet() -> Iterator[None]:
             if _depth == 0:
                 for lg, level in _saved:
                     lg.setLevel(level)
+                    if not getattr(lg, "_loradex_quiet", False):  # setup() may want it kept
+                        lg.removeFilter(_ERRORS_ONLY)
                 _saved.clear()
                 if _saved_tlevel is not None:
                     from transformers.utils import logging as tlog
@@ -80,7 +97,13 @@ def setup(verbosity: int = 0) -> None:
         root.propagate = False
     third = logging.INFO if verbosity >= 2 else logging.ERROR
     for name in THIRD_PARTY:
-        logging.getLogger(name).setLevel(third)
+        lg = logging.getLogger(name)
+        lg.setLevel(third)
+        lg._loradex_quiet = verbosity < 2  # type: ignore[attr-defined]
+        if verbosity < 2:
+            lg.addFilter(_ERRORS_ONLY)
+        else:
+            lg.removeFilter(_ERRORS_ONLY)
     # transformers and diffusers keep a verbosity of their own, read from these variables when they
     # are first imported (importing them here would cost seconds on every ``--help``).
     for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
