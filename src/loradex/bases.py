@@ -52,6 +52,8 @@ class Base:
         return self._arch
 
     def require_path(self, what: str = "this command") -> Path:
+        """``path``, or FormatError naming ``what`` when the base is only an arch name (``tiny``,
+        ``sdxl``...): bake, extract, train and generate need weights."""
         if self.path is None:
             raise FormatError(f"--base {self.spec} names an architecture, not a model with weights: "
                               f"{what} needs a diffusers folder, a checkpoint file, a registry REF or a cached Hub id")

@@ -33,6 +33,9 @@ SVD_RANK = 8
 
 @dataclass
 class Reference:
+    """A reference adapter made by a real tool: its file and the UNet output (``y_ref``, float64)
+    with the tool's own module applied; ``kinds`` is filled in by :func:`run_one` and not read."""
+
     label: str
     path: Path
     y_ref: torch.Tensor  # UNet output with the real tool's adapter applied
@@ -41,17 +44,24 @@ class Reference:
 
 @dataclass
 class Cell:
-    status: str  # "ok", "n/a", "fail"
+    """One entry of the demo matrix: ``status``, the relative error (None when nothing could be
+    measured) and how the file was written / loaded, or why not."""
+
+    status: str  # "ok", "approx" (an SVD at SVD_RANK: the error is the loss), "n/a", "fail"
     error: float | None = None
     how: str = ""
 
 
 @dataclass
 class DemoResult:
+    """``rows``: reference label -> target format -> Cell; ``embeddings``: TI format -> Cell."""
+
     rows: dict[str, dict[str, Cell]] = field(default_factory=dict)
     embeddings: dict[str, Cell] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """``{"adapters": {label: {target: cell}}, "embeddings": {format: cell}}`` (``loradex demo --json``)."""
+
         def c(x: Cell) -> dict:
             return {"status": x.status, "error": x.error, "how": x.how}
 
@@ -62,6 +72,7 @@ class DemoResult:
 
     @property
     def failures(self) -> int:
+        """Cells with status ``fail`` (``n/a`` and ``approx`` are not failures)."""
         return sum(x.status == "fail" for row in self.rows.values() for x in row.values()) + sum(
             x.status == "fail" for x in self.embeddings.values()
         )
@@ -83,15 +94,21 @@ class TinyBench:
 
     @torch.no_grad()
     def unet_out(self, unet) -> torch.Tensor:
+        """``unet``'s prediction on the fixed inputs (2 latents 4x8x8, timesteps 10 and 500, a
+        random 7x32 context), as float64."""
         return unet(self.latents, self.t, encoder_hidden_states=self.ctx).sample.double()
 
     def fresh_unet(self):
+        """A deep copy of the clean UNet, for one tool to patch."""
         return copy.deepcopy(self.pipe.unet)
 
     def fresh_pipe(self):
+        """A deep copy of the clean pipeline, for one tool to patch."""
         return copy.deepcopy(self.pipe)
 
     def rel(self, y: torch.Tensor, y_ref: torch.Tensor) -> float:
+        """``||y - y_ref|| / ||y_ref - y_base||``: the error relative to what the reference adapter
+        changes (inf when it changes nothing)."""
         d = torch.linalg.vector_norm(y_ref - self.y_base)
         return float(torch.linalg.vector_norm(y - y_ref) / d) if d > 0 else math.inf
 
@@ -126,6 +143,9 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
 
 
 def make_lycoris_reference(bench: TinyBench, label: str, out: Path, seed: int = 0) -> Reference:
+    """A lycoris-lora network of algorithm ``label`` (:data:`LYCORIS_ALGOS`) on every Linear and
+    Conv2d of a fresh UNet (dim 4, alpha 2), randomized (:func:`randomize_`), its output recorded and
+    its weights saved to ``out/ref_<label>.safetensors`` (float32)."""
     from lycoris import create_lycoris
 
     from loradex.log import quiet
@@ -175,6 +195,7 @@ def make_peft_reference(bench: TinyBench, out: Path, seed: int = 0) -> Reference
 # ---- consumers: load a written file with the real tool and run the UNet ---------------------
 
 def consume_diffusers(bench: TinyBench, path: Path) -> torch.Tensor:
+    """UNet output after diffusers' ``load_lora_weights`` of ``path`` on a fresh pipeline."""
     from loradex.log import quiet
 
     pipe = bench.fresh_pipe()
@@ -184,6 +205,8 @@ def consume_diffusers(bench: TinyBench, path: Path) -> torch.Tensor:
 
 
 def consume_lycoris(bench: TinyBench, path: Path) -> torch.Tensor:
+    """UNet output after lycoris-lora's ``create_lycoris_from_weights`` of ``path`` (IA3 files:
+    a network built with ``algo=ia3`` and its ``load_weights``, see the comment inside)."""
     from lycoris import create_lycoris, create_lycoris_from_weights
 
     from loradex.log import quiet
@@ -258,6 +281,7 @@ def _consume_ia3_kohya(bench: TinyBench, path: Path) -> torch.Tensor:
 
 
 def consume_peft(bench: TinyBench, path: Path) -> torch.Tensor:
+    """UNet output after ``PeftModel.from_pretrained`` of the PEFT folder ``path``."""
     from peft import PeftModel
 
     from loradex.log import quiet
@@ -269,6 +293,12 @@ def consume_peft(bench: TinyBench, path: Path) -> torch.Tensor:
 
 
 def run_one(bench: TinyBench, ref: Reference, target: str, out: Path) -> Cell:
+    """Read ``ref`` with loradex, write it as ``target`` (SVD at :data:`SVD_RANK` where the target
+    cannot hold the kind), load the result with that format's real consumer and compare with the
+    reference output. ``ok`` at a relative error <= 1e-4; ``approx`` for an SVD (the error is the
+    measured loss); ``n/a`` when loradex refuses the write (e.g. a kind that depends on the base
+    weights and a LoRA-only target); ``fail`` when the consumer refuses the file or the error is
+    larger."""
     import loradex
     from loradex.errors import LoradexError
 
@@ -308,6 +338,9 @@ def run_one(bench: TinyBench, ref: Reference, target: str, out: Path) -> Cell:
 
 
 def run_embeddings(bench: TinyBench, out: Path) -> dict[str, Cell]:
+    """A 3-vector ``<sks>`` embedding written as A1111 ``.pt``, kohya and diffusers TI files, each
+    loaded with diffusers' ``load_textual_inversion``: ``ok`` only when the three embedding rows come
+    back bit-identical."""
     import loradex
     from loradex.core.adapter import Adapter, Embedding
     from loradex.log import quiet
@@ -333,6 +366,10 @@ def run_embeddings(bench: TinyBench, out: Path) -> dict[str, Cell]:
 
 def run_demo(labels: list[str] | None = None, targets: tuple[str, ...] = TARGETS, workdir: str | None = None,
              progress: Callable[[str], None] | None = None) -> DemoResult:
+    """The whole demo: every reference in ``labels`` (default: each of :data:`LYCORIS_ALGOS`, then
+    ``peft-lora``) written to each of ``targets`` and checked (:func:`run_one`), then the TI formats
+    (:func:`run_embeddings`). Files live in a temporary folder (under ``workdir`` when given), removed
+    at the end; ``progress(label)`` is called before each reference."""
     result = DemoResult()
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         out = Path(d)
@@ -351,6 +388,9 @@ def run_demo(labels: list[str] | None = None, targets: tuple[str, ...] = TARGETS
 
 
 def format_matrix(result: DemoResult) -> str:
+    """The matrix as text: one row per reference, one column per target of :data:`TARGETS`, the
+    TI line, and a legend of what the numbers are."""
+
     def cell(c: Cell) -> str:
         if c.status == "n/a":
             return "n/a (base-dependent)" if "base" in c.how else f"n/a ({c.how[:24]})"

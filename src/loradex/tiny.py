@@ -70,6 +70,9 @@ def tiny_clip_config(hidden: int = TINY_TE_DIM, layers: int = 2, projection: boo
 
 
 def tiny_text_encoder(seed: int = 0, hidden: int = TINY_TE_DIM, projection: bool = False):
+    """A 2-layer CLIPTextModel ``hidden`` wide (:func:`tiny_clip_config`), seeded, in eval mode;
+    with ``projection`` a CLIPTextModelWithProjection (SDXL's second encoder in miniature). Its
+    vocabulary fits :func:`tiny_tokenizer`."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)

@@ -24,6 +24,7 @@ class LazyHelpOption(click.Option):
         self._help_fn = help_fn
 
     def get_help_record(self, ctx):
+        """click's ``(opts, help)`` pair, with ``help`` recomputed from ``help_fn`` first."""
         self.help = self._help_fn()
         return super().get_help_record(ctx)
 
@@ -36,6 +37,8 @@ def format_help(prefix: str = "") -> str:
 
 
 def emit(obj, as_json: bool, text: str | None = None) -> None:
+    """A command's result on stdout: ``obj`` as indented, key-sorted JSON under ``--json`` (values
+    JSON cannot hold, e.g. paths and dtypes, as ``str``), else ``text`` (nothing when None)."""
     if as_json:
         click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
     elif text is not None:
@@ -54,6 +57,11 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console entry point: run ``loradex`` on ``argv`` (default ``sys.argv[1:]``) and exit.
+
+    Exit status: the command's (0 on success); 2 with one ``error: ...`` line for bad input
+    (click usage errors, any LoradexError); 130 on Ctrl-C / abort; 1 with one line for anything
+    else (a bug; ``LORADEX_DEBUG=1`` re-raises it with its traceback). Never returns."""
     # transformers prints import-time notices (e.g. about torchvision) that are noise on a CLI;
     # ``-vv`` turns them back on (loradex.log.setup)
     if not any(a.startswith("-vv") for a in (argv or sys.argv[1:])):

@@ -39,7 +39,7 @@ def _progress(as_json: bool) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="print the per-module report as JSON")
 def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_diff, to, dtype, arch, save_as, as_json):
     """Extract a LoRA from TUNED minus BASE (diffusers folders or single-file checkpoints of the
-    same model; SD1/SD2/SDXL/FLUX), one tensor pair at a time: truncated (randomized) SVD per
+    same model; SD1/SD2/SDXL/FLUX/SD3), one tensor pair at a time: truncated (randomized) SVD per
     module, every module decided and reported on its own."""
     import torch
 

@@ -38,6 +38,7 @@ class Embedding:
 
     @property
     def num_vectors(self) -> int:
+        """Vectors per token (the ``n_vectors`` axis; the same for every component)."""
         return next(iter(self.vectors.values())).shape[0]
 
 
@@ -66,15 +67,20 @@ class Adapter:
 
     # ---- summaries used by inspect, the registry and the writers --------------------------
     def kinds(self) -> Counter:
+        """Patch count per kind name (``Counter({"lora": 264, "loha": 2})``)."""
         return Counter(p.kind for p in self.patches.values())
 
     def components(self) -> dict[str, int]:
+        """Patch count per component (``{"unet": 192, "text_encoder": 72}``)."""
         return dict(Counter(component_of(n) for n in self.patches))
 
     def ranks(self) -> Counter:
+        """Patch count per rank, over the patches that have one (full, norm, (IA)^3... have none)."""
         return Counter(p.rank for p in self.patches.values() if p.rank is not None)
 
     def dtype(self) -> torch.dtype | None:
+        """The dtype of the first patch (see :attr:`Patch.dtype`), else of the first embedding;
+        None for an empty adapter. Mixed-dtype files are not detected: the first one decides."""
         for p in self.patches.values():
             return p.dtype
         for e in self.embeddings.values():
@@ -82,6 +88,8 @@ class Adapter:
         return None
 
     def to(self, dtype: torch.dtype) -> Adapter:
+        """A copy with every floating-point tensor cast to ``dtype`` (patches via :meth:`Patch.to`,
+        alpha scalars included; embeddings too). Metadata, notes and ``unexplained`` are copied."""
         return Adapter(
             patches={n: p.to(dtype) for n, p in self.patches.items()},
             embeddings={

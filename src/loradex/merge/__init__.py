@@ -67,7 +67,12 @@ def merge(
     preset name or ``w,w,...``, see :mod:`loradex.merge.blocks`) applied to every input that has no
     own third element. ``arch`` (name or Arch) is used where an adapter carries none. Modules
     present in only some inputs are fine. An input holding NaN/Inf values is refused (FormatError)
-    unless ``allow_nonfinite``. Returns ``(adapter, report)``."""
+    unless ``allow_nonfinite``; inputs for different archs, an unknown method or a non-finite
+    weight are LoradexErrors. ``progress``: a tqdm bar (one tick per module) on stderr.
+
+    Returns ``(adapter, report)``: the merged Adapter (metadata kept only for a single ``concat``
+    input; ``arch`` the inputs' or ``arch``) and a :class:`MergeReport` (per-module ranks and errors,
+    block-weight and embedding decisions, warnings, the inputs' notes)."""
     if method not in METHODS:
         raise LoradexError(f"unknown merge method {method!r}; available: {', '.join(METHODS)}")
     if not items:

@@ -34,7 +34,10 @@ from loradex.errors import ConversionError, LoradexError
 
 @dataclass
 class BakeReport:
-    """``modules``: module -> kinds applied; ``tokens``: token -> ids added per tokenizer."""
+    """``out``: the path written; ``layout``: the base's (``folder`` or a single-file layout);
+    ``modules``: module -> kinds applied, in adapter order (``lora+dora`` for a DoRA patch);
+    ``tokens``: token row (``<t>``, ``<t>_1``...) -> tokenizer folder -> ``[id]`` added;
+    ``notes``: what was not done and why; ``seconds``: wall time."""
 
     out: str = ""
     layout: str = ""
@@ -44,10 +47,12 @@ class BakeReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
+        """Every field, JSON-ready (``loradex bake --json``)."""
         return {"out": self.out, "layout": self.layout, "modules": self.modules, "tokens": self.tokens,
                 "notes": self.notes, "seconds": round(self.seconds, 3)}
 
     def summary(self) -> str:
+        """One line: modules changed with a count per kind, tokens added, layout and time."""
         kinds: dict[str, int] = {}
         for ks in self.modules.values():
             for k in ks:

@@ -12,6 +12,8 @@ Layouts (facts from the extension's ``BLOCKID*`` tables; ``BASE`` is every text-
   time_in, vector_in, guidance_in; ``D``/``S``: double/single blocks; ``OUT``: final_layer). For
   an arch with other block counts (the tiny test models) the layout has ``3 + doubles + singles + 1``
   entries in the same order.
+* SD3: no tool defines one; loradex's own ``CLIP, T5, IN, J00..J<n-1>, OUT`` (``J``: joint blocks;
+  see ``core/archs/sd3.py``).
 
 A block of a UNet module is read from its SGM ("ldm") name (:meth:`Arch.sgm_name`):
 ``input_blocks.N`` -> ``INnn``, ``middle_block`` -> ``M00``, ``output_blocks.N`` -> ``OUTnn``
@@ -95,9 +97,12 @@ class BlockWeights:
     weights: dict[str, float]
 
     def weight(self, block: str | None) -> float:
+        """The multiplier of a block id: 1 outside every block (None), 0 for an id the layout does
+        not have."""
         return 1.0 if block is None else self.weights.get(block, 0.0)
 
     def to_dict(self) -> dict:
+        """``{"spec", "layout": number of entries given, "weights": {given id: weight}}``."""
         return {"spec": self.spec, "layout": len(self.given), "weights": dict(zip(self.given, (self.weights[b] for b in self.given)))}
 
 
@@ -166,10 +171,13 @@ class BlockReport:
     outside: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        """Every field, JSON-ready; ``weights_spec`` is written as ``block_weights``."""
         return {"block_weights": self.weights_spec, "blocks": self.blocks, "weights": self.weights,
                 "dropped": self.dropped, "unlisted": self.unlisted, "outside": self.outside}
 
     def summary(self) -> str:
+        """One line: the spec, modules kept / dropped, how many of the dropped a short layout
+        omits, and how many lie outside the blocks."""
         kept = sum(1 for w in self.weights.values() if w != 0)
         s = f"block weights {self.weights_spec.get('spec')}: {kept} modules kept, {len(self.dropped)} dropped (weight 0)"
         if self.unlisted:

@@ -47,14 +47,19 @@ class MergeReport:
 
     @property
     def max_error(self) -> float:
+        """Largest per-module relative Frobenius error ``||sum w_i dW_i - merged|| / ||sum w_i dW_i||``
+        (0 for ``concat``, which is exact, and when no module reports one)."""
         return max((m.get("error", 0.0) for m in self.modules.values()), default=0.0)
 
     def to_dict(self) -> dict:
+        """Every field plus ``max_error``, JSON-ready (what ``loradex merge --json`` prints)."""
         return {"method": self.method, "weights": self.weights, "modules": self.modules,
                 "embeddings": self.embeddings, "warnings": self.warnings, "notes": self.notes,
                 "params": self.params, "blocks": self.blocks, "max_error": self.max_error}
 
     def summary(self) -> str:
+        """One line for the terminal: inputs, modules and their rank range, exact or the max error,
+        and the counts of embeddings and warnings."""
         ranks = [m["rank"] for m in self.modules.values() if m.get("rank") is not None]
         rank = f"ranks {min(ranks)}-{max(ranks)}" if ranks else "no modules" if not self.modules else "1-D only"
         if self.method in ("concat", "scale"):

@@ -52,6 +52,7 @@ class ExtractReport:
 
     @property
     def max_error(self) -> float:
+        """Largest ``||dW - up@down|| / ||dW||`` over the extracted modules (0 when none was)."""
         return max((m["error"] for m in self.modules.values()), default=0.0)
 
     def components(self) -> dict[str, dict[str, int]]:
@@ -65,11 +66,14 @@ class ExtractReport:
         return out
 
     def to_dict(self) -> dict:
+        """Every field plus ``components()`` and ``max_error``, JSON-ready (``loradex extract --json``)."""
         return {"policy": self.policy, "modules": self.modules, "skipped": self.skipped,
                 "components": self.components(), "max_error": self.max_error, "notes": self.notes,
                 "seconds": round(self.seconds, 3)}
 
     def summary(self) -> str:
+        """One line: modules, rank range, the energy kept over the whole model (each module's
+        ``energy`` weighted by its ``||dW||^2``), max error, per-component counts and the time."""
         if not self.modules:
             return f"nothing extracted ({len(self.skipped)} modules skipped)"
         ranks = [m["rank"] for m in self.modules.values()]

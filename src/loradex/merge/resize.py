@@ -47,13 +47,16 @@ class ResizeReport:
 
     @property
     def max_error(self) -> float:
+        """Largest relative Frobenius error over the resized modules (0 when none was resized)."""
         return max((m["error"] for m in self.modules.values()), default=0.0)
 
     def to_dict(self) -> dict:
+        """Every field plus ``max_error``, JSON-ready (``loradex resize --json``)."""
         return {"policy": self.policy, "modules": self.modules, "kept": self.kept,
                 "max_error": self.max_error, "notes": self.notes}
 
     def summary(self) -> str:
+        """One line: modules resized, total rank before -> after, max error, modules kept."""
         if not self.modules:
             return f"nothing resized ({len(self.kept)} modules kept as is)"
         old = sum(m["old_rank"] for m in self.modules.values())

@@ -79,6 +79,8 @@ def check_additive(name: str, i: int, patch, method: str) -> None:
 
 
 def out_dtype(parts) -> torch.dtype:
+    """The dtype a merged patch is stored in: the promotion of the inputs' :attr:`Patch.dtype`
+    (fp16 + fp16 -> fp16, fp16 + bf16 -> float32); float32 when there are no inputs."""
     dt = None
     for _, p, _ in parts:
         dt = p.dtype if dt is None else torch.promote_types(dt, p.dtype)

@@ -31,7 +31,15 @@ RESUME_KEYS = ("method", "rank", "alpha", "targets", "text_encoder", "dora", "nu
 class TrainConfig:
     """Everything that decides the result (recorded in the output's metadata and lineage).
 
-    Validated on construction, so a bad setting fails before any model is loaded."""
+    Validated on construction, so a bad setting fails before any model is loaded. The less obvious
+    fields: ``resolution`` in pixels (a multiple of 8; also the bucket area, ``resolution^2``);
+    ``lr`` None means ``DEFAULT_LR[method]``, ``text_lr`` None means ``lr`` (pivotal: TI's default);
+    ``targets`` are module-name suffixes of the denoiser (None: the family's ``lora_targets``);
+    ``checkpoint_every`` / ``sample_every`` in steps, 0 = never (the last step is always included
+    otherwise); ``sample_steps`` also drives the class images of ``prior_preservation``. Curation
+    (``loradex.training.data``): ``min_size`` the short side in pixels (None: ``resolution // 2``),
+    ``blur_threshold`` the variance of the Laplacian, ``dup_distance`` pHash bits (inclusive),
+    ``faces`` None = detect when OpenCV is installed; ``curate=False`` drops only unreadable files."""
 
     method: str = "lora"
     token: str = "sks"

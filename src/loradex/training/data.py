@@ -11,8 +11,9 @@
   most 512 px so the number does not depend on the camera resolution. 100 is the usual threshold
   for photos;
 * **near-duplicates**: perceptual hashes (pHash: the sign of the low 8x8 DCT coefficients of the
-  32x32 grey image against their median, DC term excluded; Zauner 2010) closer than
-  ``dup_distance`` bits of 64 (Hamming). Of each group the largest (then sharpest) image is kept;
+  32x32 grey image against their median, DC term excluded, so 63 bits; Zauner 2010) at most
+  ``dup_distance`` bits apart (Hamming), grouped transitively. Of each group the image with no
+  other issue, then the largest, then the sharpest is kept;
 * **faces** (optional extra ``faces``: ``opencv-python-headless<5``; OpenCV 5 dropped the Haar
   cascades): OpenCV's bundled ``haarcascade_frontalface_default.xml``; the largest face centres the
   training crop;
@@ -52,8 +53,9 @@ class DatasetError(LoradexError):
 
 # ---- measures (pure numpy) -----------------------------------------------------------------------
 def laplacian_variance(gray: np.ndarray) -> float:
-    """Variance of the 4-neighbour Laplacian of a 2-D grey image (0-255 values), edges replicated
-    like OpenCV's default ``BORDER_REFLECT_101`` (the 1-pixel border is reflected)."""
+    """Variance of the 4-neighbour Laplacian of a 2-D grey image (0-255 values). The border is
+    reflected without repeating the edge pixel (numpy ``reflect``), as OpenCV's default
+    ``BORDER_REFLECT_101`` does. Images smaller than 3x3 give 0."""
     g = np.asarray(gray, dtype=np.float64)
     if g.shape[0] < 3 or g.shape[1] < 3:
         return 0.0
@@ -75,8 +77,9 @@ _DCT32 = _dct_matrix(32)
 
 
 def phash(img) -> int:
-    """64-bit perceptual hash of a PIL image: 32x32 grey, 2-D DCT, the 8x8 low frequencies without
-    the DC term compared with their median."""
+    """Perceptual hash of a PIL image as an int: 32x32 grey (Lanczos), orthonormal 2-D DCT-II, the
+    8x8 low frequencies without the DC term (63 values) compared with their median; bit ``i`` is
+    set when value ``i`` (row-major) is above it. Stored as 16 hex digits (``ImageInfo.phash``)."""
     from PIL import Image
 
     g = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
@@ -396,9 +399,11 @@ def instance_prompt(token: str, class_word: str | None) -> str:
 
 def load_examples(report: DatasetReport, token: str, class_word: str | None = None,
                   resolution: int | None = None) -> list[Example]:
-    """The kept images, cropped (face-centred when a face was found) and resized to their bucket,
-    each with its prompt: the caption file's text with the token prepended when the caption does not
-    mention it, else the instance prompt."""
+    """The kept images, cropped (face-centred when a face was found) and resized to their bucket
+    (re-bucketed when ``resolution`` differs from the report's), each with its prompt: the caption
+    as is when it mentions ``token`` (a whole word, any case), ``"<instance prompt>, <caption>"``
+    when it does not, the instance prompt alone without a caption. DatasetError when nothing is
+    kept."""
     import torch
     from PIL import Image
 

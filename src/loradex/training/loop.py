@@ -347,9 +347,10 @@ class Trainer:
         self.method.after_step(self.ctx)
 
     def run(self) -> TrainResult:
-        """Prepare, step to ``cfg.steps`` (samples and checkpoints on their schedule, the last step
-        always checkpointed so a finished run can be extended or its output written again) and
-        return the result."""
+        """Prepare, step to ``cfg.steps`` (samples and checkpoints on their schedule; with
+        ``checkpoint_every`` the last step is always checkpointed, so a finished run can be extended
+        or its output written again) and return the result. The trained modules are left in eval
+        mode."""
         self.prepare()
         cfg = self.cfg
         bar = _progress(self.progress, cfg.steps, self.step_no)

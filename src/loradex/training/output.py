@@ -32,7 +32,9 @@ def save_trained(result, out: str | Path, format: str | None = None, title: str 
     path), recorded as ``loradex.base_model``. ``complete``: then mark the run's last checkpoint
     complete (``TrainResult.mark_complete``); a caller that stores the output further (the CLI's
     ``--save-as``) passes False and marks it itself afterwards.
-    Returns {"paths": [...], "format": ..., "report": ConversionReport dict}."""
+    Returns ``{"paths": [every file or folder written], "format": the format used, "report": the
+    writer's ConversionReport (None for dreambooth)}``. A ``ti`` run asked for ``kohya`` /
+    ``diffusers`` / ``a1111`` gets that tool's TI format."""
     written = _write(result, Path(out), format, title, base_model)
     logger.debug("wrote %s (%s)", ", ".join(written["paths"]), written["format"])
     if complete:

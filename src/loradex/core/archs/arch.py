@@ -189,6 +189,8 @@ class Arch:
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
+        """This arch's components other than the denoiser, in order (an arch from a single file
+        may lack the family's optional encoders)."""
         return tuple(c for c in self.components if c != self.family.denoiser)
 
     def text_encoder_width(self, component: str) -> int | None:

@@ -95,9 +95,11 @@ class Family:
     kohya_versions: ClassVar[tuple[str, ...]] = ()
     #: kohya's ``--v2`` flag (``ss_v2``): the SD2 text encoder and UNet
     kohya_v2: ClassVar[bool] = False
+    #: the Hub repo of the base model (model cards' ``base_model``)
     hub_repo: ClassVar[str | None] = None
     #: the Hub repo of each published size where they differ (arch name -> repo; else ``hub_repo``)
     hub_repos: ClassVar[dict[str, str]] = {}
+    #: Hub tags and the license written on model cards
     hub_tags: ClassVar[tuple[str, ...]] = ()
     license: ClassVar[str] = "other"
     #: substrings of adapter keys that only this family's naming produces
@@ -125,6 +127,8 @@ class Family:
 
     # ---- components ---------------------------------------------------------------------
     def component(self, name: str) -> ComponentSpec:
+        """The spec of component ``name`` (``unet``, ``text_encoder_2``...); ArchError if the family
+        has none."""
         for c in self.components:
             if c.name == name:
                 return c
@@ -132,13 +136,17 @@ class Family:
 
     @property
     def component_names(self) -> tuple[str, ...]:
+        """Canonical component names in spec order, denoiser included."""
         return tuple(c.name for c in self.components)
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
+        """Every component but the denoiser, in spec order (``text_encoder``, ``text_encoder_2``...)."""
         return tuple(c.name for c in self.components if c.name != self.denoiser)
 
     def kohya_prefixes(self) -> dict[str, str]:
+        """component -> the kohya prefix written for it (``{"unet": "lora_unet", "text_encoder":
+        "lora_te1", ...}``); the read-only ``kohya_aliases`` are not included."""
         return {c.name: c.kohya_prefix for c in self.components}
 
     def comfy_component(self, enc: str) -> str | None:
@@ -301,6 +309,8 @@ def families() -> dict[str, Family]:
 
 
 def get_family(name: str | Family) -> Family:
+    """The registered family called ``name`` (a Family is returned as is); ArchError listing the
+    known names otherwise."""
     if isinstance(name, Family):
         return name
     fam = _FAMILIES.get(name)

@@ -98,6 +98,10 @@ _PREFIXES = ("model.diffusion_model.", "")
 
 
 class Flux1(Family):
+    """FLUX.1: a ``FluxTransformer2DModel`` with fused BFL rows (``qkv``, ``linear1``), CLIP-L
+    (``lora_te1``) and T5 (``lora_te3``, component ``text_encoder_2``), both optional in single
+    files; kohya names BFL paths; flow matching at 1024 px with embedded guidance 3.5."""
+
     name = "flux1"
     label = "FLUX.1"
     order = 40

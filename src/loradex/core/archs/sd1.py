@@ -32,6 +32,10 @@ SD_PRESETS: dict[str, tuple[float, ...]] = {
 
 
 class SD1(UNetFamily):
+    """SD 1.x: a UNet plus one CLIP text encoder (``lora_te``); kohya names diffusers paths;
+    epsilon objective at 512 px; the extension's 17/26-entry LBW layouts. Any single-CLIP UNet
+    pipeline scores as SD1 unless SD2 claims it (OpenCLIP-H width)."""
+
     name = "sd1"
     label = "Stable Diffusion 1.x"
     order = 10
@@ -54,6 +58,7 @@ class SD1(UNetFamily):
     lbw_fixed = {17: SD17, 26: SD26}
 
     def pipeline_score(self, pipeline, configs):
+        """The UNet default, and 0 when a second text encoder is present (that is SDXL)."""
         score = super().pipeline_score(pipeline, configs)
         if not score or "text_encoder_2" in configs:
             return 0

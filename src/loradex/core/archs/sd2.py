@@ -17,6 +17,10 @@ from loradex.core.archs.unet import UNetFamily
 
 
 class SD2(UNetFamily):
+    """SD 2.x: the SD1 layout with an OpenCLIP-H text encoder (width 1024; single files keep it
+    in OpenCLIP's fused layout), kohya ``--v2``, v-prediction at 768 px. Shares SD1's kohya names
+    and LBW layouts."""
+
     name = "sd2"
     label = "Stable Diffusion 2.x"
     order = 20
@@ -51,6 +55,8 @@ class SD2(UNetFamily):
         return score + 1 if te.get("hidden_size") == 1024 else 0
 
     def infer_text_configs(self, shapes):
+        """As for any UNet family, with the text encoder forced to ``CLIPTextModel`` (diffusers'
+        SD2 encoder has no projection, even where the OpenCLIP file holds one)."""
         out = super().infer_text_configs(shapes)
         if "text_encoder" in out:  # diffusers' SD2 text encoder has no projection
             out["text_encoder"]["architectures"] = ["CLIPTextModel"]

@@ -162,6 +162,10 @@ _IDS = {"sd3": ("stable-diffusion-3-medium", "medium"),
 
 
 class SD3(Family):
+    """SD3 / SD3.5: an ``SD3Transformer2DModel`` (MMDiT, fused ``qkv``), CLIP-L, CLIP-G and an
+    optional T5; kohya names MMDiT paths; flow matching at 1024 px. ModelSpec id and kohya
+    version are those of the published size an arch is closest to (:meth:`closest_builtin`)."""
+
     name = "sd3"
     label = "Stable Diffusion 3"
     order = 50

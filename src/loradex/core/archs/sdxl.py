@@ -23,6 +23,10 @@ SDXL12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i i
 
 
 class SDXL(UNetFamily):
+    """SDXL: a UNet with added text/time conditioning plus CLIP-L (``lora_te1``, TI ``clip_l``)
+    and OpenCLIP bigG (``lora_te2``, ``clip_g``); kohya names SGM paths (``kohya_native``);
+    epsilon objective at 1024 px; the extension's 12/20-entry LBW layouts."""
+
     name = "sdxl"
     label = "Stable Diffusion XL"
     order = 30
@@ -52,6 +56,7 @@ class SDXL(UNetFamily):
     tiny_pipeline = ({}, ("EulerDiscreteScheduler", {"num_train_timesteps": 1000}))
 
     def pipeline_score(self, pipeline, configs):
+        """The UNet default, and 0 without a second text encoder."""
         score = super().pipeline_score(pipeline, configs)
         return score if score and "text_encoder_2" in configs else 0
 

@@ -127,6 +127,9 @@ class Patch(ABC):
     # ---- conveniences shared by all kinds -------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        """The storage dtype: that of the first floating-point, non-scalar tensor in ``SUFFIXES``
+        order (so a float32 ``alpha`` next to fp16 factors does not decide); float32 when there is
+        none. ``delta`` computes in float32/float64 whatever this is."""
         for t in self.tensors().values():
             if t.is_floating_point() and t.ndim > 0:
                 return t.dtype
@@ -142,6 +145,7 @@ class Patch(ABC):
         return replace(self, **changes)
 
     def nbytes(self) -> int:
+        """Bytes of the on-disk tensors (:meth:`tensors`), scalars included."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
 

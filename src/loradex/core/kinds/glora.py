@@ -128,6 +128,7 @@ class GloraPatch(Patch):
 
     @property
     def scale(self) -> float:
+        """``gamma = alpha / rank`` (1 when alpha is missing or 0)."""
         return alpha_scale(self.alpha, self.rank)
 
     def _stored_shape(self) -> Shape:

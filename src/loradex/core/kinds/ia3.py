@@ -62,6 +62,8 @@ class IA3Patch(Patch):
 
     @property
     def train_on_input(self) -> bool:
+        """LyCORIS' ``train_on_input``: True when the scales multiply the input channels.
+        Reads the value of ``on_input``, so not on the meta device."""
         return bool(scalar(self.on_input))
 
     @property

@@ -143,6 +143,7 @@ class LohaPatch(AdditivePatch):
 
     @property
     def tucker(self) -> bool:
+        """True for the Tucker layout (``hada_t1``/``hada_t2`` present, ``_a`` factors transposed)."""
         return self.hada_t1 is not None
 
     def _stored_shape(self) -> Shape:
@@ -161,6 +162,8 @@ class LohaPatch(AdditivePatch):
 
     @property
     def scale(self) -> float:
+        """``gamma = alpha / rank``, applied once (as LyCORIS' forward does); 1 when alpha is
+        missing or 0."""
         return alpha_scale(self.alpha, self.rank)
 
     def halves(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -150,6 +150,7 @@ class LokrPatch(AdditivePatch):
 
     @property
     def tucker(self) -> bool:
+        """True when the second half is Tucker (``lokr_t2`` with transposed ``lokr_w2_a``)."""
         return self.lokr_t2 is not None
 
     @property

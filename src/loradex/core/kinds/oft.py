@@ -50,6 +50,8 @@ def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:
 
 
 def check_rescale(kind: str, rescale: torch.Tensor | None, out: int) -> None:
+    """FormatError unless ``rescale`` (when given) holds one factor per output row: ``(out,)``,
+    ``(out, 1)`` or ``(out, 1, 1, 1)``."""
     if rescale is not None:
         require(
             rescale.ndim >= 1 and rescale.shape[0] == out and rescale.numel() == out,
@@ -100,6 +102,7 @@ class OrthogonalPatch(Patch):
 
     @property
     def out_features(self) -> int:  # pragma: no cover - interface
+        """Output rows the blocks rotate (``n * s`` for Diag-OFT, ``n * b`` for BOFT)."""
         raise NotImplementedError
 
     @property

@@ -4,8 +4,8 @@ the *base* model generates for "a photo of <class word>" are denoised too, weigh
 ``--prior-weight``, so the class does not collapse onto the subject.
 
 Class images are cached on disk under the work folder, keyed by the base model (a hash of its
-UNet's first and last weights), prompt, resolution, seed and count: a resumed or repeated run
-reuses them. The result is the fine-tuned pipeline, written as a diffusers folder.
+denoiser's first and last parameters), prompt, resolution, seed and sampling steps (the count only
+decides how many files of that folder are used or added): a resumed or repeated run reuses them. The result is the fine-tuned pipeline, written as a diffusers folder.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ class DreamBooth(Method):
         return [{"params": ps, "lr": ctx.cfg.learning_rate, "weight_decay": 1e-2}]
 
     def export(self, ctx, result):
-        """The fine-tuned pipeline (fp32 weights); ``save_pipeline`` writes it."""
+        """The fine-tuned pipeline, cast to fp32 in place, with the training metadata kept on the
+        method (``self.metadata``) for ``output.save_trained`` to write next to it."""
         pipe = ctx.pipe
         pipe.to(dtype=torch.float32)
         self.metadata = training_metadata(ctx, result)
