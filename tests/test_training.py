@@ -474,3 +474,18 @@ def test_training_package_has_no_import_circle_and_small_modules():
 
     assert not any("loradex.demo" in ast.unparse(n) for n in ast.walk(ast.parse(Path(lycoris.__file__).read_text()))
                    if isinstance(n, (ast.Import, ast.ImportFrom)))
+
+
+def test_find_checkpoint_uses_the_old_copy_a_crash_left_alone(tmp_path):
+    """``replace_folder`` renames ``checkpoint-N`` aside before moving the new one in: a crash
+    between the two renames leaves only ``checkpoint-N.old`` (complete), which resume must use;
+    a lone ``.tmp`` (maybe half-written) is never used."""
+    from loradex.training.checkpoint import STATE, find_checkpoint
+
+    for name in ("checkpoint-2", "checkpoint-4.old", "checkpoint-6.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE).write_text("{}")
+    assert find_checkpoint(tmp_path).name == "checkpoint-4.old"
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / STATE).write_text("{}")
+    assert find_checkpoint(tmp_path).name == "checkpoint-4"

@@ -217,6 +217,18 @@ def test_sparse_residual_math():
     assert w.delta()[1, 39999] == 2.0 and w.delta().abs().sum() == 2.0
 
 
+def test_resize_counts_the_sparse_residual_in_the_rank():
+    """A rank-2 LoRA whose residual makes its exact rank 5 is resized at rank 3, not kept as is."""
+    from loradex.merge.resize import resize_patch
+
+    p = patch_from_tensors(_sparse_lora(), (6, 5))
+    new, info = resize_patch(p, rank=3)
+    assert info["old_rank"] == 5 and info["new_rank"] == 3 and new is not None and new.rank == 3
+    assert 0 < info["error"] < 1 and info["energy"] < 1
+    kept, info = resize_patch(p, rank=5)
+    assert kept is None and info["old_rank"] == 5
+
+
 @pytest.mark.parametrize("bad,match", [
     ({"bias_size": torch.tensor([5, 6], dtype=torch.int16)}, "not the .out, in.kh.kw. layout"),
     ({"bias_indices": torch.tensor([[0], [7]], dtype=torch.int16), "bias_values": torch.ones(1, dtype=torch.float64)},

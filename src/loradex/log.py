@@ -41,6 +41,7 @@ _lock = threading.RLock()
 _depth = 0
 _saved: list[tuple[logging.Logger, int]] = []
 _saved_tlevel: int | None = None
+_saved_filters: list | None = None
 
 
 @contextlib.contextmanager
@@ -48,9 +49,13 @@ def quiet() -> Iterator[None]:
     """Silence the third-party loggers in :data:`THIRD_PARTY` (and transformers' own verbosity, which
     it keeps apart from ``logging``) and Python warnings while the block runs. Re-entrant and
     thread-safe: levels are saved by the outermost entry and restored when the last one exits."""
-    global _depth, _saved_tlevel
+    global _depth, _saved_tlevel, _saved_filters
     with _lock:
         if _depth == 0:
+            # warnings are process-wide: saved and set by the outermost entry, restored by the last
+            # exit (``warnings.catch_warnings`` per block would restore out of order across threads)
+            _saved_filters = warnings.filters[:]
+            warnings.simplefilter("ignore")
             _saved[:] = [(lg, lg.level) for lg in map(logging.getLogger, THIRD_PARTY)]
             for lg, _ in _saved:
                 lg.setLevel(logging.ERROR)
@@ -64,13 +69,15 @@ def quiet() -> Iterator[None]:
                 _saved_tlevel = None
         _depth += 1
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
         with _lock:
             _depth -= 1
             if _depth == 0:
+                if _saved_filters is not None:
+                    warnings.filters[:] = _saved_filters
+                    warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the "once" caches
+                    _saved_filters = None
                 for lg, level in _saved:
                     lg.setLevel(level)
                     if not getattr(lg, "_loradex_quiet", False):  # setup() may want it kept

@@ -56,6 +56,21 @@ def cli(verbose: int, quiet: int) -> None:
     setup(verbose - quiet)
 
 
+def _verbosity(args: list[str]) -> int:
+    """``-v`` count minus ``-q`` count of the options before the command name (``-vv``, ``-v -v``,
+    ``--verbose``), read before click parses them: transformers reads its verbosity once, when
+    first imported."""
+    n = 0
+    for a in args:
+        if not a.startswith("-"):
+            break
+        if a in ("--verbose", "--quiet"):
+            n += 1 if a == "--verbose" else -1
+        elif not a.startswith("--"):
+            n += a.count("v") - a.count("q")
+    return n
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console entry point: run ``loradex`` on ``argv`` (default ``sys.argv[1:]``) and exit.
 
@@ -64,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     else (a bug; ``LORADEX_DEBUG=1`` re-raises it with its traceback). Never returns."""
     # transformers prints import-time notices (e.g. about torchvision) that are noise on a CLI;
     # ``-vv`` turns them back on (loradex.log.setup)
-    if not any(a.startswith("-vv") for a in (argv or sys.argv[1:])):
+    if _verbosity(argv if argv is not None else sys.argv[1:]) < 2:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         rv = cli.main(args=argv, prog_name="loradex", standalone_mode=False)

@@ -92,7 +92,7 @@ def resize_patch(patch, rank=None, fro=None, ratio=None, cumulative=None) -> tup
     up, down = lora.factors(torch.float64)
     u, s, vh = factors_svd(up, down)
     k = rank_for(s, fixed=rank, fro=fro, ratio=ratio, cumulative=cumulative)
-    old = lora.rank
+    old = up.shape[1]  # the exact rank: a sparse residual's rows or columns count (LoraPatch.factors)
     s2 = s * s
     total = float(s2.sum())
     energy = float(s2[:k].sum()) / total if total > 0 else 1.0

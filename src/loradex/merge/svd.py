@@ -156,7 +156,7 @@ def reduce_dense(mat: torch.Tensor, policy: dict, seed: int = 0) -> tuple[torch.
     total = float(torch.linalg.vector_norm(mat))
     dynamic = any(k in policy for k in ("fro", "ratio", "cumulative"))
     if not dynamic and policy["rank"] >= small:
-        eye = torch.eye(small, dtype=mat.dtype)
+        eye = torch.eye(small, dtype=mat.dtype, device=mat.device)
         up, down = (mat, eye) if n <= m else (eye, mat)
         return up, down, small, 1.0, 0.0, "kept whole"
     if dynamic:

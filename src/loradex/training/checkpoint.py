@@ -147,16 +147,18 @@ def save_checkpoint(folder: Path, step: int, trainable: dict[str, torch.Tensor],
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a checkpoint folder, else its newest ``checkpoint-N`` child
-    (temporary ``.tmp`` / ``.old`` folders of an interrupted write are not checkpoints)."""
+    """``path`` itself when it is a checkpoint folder, else its newest ``checkpoint-N`` child.
+    A ``.tmp`` folder (possibly half-written) is never a checkpoint; a ``checkpoint-N.old`` is one
+    (a finished checkpoint moved aside by :func:`replace_folder`) and is used when a crash between
+    that function's two renames left no ``checkpoint-N``."""
     p = Path(path)
     if (p / STATE).is_file():
         return p
     if p.is_dir():
-        cks = [(int(m.group(1)), c) for c in p.iterdir()
-               if (m := _NAME.fullmatch(c.name)) and (c / STATE).is_file()]
-        if cks:
-            return max(cks, key=lambda x: x[0])[1]
+        cks = [(int(m.group(1)), c.name.endswith(".old"), c) for c in p.iterdir()
+               if (m := _NAME.fullmatch(c.name.removesuffix(".old"))) and (c / STATE).is_file()]
+        if cks:  # the newest step; at equal steps the folder itself before its .old copy
+            return max(cks, key=lambda x: (x[0], not x[1]))[2]
     raise TrainingError(f"--resume {path}: not a checkpoint folder (no state.json) nor a folder of checkpoint-N")
 
 

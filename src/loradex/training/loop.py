@@ -318,11 +318,11 @@ class Trainer:
             c0 = ctx.family.scale_latents(ctx.pipe, self.prior.draw(j, gen, dev))
             loss = loss + cfg.prior_weight * denoise_loss(ctx, self.objective, c0, [self.prior_prompt] * len(j),
                                                           self.text, gen)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):  # before the update: a NaN step must not reach the weights
+            raise TrainingError(f"step {self.step_no + 1}: the loss is {lv} (lower --lr, or --mixed-precision bf16)")
         self._update(loss)
         self.step_no += 1
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise TrainingError(f"step {self.step_no}: the loss is {lv} (lower --lr, or --mixed-precision bf16)")
         self.losses.append(lv)
         return lv
 
@@ -394,13 +394,17 @@ class Trainer:
         (self.work / "samples").mkdir(parents=True, exist_ok=True)
         path = self.work / "samples" / f"step-{self.step_no:06d}.png"
         g = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
-        with torch.no_grad(), ctx.autocast():
-            img = ctx.pipe(prompt, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution,
-                           width=cfg.resolution).images[0]
+        for m in self.trainables:
+            m.eval()
+        try:
+            with torch.no_grad(), ctx.autocast():
+                img = ctx.pipe(prompt, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution,
+                               width=cfg.resolution).images[0]
+        finally:
+            for m in self.trainables:
+                m.train()
         with atomic_path(path) as tmp:
             img.save(tmp, format="PNG")
-        for m in self.trainables:
-            m.train()
         return path
 
 

@@ -87,6 +87,8 @@ def evaluate_loss(pipe, examples: list, seed: int = 1234, repeats: int = 8, time
     the measure that says whether an adapter loaded in a consumer pipeline moved the model towards
     the training data (lower = better). Prompts are used as the examples give them; ``timesteps``
     are integer steps in [0, 1000) (flow-matching families: sigma = t / 1000)."""
+    if not examples:
+        raise TrainingError("evaluate_loss needs at least one example")
     dev = torch.device(device or "cpu")
     ctx = Context(pipe, TrainConfig(), dev)
     objective = Objective(ctx)

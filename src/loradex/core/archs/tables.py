@@ -18,6 +18,7 @@ the wild (kohya, A1111, ComfyUI, older diffusers) use it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -298,6 +299,7 @@ def write_json_atomic(path: Path, obj) -> None:
     """Best-effort atomic JSON write of a cache file (a read-only home just means no cache)."""
     import tempfile
 
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -305,7 +307,9 @@ def write_json_atomic(path: Path, obj) -> None:
             json.dump(obj, f)
         os.replace(tmp, path)
     except OSError:
-        pass
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 _MEMO: dict[str, Table] = {}

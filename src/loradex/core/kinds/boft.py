@@ -59,7 +59,7 @@ class BoftPatch(OrthogonalPatch):
         out = n * b
         rest = w.shape[1:]
         r = cayley(self.oft_blocks, self.constraint)
-        eye = torch.eye(b, dtype=torch.float64)
+        eye = torch.eye(b, dtype=torch.float64, device=w.device)
         x = w
         for i in range(m):
             bi = multiplier * r[i] + (1 - multiplier) * eye

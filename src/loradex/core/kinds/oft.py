@@ -158,7 +158,7 @@ class OftPatch(OrthogonalPatch):
     def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
         w = self._base(base_weight)
         n, s, _ = self.oft_blocks.shape
-        eye = torch.eye(s, dtype=torch.float64)
+        eye = torch.eye(s, dtype=torch.float64, device=w.device)
         a = eye + multiplier * (self.rotations() - eye)
         rotated = torch.einsum("kji,kj...->ki...", a, w.reshape(n, s, *w.shape[1:])).reshape(w.shape)
         return fit_to((self._rescaled(rotated) - w).float(), base_weight)

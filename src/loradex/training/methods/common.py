@@ -120,8 +120,10 @@ def training_metadata(ctx, result, network_module: str | None = None, network_ar
         "ss_enable_bucket": "True",
         "modelspec.trigger_phrase": cfg.token,
         "modelspec.resolution": f"{cfg.resolution}x{cfg.resolution}",
-        "modelspec.prediction_type": "v" if ctx.pipe.scheduler.config.get("prediction_type") == "v_prediction"
-        else "epsilon",
+        # FLUX/SD3 train a flow-matching velocity: neither epsilon nor v (ModelSpec has no standard
+        # value for it; "flow" says what it is rather than a wrong "epsilon")
+        "modelspec.prediction_type": "flow" if ctx.family.objective == "flow"
+        else "v" if ctx.pipe.scheduler.config.get("prediction_type") == "v_prediction" else "epsilon",
         "ss_loradex_train_config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
     if result.dataset is not None:
