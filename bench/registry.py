@@ -11,7 +11,9 @@
    description through ``loradex.api``, one syncfs and one transaction per 64 files), then a sample
    of single ``Registry.add`` calls (fsync per blob). The byte path alone (store ingest + commit +
    sync, no parsing, no catalogue) and the description alone are timed too, to show where the
-   time goes.
+   time goes. With ``--big-mb``: a single-file checkpoint import against copy / copy+fsync, then
+   its checked export (sha256 verified while copying) against a plain copy, and ``path()`` cold
+   (hashed) and warm (already checked by this process).
 4. Grows the catalogue to ``--versions`` versions (each adapter gets more versions; by default the
    extra versions reuse files already imported under other names, so the bytes and description
    are found, not recomputed; ``--full`` imports distinct files throughout) and times ``get``
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from loradex.registry import Registry
-    from loradex.registry.registry import describe_path
+    from loradex.registry import db as rdb
+    from loradex.registry.describe import DescriptionCache, describe_path
     from loradex.registry.store import BlobStore
 
     work = Path(tempfile.mkdtemp(prefix="loradex-bench-", dir=args.workdir))
@@ -160,11 +163,13 @@ def main(argv=None) -> int:
             store.commit(store.ingest(f), durable=False)
         store.sync()
         t_bytes = time.perf_counter() - t0
-        # the description alone (what add reads through loradex.api), warm
-        describe_path(files[0])
+        # the description alone (what add reads through loradex.api), warm, with a registry's
+        # structure memo (each Registry's importer owns one)
+        memo = DescriptionCache()
+        describe_path(files[0], cache=memo)
         t0 = time.perf_counter()
         for f in files[:200]:
-            describe_path(f)
+            describe_path(f, cache=memo)
         t_desc = (time.perf_counter() - t0) / min(200, len(files))
 
         home = work / "home"
@@ -220,6 +225,26 @@ def main(argv=None) -> int:
             print(f"import of a {big.stat().st_size >> 20} MiB single-file checkpoint ({bv.format}, header-only "
                   f"description, fsync): {t_bi:.2f} s = {t_bi / t_bc:.1f}x plain copy ({t_bc:.2f} s), "
                   f"{t_bi / t_bcf:.2f}x copy+fsync ({t_bcf:.2f} s)")
+            # integrity on the way out: export hashes while it copies (one pass), checked against
+            # the catalogue; path() hashes a blob once per process, then answers from its stat
+            from loradex.registry.store import VERIFIED
+
+            out = work / "big" / "exported.safetensors"
+            VERIFIED.clear()  # forget what the import checked: measure a cold export
+            t0 = time.perf_counter()
+            reg.export(bv, out)
+            t_ex = time.perf_counter() - t0
+            out.unlink()
+            t_bc = min(t_bc, copy_big(False))
+            VERIFIED.clear()
+            t0 = time.perf_counter()
+            reg.path(bv)
+            t_p1 = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            reg.path(bv)
+            t_p2 = time.perf_counter() - t0
+            print(f"checked export of it: {t_ex:.2f} s = {t_ex / t_bc:.2f}x plain copy (sha256 verified in the same pass, "
+                  f"plus fsync); path(): first {t_p1:.2f} s (hashed), then {t_p2 * 1e3:.2f} ms (this process checked it)")
             big.unlink()
 
         # grow to --versions versions
@@ -242,13 +267,13 @@ def main(argv=None) -> int:
                     reg.add(files[(i + k) % len(files)], name)  # bytes already stored: found, not re-parsed
                     extra += 1
         t_grow = time.perf_counter() - t0
-        total = reg.db.execute("SELECT count(*) FROM versions").fetchone()[0]
+        total = rdb.count_versions(reg.db)
         how = "distinct files, fully imported" if args.full else "files already stored under other names"
         print(f"grew to {total} versions: {extra} adds of {how} in {t_grow:.1f} s ({t_grow / max(1, extra) * 1000:.2f} ms each)")
         rng = random.Random(0)
         for n in names[::10]:
             reg.tag(f"{n}@{per}", "prod")
-        shas = [r[0] for r in reg.db.execute("SELECT sha256 FROM versions")]
+        shas = rdb.all_shas(reg.db)
         tagged = names[::10]
         checks = {
             "get(NAME)": lambda: reg.get(rng.choice(names)),

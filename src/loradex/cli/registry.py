@@ -18,15 +18,17 @@ from pathlib import Path
 import click
 
 from loradex.cli import cli, emit
-from loradex.errors import FormatError, RegistryError
+from loradex.errors import FormatError, LoradexError, RegistryError
 
 REF_HELP = "NAME (newest) | NAME@N | NAME:TAG | sha256 prefix"
 
 
-def _registry():
+def _registry(write: bool = True):
+    """The registry; ``write=False`` for commands that only read: a home this process cannot write
+    is then opened read-only instead of refused."""
     from loradex.registry import Registry
 
-    return Registry()
+    return Registry(readonly=False if write else None)
 
 
 def _size(n: int) -> str:
@@ -73,12 +75,17 @@ def input_path(arg: str) -> Iterator[tuple[Path, object]]:
         yield p, None
         return
     try:
-        reg = _registry()
+        reg = _registry(write=False)
         v = reg.get(arg)
     except RegistryError as e:
         raise FormatError(f"{arg}: no such file or folder, and not a registry reference ({e})") from None
     with reg.checkout(v) as path:
-        yield path, v
+        try:
+            yield path, v
+        except LoradexError as e:  # name the REF, never the temporary checkout
+            from loradex.registry.refs import renamed
+
+            raise renamed(e, {str(path): arg, str(path.parent): arg}) from None
 
 
 def ref_arch(arch, version):
@@ -87,7 +94,7 @@ def ref_arch(arch, version):
     catalogue's descriptor where this process does not know it."""
     if arch is not None or version is None or not getattr(version, "arch", None):
         return arch
-    return _registry().arch(version.arch)
+    return _registry(write=False).arch(version.arch)
 
 
 ARCH_HELP = ("architecture name: sd1, sd2, sdxl, flux1, sd3, sd3.5-medium, sd3.5-large, tiny (= tiny-sd1), "
@@ -206,20 +213,27 @@ def store_output(path: Path, save_as: str, operation: str, parents: list, params
 @click.option("--label", "labels", multiple=True, help="a searchable label (style, character...); repeatable")
 @arch_options
 @click.option("--base-model", default=None, help="record this as its base model (a Hub id or a name) without reading it")
+@click.option("--follow-links", is_flag=True,
+              help="in a folder, follow symlinks that lead out of it too (loops are still detected)")
 @strict_option
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
-def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_model, strict, as_json):
+def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict, as_json):
     """Store PATH in the registry: an adapter, embedding or checkpoint file, a PEFT adapter folder, a
     diffusers pipeline folder, or a folder of such files (e.g. A1111's models/Lora: every file
     loradex recognises is imported, the rest reported). With --base, every file is read against
-    that base's architecture and the base is recorded, so later commands on the REF need no --base."""
+    that base's architecture and the base is recorded, so later commands on the REF need no --base.
+    Only regular files are read (a FIFO, device or socket is refused, or skipped in a folder);
+    symlinks in a folder are followed only inside it, unless --follow-links."""
     with contextlib.ExitStack() as stack:
-        _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, strict, as_json)
+        _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict,
+             as_json)
 
 
-def _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, strict, as_json):
-    from loradex.registry.registry import is_folder_artifact
+def _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict,
+         as_json):
+    from loradex.registry.scan import check_importable, is_folder_artifact
 
+    check_importable(Path(path))  # before anything opens it: a FIFO would block, a device never end
     arch, b = chosen_arch(stack, arch, base)
     if b is not None:
         if base_model is not None and base_model != b.identity:
@@ -235,9 +249,12 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
                 files.set_postfix_str(rel[-40:])
                 files.update(1)
 
-        report = reg.add_many(p, prefix=name, tags=tags, arch=arch, base_model=base_model, on_file=on_file)
-        if files is not None:
-            files.close()
+        try:
+            report = reg.add_many(p, prefix=name, tags=tags, arch=arch, base_model=base_model,
+                                  follow_links=follow_links, on_file=on_file)
+        finally:
+            if files is not None:
+                files.close()
         text = [f"added {len(report.added)}, already stored {len(report.existing)}, skipped {len(report.skipped)}"]
         text += [f"  added    {_one_line(v)}" for v in report.added]
         text += [f"  stored   {_one_line(v)}" for v in report.existing]
@@ -256,11 +273,13 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
             load(p, arch=arch, strict=True)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
     bar = _bar(as_json, total=size, unit="B", unit_scale=True, desc=f"hashing {p.name}") if size > (64 << 20) else None
-    v = reg.add(p, name, tags=tags, description=description, trigger_words=list(triggers) or None,
-                labels=list(labels) or None, arch=arch, base_model=base_model,
-                progress=bar.update if bar is not None else None)
-    if bar is not None:
-        bar.close()
+    try:
+        v = reg.add(p, name, tags=tags, description=description, trigger_words=list(triggers) or None,
+                    labels=list(labels) or None, arch=arch, base_model=base_model, follow_links=follow_links,
+                    progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     out = reg.show(v)
     lines = [f"stored {_one_line(v)}"]
     lines += [f"  {n}" for n in out["identity_notes"]]
@@ -275,7 +294,7 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def ls_cmd(name, as_json):
     """List adapters (newest version, tags), or the versions of NAME."""
-    reg = _registry()
+    reg = _registry(write=False)
     if name:
         vs = reg.versions(name)
         emit([v.to_dict(metadata=False) for v in vs], as_json, "\n".join(_one_line(v) for v in vs))
@@ -293,7 +312,7 @@ def ls_cmd(name, as_json):
 def show_cmd(ref, as_json):
     """Everything about a version: identity (sha256, Civitai AutoV1/V2/V3, CRC32, kohya sshs),
     format, arch, kinds, ranks, tags, metadata, lineage, and versions with the same tensors."""
-    d = _registry().show(ref)
+    d = _registry(write=False).show(ref)
     h = d["hashes"]
     a = d["adapter"]
     lines = [
@@ -347,7 +366,7 @@ def show_cmd(ref, as_json):
 def search_cmd(query, arch, kind, base, limit, as_json):
     """Full-text search over names, descriptions, trigger words, labels and file titles; the newest
     matching version of each adapter."""
-    vs = _registry().search(query, arch=arch, kind=kind, base=base, limit=limit)
+    vs = _registry(write=False).search(query, arch=arch, kind=kind, base=base, limit=limit)
     emit([v.to_dict(metadata=False) for v in vs], as_json, "\n".join(_one_line(v) for v in vs) or "(no match)")
 
 
@@ -392,8 +411,9 @@ def rm_cmd(ref, all_versions, as_json):
 @arch_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def export_cmd(ref, out, to, rank, dtype, arch, base, as_json):
-    """Write a stored version to OUT: the exact stored bytes, or converted with --to."""
-    reg = _registry()
+    """Write a stored version to OUT: the exact stored bytes (checked against the catalogue as they
+    are copied), or converted with --to."""
+    reg = _registry(write=False)
     v = reg.get(ref)
     with contextlib.ExitStack() as stack:
         arch, _ = chosen_arch(stack, arch, base)
@@ -423,7 +443,7 @@ def _tree_lines(node: dict, indent: str = "") -> list[str]:
 def lineage_cmd(ref, as_json):
     """How a version was made (its parents, recursively, with each operation and its parameters)
     and what was made from it."""
-    t = _registry().lineage(ref)
+    t = _registry(write=False).lineage(ref)
     lines = [t["ref"], *_tree_lines(t, "  ")]
     lines += [f"  -> {c['operation']} -> {c['child']}" for c in t["children"]]
     emit(t, as_json, "\n".join(lines))
@@ -435,7 +455,7 @@ def lineage_cmd(ref, as_json):
 def verify_cmd(quick, as_json):
     """Re-hash every stored blob against the catalogue. Exit 1 (naming the versions) when a blob is
     missing, truncated or changed; orphan blobs and stale temporary files are reported for `gc`."""
-    reg = _registry()
+    reg = _registry(write=False)
     total = sum(p.stat().st_size for _, p in reg.store.iter_blobs()) if not quick else 0
     bar = _bar(as_json, total=total, unit="B", unit_scale=True, desc="verifying") if total > (64 << 20) else None
     r = reg.verify(quick=quick, progress=bar.update if bar is not None else None)

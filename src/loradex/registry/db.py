@@ -24,6 +24,11 @@ Tables
   archs           name -> family, descriptor (JSON: the family and component configs of an arch
                   derived from a custom base), so a version's ``arch`` resolves on any machine
                   (schema 2; added to schema-1 catalogues on open)
+
+Every query is a named function here; callers pass values, never SQL. A home the process cannot
+write is opened read-only (``connect(..., readonly=True)``: ``mode=ro``, or ``immutable=1`` where
+SQLite cannot create its WAL index next to the file), so ``ls``/``show``/``export`` still work.
+A full disk while writing (``SQLITE_FULL``) is a ``faults.DiskFullError`` naming the catalogue.
 """
 
 from __future__ import annotations
@@ -34,23 +39,31 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlite_utils
+
+from loradex.errors import RegistryError
+from loradex.registry.faults import DiskFullError, is_disk_full
+from loradex.registry.version import HASH_FIELDS, Version, json_value, row_to_version
+
+__all__ = ["HASH_FIELDS", "Version", "row_to_version"]  # re-exported: they were born here
 
 SCHEMA_VERSION = 2
 FTS_COLUMNS = ["name", "description", "trigger_words", "labels", "keywords"]
 #: a search matching at most this many adapters is ordered by relevance (FTS5 bm25), else by name
 RANKED_MATCHES = 256
-HASH_FIELDS = ("autov1", "autov2", "autov3", "autov3_full", "crc32", "sshs_model_hash", "sshs_legacy_hash")
 
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
-def connect(path: Path) -> sqlite_utils.Database:
+def connect(path: Path, readonly: bool = False) -> sqlite_utils.Database:
+    """The catalogue at ``path``: WAL, schema created or upgraded; ``readonly``: opened with
+    ``mode=ro`` (never written, schema left as it is; an absent file is an empty catalogue)."""
+    if readonly:
+        return _connect_readonly(path)
     conn = sqlite3.connect(str(path), timeout=60, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=60000")
     db = sqlite_utils.Database(conn, execute_plugins=False)
@@ -68,17 +81,63 @@ def connect(path: Path) -> sqlite_utils.Database:
     return db
 
 
+def _connect_readonly(path: Path) -> sqlite_utils.Database:
+    """``mode=ro`` first (it sees a live writer's WAL); where SQLite cannot create the WAL index
+    in an unwritable folder, ``immutable=1`` (the file as it is: right for a home nobody writes)."""
+    from urllib.parse import quote
+
+    if not path.exists():  # an unwritable home without a catalogue: an empty one, in memory
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        db = sqlite_utils.Database(conn, execute_plugins=False)
+        _ensure_schema(db)
+        conn.execute("PRAGMA query_only=1")
+        return db
+    uri = "file:" + quote(str(path.resolve()))
+    for extra in ("?mode=ro", "?mode=ro&immutable=1"):
+        try:
+            conn = sqlite3.connect(uri + extra, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+            have = conn.execute("PRAGMA user_version").fetchone()[0]
+            break
+        except sqlite3.OperationalError:
+            if extra.endswith("immutable=1"):
+                raise
+    if have < SCHEMA_VERSION:
+        conn.close()
+        raise RegistryError(f"the catalogue {path} has schema {have}, older than this loradex's "
+                            f"({SCHEMA_VERSION}); open it once where its folder is writable to upgrade it")
+    conn.execute("PRAGMA query_only=1")
+    return sqlite_utils.Database(conn, execute_plugins=False)
+
+
+def path_of(db: sqlite_utils.Database) -> str:
+    row = db.execute("PRAGMA database_list").fetchone()
+    return (row[2] if row else "") or ":memory:"
+
+
 @contextlib.contextmanager
 def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
-    """One write transaction, the lock taken up front (``BEGIN IMMEDIATE``)."""
-    db.conn.execute("BEGIN IMMEDIATE")
+    """One write transaction, the lock taken up front (``BEGIN IMMEDIATE``). A full disk anywhere
+    in it (``SQLITE_FULL``) rolls it back and is a DiskFullError naming the catalogue."""
     try:
-        yield db
-    except BaseException:
+        db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            raise
+        db.conn.execute("COMMIT")
+    except sqlite3.Error as e:
         if db.conn.in_transaction:
-            db.conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                db.conn.execute("ROLLBACK")
+        where = path_of(db)
+        if is_disk_full(e, Path(where).parent if where != ":memory:" else None):
+            raise DiskFullError(f"the disk is full: cannot write the catalogue {where} ({e}); "
+                                "nothing was recorded") from None
+        if getattr(e, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+            raise RegistryError(f"the catalogue {path_of(db)} is read-only ({e})") from None
         raise
-    db.conn.execute("COMMIT")
 
 
 def _ensure_schema(db: sqlite_utils.Database) -> None:
@@ -166,78 +225,6 @@ def get_arch_descriptor(db: sqlite_utils.Database, name: str) -> str | None:
     return row[0] if row else None
 
 
-# ---- rows -> objects -------------------------------------------------------------------------
-@dataclass
-class Version:
-    """One stored version of a named artifact (what ``Registry.get`` returns)."""
-
-    id: int
-    adapter_id: int
-    name: str
-    number: int
-    sha256: str
-    size: int
-    layout: str
-    artifact: str
-    filename: str
-    format: str | None
-    arch: str | None
-    kinds: dict[str, int]
-    ranks: dict[str, int]
-    modules: int
-    embeddings: list[str]
-    metadata_json: str = field(repr=False)  # decoded on first use: kohya headers can be large
-    notes: list[str]
-    base_model: str | None
-    hashes: dict[str, str]
-    created: str
-    tags: list[str] = field(default_factory=list)
-    files: list[dict] = field(default_factory=list)  # folder manifests only
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.number}"
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        """The file's header metadata (``__metadata__``), decoded when first asked for."""
-        cached = self.__dict__.get("_metadata")
-        if cached is None:
-            cached = self.__dict__["_metadata"] = _j(self.metadata_json, {})
-        return cached
-
-    def to_dict(self, metadata: bool = True) -> dict:
-        d = {
-            "ref": self.ref, "name": self.name, "number": self.number, "sha256": self.sha256, "size": self.size,
-            "layout": self.layout, "artifact": self.artifact, "filename": self.filename, "format": self.format,
-            "arch": self.arch, "kinds": self.kinds, "ranks": self.ranks, "modules": self.modules,
-            "embeddings": self.embeddings, "base_model": self.base_model, "hashes": self.hashes,
-            "created": self.created, "tags": self.tags, "notes": self.notes,
-        }
-        if metadata:
-            d["metadata"] = self.metadata
-        if self.files:
-            d["files"] = self.files
-        return d
-
-
-def _j(s: str | None, default):
-    if not s or s in ("{}", "[]"):
-        return type(default)()
-    return json.loads(s)
-
-
-def row_to_version(r: sqlite3.Row | dict) -> Version:
-    r = dict(r)
-    return Version(
-        id=r["id"], adapter_id=r["adapter_id"], name=r["name"], number=r["number"], sha256=r["sha256"], size=r["size"], layout=r["layout"],
-        artifact=r["artifact"], filename=r["filename"] or "", format=r["format"], arch=r["arch"],
-        kinds=_j(r["kinds"], {}), ranks=_j(r["ranks"], {}), modules=r["modules"] or 0,
-        embeddings=_j(r["embeddings"], []), metadata_json=r["metadata"] or "{}", notes=_j(r["notes"], []),
-        base_model=r["base_model"], hashes={h: r[h] or "" for h in HASH_FIELDS}, created=r["created"],
-    )
-
-
 SELECT_VERSION = "SELECT v.*, a.name AS name FROM versions v JOIN adapters a ON a.id = v.adapter_id"
 
 
@@ -247,8 +234,9 @@ def _rows(db: sqlite_utils.Database, sql: str, params=()) -> list[dict]:
     return [dict(zip(cols, row)) for row in cur.fetchall()]
 
 
-def fetch_versions(db: sqlite_utils.Database, where: str, params=(), order: str = "", limit: int | None = None,
-                   with_tags: bool = True) -> list[Version]:
+def _fetch(db: sqlite_utils.Database, where: str, params=(), order: str = "", limit: int | None = None,
+           with_tags: bool = True) -> list[Version]:
+    """Versions matching ``where`` (a fragment written in this module only, never by a caller)."""
     sql = f"{SELECT_VERSION} WHERE {where}" + (f" ORDER BY {order}" if order else "")
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
@@ -256,6 +244,118 @@ def fetch_versions(db: sqlite_utils.Database, where: str, params=(), order: str 
     if with_tags and out:
         attach_tags(db, out)
     return out
+
+
+def _one(found: list[Version]) -> Version | None:
+    return found[0] if found else None
+
+
+def version_by_number(db: sqlite_utils.Database, name: str, number: int) -> Version | None:
+    return _one(_fetch(db, "a.name = ? AND v.number = ?", (name, number)))
+
+
+def version_by_tag(db: sqlite_utils.Database, name: str, tag: str) -> Version | None:
+    return _one(_fetch(db, "a.name = ? AND v.id = (SELECT version_id FROM tags t WHERE t.adapter_id = a.id AND "
+                           "t.tag = ?)", (name, tag)))
+
+
+def latest_version(db: sqlite_utils.Database, name: str) -> Version | None:
+    return _one(_fetch(db, "a.name = ?", (name,), order="v.number DESC", limit=1))
+
+
+def versions_of(db: sqlite_utils.Database, name: str, with_tags: bool = True) -> list[Version]:
+    """Every version of ``name``, oldest first."""
+    return _fetch(db, "a.name = ?", (name,), order="v.number", with_tags=with_tags)
+
+
+def versions_with_sha_prefix(db: sqlite_utils.Database, prefix: str, limit: int = 20) -> list[Version]:
+    """Versions whose sha256 starts with the lowercase hex ``prefix`` (an index range), first stored first."""
+    return _fetch(db, "v.sha256 >= ? AND v.sha256 < ?", (prefix, prefix + "g"), order="v.id", limit=limit)
+
+
+def version_of_name_with_sha(db: sqlite_utils.Database, name: str, sha256: str,
+                             with_tags: bool = True) -> Version | None:
+    """``name``'s version holding exactly these bytes (or this folder manifest), if any."""
+    return _one(_fetch(db, "a.name = ? AND v.sha256 = ?", (name, sha256), limit=1, with_tags=with_tags))
+
+
+def version_with_sha_and_filename(db: sqlite_utils.Database, sha256: str, filename: str) -> Version | None:
+    """Any version of these bytes stored under this file name (its description can be reused)."""
+    return _one(_fetch(db, "v.sha256 = ? AND v.filename = ?", (sha256, filename), limit=1, with_tags=False))
+
+
+def versions_by_id(db: sqlite_utils.Database, ids: list[int]) -> list[Version]:
+    """The versions of ``ids``, in that order."""
+    if not ids:
+        return []
+    by_id = {v.id: v for v in _fetch(db, "v.id IN (SELECT value FROM json_each(?))", (json.dumps(list(ids)),))}
+    return [by_id[i] for i in ids]
+
+
+def same_bytes(db: sqlite_utils.Database, sha256: str, other_than: int) -> list[Version]:
+    """Other versions (any name) with these bytes."""
+    return _fetch(db, "v.sha256 = ? AND v.id != ?", (sha256, other_than), order="v.id", with_tags=False)
+
+
+def same_tensors(db: sqlite_utils.Database, autov3_full: str, other_bytes_than: str) -> list[Version]:
+    """Versions with the same tensor data (AutoV3) and other bytes (their metadata differs)."""
+    return _fetch(db, "v.autov3_full = ? AND v.sha256 != ?", (autov3_full, other_bytes_than), order="v.id",
+                  with_tags=False)
+
+
+def tags_of(db: sqlite_utils.Database, name: str) -> list[str]:
+    return [r[0] for r in db.execute("SELECT t.tag FROM tags t JOIN adapters a ON a.id = t.adapter_id WHERE a.name = ? "
+                                     "ORDER BY t.tag", (name,))]
+
+
+def version_id_with_sha(db: sqlite_utils.Database, adapter_id: int, sha256: str) -> int | None:
+    row = db.execute("SELECT id FROM versions WHERE adapter_id = ? AND sha256 = ?", (adapter_id, sha256)).fetchone()
+    return row[0] if row else None
+
+
+def version_sha(db: sqlite_utils.Database, version_id: int) -> str:
+    row = db.execute("SELECT sha256 FROM versions WHERE id = ?", (version_id,)).fetchone()
+    return row[0] if row else ""
+
+
+def parents(db: sqlite_utils.Database, version_id: int) -> list[dict]:
+    """The lineage edges into a version: operation, params, created, and the parent as a REF (a
+    stored version) or as the recorded source text (a path, ``hf://...``, a removed version)."""
+    rows = db.execute(
+        "SELECT l.operation, l.params, l.parent_id, l.parent_ref, l.created, a.name, v.number FROM lineage l "
+        "LEFT JOIN versions v ON v.id = l.parent_id LEFT JOIN adapters a ON a.id = v.adapter_id "
+        "WHERE l.child_id = ? ORDER BY l.id", (version_id,)).fetchall()
+    return [{"operation": op, "params": json.loads(params or "{}"), "created": created,
+             "parent": f"{name}@{number}" if pid is not None else None, "source": None if pid is not None else pref,
+             "parent_id": pid}
+            for op, params, pid, pref, created, name, number in rows]
+
+
+def children(db: sqlite_utils.Database, version_id: int) -> list[dict]:
+    rows = db.execute(
+        "SELECT l.operation, l.params, a.name, v.number FROM lineage l JOIN versions v ON v.id = l.child_id "
+        "JOIN adapters a ON a.id = v.adapter_id WHERE l.parent_id = ? ORDER BY l.id", (version_id,)).fetchall()
+    return [{"operation": op, "params": json.loads(p or "{}"), "child": f"{n}@{num}"} for op, p, n, num in rows]
+
+
+def count_versions(db: sqlite_utils.Database) -> int:
+    return db.execute("SELECT count(*) FROM versions").fetchone()[0]
+
+
+def all_shas(db: sqlite_utils.Database) -> list[str]:
+    """The sha256 of every version (files and folder manifests)."""
+    return [r[0] for r in db.execute("SELECT sha256 FROM versions")]
+
+
+def quick_check(db: sqlite_utils.Database) -> str:
+    """SQLite's own consistency check: ``"ok"`` or the first problem."""
+    return db.execute("PRAGMA quick_check").fetchone()[0]
+
+
+def blob_is_referenced(db: sqlite_utils.Database, sha256: str) -> bool:
+    """Whether any file version or folder manifest names this blob."""
+    return bool(db.execute("SELECT 1 FROM versions WHERE sha256 = ? AND layout = 'file' UNION ALL "
+                           "SELECT 1 FROM version_files WHERE sha256 = ? LIMIT 1", (sha256, sha256)).fetchone())
 
 
 def attach_tags(db: sqlite_utils.Database, versions: list[Version]) -> None:
@@ -350,6 +450,13 @@ def delete_version(db: sqlite_utils.Database, v: Version) -> None:
                        ("version_files", "version_id")):
         db.execute(f"DELETE FROM {table} WHERE {col} = ?", (v.id,))
     db.execute("DELETE FROM versions WHERE id = ?", (v.id,))
+
+
+def delete_tag(db: sqlite_utils.Database, name: str, tag: str) -> bool:
+    """Remove ``name``'s ``tag``; False when it had none."""
+    cur = db.execute("DELETE FROM tags WHERE tag = ? AND adapter_id = (SELECT id FROM adapters WHERE name = ?)",
+                     (tag, name))
+    return cur.rowcount > 0
 
 
 def delete_adapter_if_empty(db: sqlite_utils.Database, adapter_id: int) -> bool:
@@ -450,7 +557,7 @@ def list_adapters(db: sqlite_utils.Database) -> list[dict]:
         v = latest.get(r["id"])
         out.append({
             "name": r["name"], "description": r["description"] or "",
-            "trigger_words": _j(r["trigger_words"], []), "labels": _j(r["labels"], []),
+            "trigger_words": json_value(r["trigger_words"], []), "labels": json_value(r["labels"], []),
             "versions": r["versions"], "latest": r["latest"], "size": r["size"] or 0, "tags": tags.get(r["id"], []),
             "format": v.format if v else None, "arch": v.arch if v else None, "artifact": v.artifact if v else None,
             "kinds": v.kinds if v else {},

@@ -15,6 +15,12 @@ What is pushed (``push --dry-run -o DIR`` writes exactly this folder):
 * ``README.md``: the model card, YAML front matter per FORMATS.md §5 (``base_model``,
   ``library_name: diffusers``, ``license``, ``instance_prompt``, ``widget``, ``tags``) rendered with
   huggingface_hub's ``ModelCardData``, then a body with usage, identities and lineage.
+
+Dependency direction: hub depends on the registry, never the reverse at import time. Its functions
+take a ``Registry`` (``reg``) and use its public methods (``get``, ``load``, ``export``, ``info``,
+``show``, ``add``); at module level it imports only the registry's lower rooms (``refs`` for name
+validation, ``scan`` for what a snapshot holds). ``Registry.push``/``pull`` import this module
+inside the method, as a convenience, so there is no import cycle.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from loradex.errors import LoradexError, RegistryError
+from loradex.registry.refs import validate_name, validate_tag
+from loradex.registry.scan import WEIGHT_SUFFIXES, is_folder_artifact
 
 
 def _family_facts(arch_name: str | None) -> tuple[str | None, tuple[str, ...], str]:
@@ -197,7 +205,8 @@ def push(reg, ref, repo_id: str, *, private: bool = False, to: str | None = None
                 "private": private}
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-push-", dir=reg.tmp) as d:
+    scratch = None if getattr(reg, "readonly", False) else reg.tmp  # a read-only home: the system's tmp
+    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-push-", dir=scratch) as d:
         folder = Path(d) / "upload"
         files = build_folder(reg, v, folder, repo_id, to=to, license=license, arch=arch)
         api = HfApi(token=token)
@@ -224,8 +233,6 @@ def pull(reg, repo: str, name: str, *, revision: str | None = None, filename: st
     """Download with ``snapshot_download`` and add the artifact it holds as ``name``."""
     from huggingface_hub import snapshot_download
 
-    from loradex.registry.registry import validate_name, validate_tag
-
     validate_name(name)
     tags = [validate_tag(t) for t in tags]
     repo_id, rev = split_repo(repo, revision)
@@ -239,20 +246,24 @@ def pull(reg, repo: str, name: str, *, revision: str | None = None, filename: st
     commit = folder.name
     target = pick_artifact(folder, filename)
     card = _read_card(folder / "README.md")
-    is_new = reg.db.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is None
+    try:
+        reg.info(name)
+        is_new = False
+    except RegistryError:
+        is_new = True
     rel = "." if target == folder else target.relative_to(folder).as_posix()
     kw = {}
     if is_new:
         kw = {"description": card.get("description"), "labels": card.get("tags"),
               "trigger_words": [card["instance_prompt"]] if card.get("instance_prompt") else None}
+    # a snapshot is made of symlinks into the cache's blobs/ folder: follow them out of the snapshot
     return reg.add(target, name, tags=tags, arch=arch, operation="pull", base_model=card.get("base_model"),
-                   source=f"hf://{repo_id}@{commit}",
+                   source=f"hf://{repo_id}@{commit}", follow_links=True,
                    params={"repo_id": repo_id, "revision": rev or "main", "commit": commit, "file": rel}, **kw)
 
 
 def pick_artifact(folder: Path, filename: str | None) -> Path:
     from loradex import converters
-    from loradex.registry.registry import WEIGHT_SUFFIXES, is_folder_artifact
 
     if filename:
         p = folder / filename

@@ -7,7 +7,20 @@ same bytes are stored once. Durability: ``commit(durable=True)`` fsyncs the file
 and the shard folder after it; a batch import commits without fsync and calls ``sync()`` once
 (``syncfs`` of the registry's file system) before its rows are written, which is one journal
 flush instead of one per file. The catalogue row is always written after the blob is durable
-(see ``registry.Registry``), so no row ever names a missing or partial blob.
+(see ``ingest``), so no row ever names a missing or partial blob.
+
+Only regular files are read: a path is ``stat``-ed before it is opened (a FIFO would block the
+open forever, a device would stream without end) and opened with ``O_NONBLOCK`` then ``fstat``-ed,
+so a FIFO swapped in between cannot block either. Every write goes through ``faults.write_all``
+(a short write is continued, no progress is a full disk) and a full disk is a one-line
+``DiskFullError`` naming the registry folder; the temporary file is removed first.
+
+Integrity on the way out: a blob handed out by path (``verified``) is hashed once per process
+and compared with its name before it is used; a blob copied out (``copy_verified``) is hashed as it
+is copied. The set of blobs found intact is process-wide (``VERIFIED``), keyed by (device, inode,
+path, size, mtime): every Registry of the process shares what was checked, and any write to a
+blob changes its key, so it is checked again. A mismatch is a RegistryError naming the REF and
+asking for ``loradex verify``.
 
 Temporary files are named ``<pid>-<random>.tmp``: ``gc`` removes those whose process is gone
 (a killed import) or that are older than a day.
@@ -17,19 +30,27 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from loradex.errors import RegistryError
+from loradex.registry.faults import DISK_FULL, write_all, write_error
 from loradex.registry.hashes import CHUNK, StreamHasher
 
 HEX = set("0123456789abcdef")
 STALE_TEMP_SECONDS = 24 * 3600
+#: from this size on, bytes are copied by the kernel (``copy_file_range``) and hashed from a
+#: memory map of the copy: no trip through a user-space buffer, about twice as fast on big files
+KERNEL_COPY_MIN_BYTES = 16 << 20
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
 
 def pause_point(point: str) -> None:
@@ -43,45 +64,110 @@ def pause_point(point: str) -> None:
 
 @dataclass
 class Ingested:
-    """A file streamed into a temporary blob: its size and identities, not yet in place."""
+    """A file streamed into a temporary blob: its size and identities, not yet in place.
+    ``created``: ``commit`` put a new blob in place (nobody had these bytes before)."""
 
     tmp: Path
     size: int
     hashes: dict[str, str]
+    source: str = ""
+    created: bool = False
 
     @property
     def sha256(self) -> str:
         return self.hashes["sha256"]
 
 
-#: from this size on, bytes are copied by the kernel (``copy_file_range``) and hashed from a
-#: memory map of the copy: no trip through a user-space buffer, about twice as fast on big files
-KERNEL_COPY_MIN_BYTES = 16 << 20
+# ---- what may be read ------------------------------------------------------------------------------
+def file_kind(mode: int) -> str:
+    """Words for a file type: ``a regular file``, ``a FIFO (named pipe)``, ``a character device``..."""
+    for test, words in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
+                        (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return "not a regular file"
 
 
-def _copy_hashing_in_kernel(f, out, size: int, hasher: StreamHasher, progress) -> bool:
-    """Copy ``size`` bytes of ``f`` into the empty ``out`` chunk by chunk with ``copy_file_range``
-    and hash each chunk from a memory map of ``out`` (the stored bytes themselves, so a source
-    changing meanwhile cannot make the name lie). False, with ``out`` left empty, when the kernel
-    cannot do it (then the caller copies through a buffer)."""
+def not_regular(path, mode: int) -> RegistryError:
+    return RegistryError(f"{path} is {file_kind(mode)}, not a regular file: loradex reads only regular files")
+
+
+def open_regular(path: str | os.PathLike) -> tuple[int, os.stat_result]:
+    """``(fd, fstat)`` of a regular file opened for reading; RegistryError for anything else,
+    decided before the open can block (see the module docstring). OSError when it cannot be read."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise not_regular(path, st.st_mode)
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped for something else after the stat
+            raise not_regular(path, st.st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+class _SourceError(Exception):
+    """An OSError while reading the source of a copy (the caller names the source)."""
+
+    def __init__(self, e: OSError) -> None:
+        super().__init__(str(e))
+        self.os_error = e
+
+
+# ---- copying while hashing -------------------------------------------------------------------------
+def _copy(src_fd: int, dst_fd: int, size: int, update: Callable, progress) -> int:
+    """Copy ``src_fd`` (from offset 0, to its end) into the empty ``dst_fd``, feeding every byte
+    written to ``update`` in order; returns the bytes copied. Big files go through the kernel."""
+    if size >= KERNEL_COPY_MIN_BYTES:
+        n = _copy_hashing_in_kernel(src_fd, dst_fd, size, update, progress)
+        if n is not None:
+            return n
+    buf = bytearray(max(1, min(CHUNK, size or 1)))
+    mv = memoryview(buf)
+    total = 0
+    with open(src_fd, "rb", buffering=0, closefd=False) as f:
+        while True:
+            try:
+                n = f.readinto(buf)  # a regular file never answers "would block" (None)
+            except OSError as e:
+                raise _SourceError(e) from None
+            if not n:
+                return total
+            update(mv[:n])
+            write_all(dst_fd, mv[:n])
+            total += n
+            if progress:
+                progress(n)
+
+
+def _copy_hashing_in_kernel(src_fd: int, dst_fd: int, size: int, update: Callable, progress) -> int | None:
+    """Copy ``size`` bytes chunk by chunk with ``copy_file_range`` and hash each chunk from a
+    memory map of the destination (the stored bytes themselves, so a source changing meanwhile
+    cannot make the name lie). None, with the destination left empty, when the kernel cannot do
+    it (the caller copies through a buffer); a full disk is raised, not fallen back from."""
     import mmap
 
     if not hasattr(os, "copy_file_range"):
-        return False
-    src_fd, dst_fd = f.fileno(), out.fileno()
+        return None
     try:
         first = os.copy_file_range(src_fd, dst_fd, min(CHUNK, size), 0, 0)
-    except OSError:
-        return False
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise
+        return None
     if first <= 0:
-        return False
+        return None
     os.ftruncate(dst_fd, size)
     with mmap.mmap(dst_fd, size, access=mmap.ACCESS_READ) as m:
         mv = memoryview(m)
         try:
             off, n = 0, first
             while True:
-                hasher.update(mv[off : off + n])
+                update(mv[off : off + n])
                 if progress:
                     progress(n)
                 off += n
@@ -94,7 +180,7 @@ def _copy_hashing_in_kernel(f, out, size: int, hasher: StreamHasher, progress) -
             mv.release()
     if off < size:
         os.ftruncate(dst_fd, off)
-    return True
+    return off
 
 
 def _fsync_path(path: Path) -> None:
@@ -125,6 +211,47 @@ def _syncfs(path: Path) -> bool:
         os.close(fd)
 
 
+# ---- blobs found intact by this process --------------------------------------------------------------
+class VerifiedBlobs:
+    """Keys of blob files this process hashed and found equal to their names (bounded)."""
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self._keys: dict[tuple, None] = {}
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    @staticmethod
+    def key(path: Path, st: os.stat_result) -> tuple:
+        return (st.st_dev, st.st_ino, str(path), st.st_size, st.st_mtime_ns)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._keys
+
+    def add(self, key: tuple) -> None:
+        with self._lock:
+            if len(self._keys) >= self._limit:
+                for k in list(self._keys)[: self._limit // 2]:
+                    del self._keys[k]
+            self._keys[key] = None
+
+    def discard(self, key: tuple) -> None:
+        with self._lock:
+            self._keys.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget every check (what a fresh process knows; benchmarks and tests use it)."""
+        with self._lock:
+            self._keys.clear()
+
+
+VERIFIED = VerifiedBlobs()
+
+
+def corrupt(what: str, sha: str, got: str) -> RegistryError:
+    return RegistryError(f"{what}: its stored bytes do not match the catalogue (they hash to {got[:12]}..., the "
+                         f"catalogue says {sha[:12]}...); the registry copy is damaged: run `loradex verify`")
+
+
 class BlobStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
@@ -145,44 +272,62 @@ class BlobStore:
 
     # ---- writing -----------------------------------------------------------------------
     def ingest(self, src: str | os.PathLike, progress: Callable[[int], None] | None = None) -> Ingested:
-        """Stream ``src`` into a temporary file of the store, hashing it on the way (one read)."""
+        """Stream ``src`` into a temporary file of the store, hashing it on the way (one read).
+        RegistryError naming ``src`` when it is not a readable regular file, DiskFullError naming
+        the store when the disk fills; no temporary file is left either way."""
         src = Path(src)
-        fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".tmp", dir=self.tmp_dir)
-        tmp_path = Path(tmp)
-        hasher = StreamHasher()
         try:
-            with open(src, "rb") as f, os.fdopen(fd, "wb+", buffering=0) as out:
-                size = os.fstat(f.fileno()).st_size
-                if size < KERNEL_COPY_MIN_BYTES or not _copy_hashing_in_kernel(f, out, size, hasher, progress):
-                    buf = bytearray(max(1, min(CHUNK, size or 1)))
-                    mv = memoryview(buf)
-                    while n := f.readinto(buf):
-                        hasher.update(mv[:n])
-                        out.write(mv[:n])
-                        if progress:
-                            progress(n)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
+            in_fd, st = open_regular(src)
+        except OSError as e:
+            raise RegistryError(f"{src}: cannot read it ({e.strerror or e})") from None
+        try:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".tmp", dir=self.tmp_dir)
+            except OSError as e:
+                raise write_error(e, self.root, src.name) from None
+            tmp_path = Path(tmp)
+            hasher = StreamHasher()
+            try:
+                try:
+                    _copy(in_fd, fd, st.st_size, hasher.update, progress)
+                finally:
+                    os.close(fd)
+            except BaseException as e:
+                tmp_path.unlink(missing_ok=True)
+                if isinstance(e, _SourceError):
+                    raise RegistryError(f"{src}: cannot read it ({e.os_error.strerror or e})") from None
+                if isinstance(e, OSError):
+                    raise write_error(e, self.root, src.name) from None
+                raise
+        finally:
+            os.close(in_fd)
         pause_point("temp-written")
-        return Ingested(tmp_path, hasher.pos, hasher.result())
+        return Ingested(tmp_path, hasher.pos, hasher.result(), source=src.name)
 
     def commit(self, item: Ingested, durable: bool = True) -> Path:
-        """Move an ingested file into place (or drop it when the same bytes are already stored)."""
+        """Move an ingested file into place (or drop it when the same bytes are already stored).
+        A full disk removes the temporary file and raises DiskFullError."""
         dst = self.path(item.sha256)
         if self.has(item.sha256, item.size):
             item.tmp.unlink(missing_ok=True)
             return dst
-        if durable:
-            _fsync_path(item.tmp)
-        os.chmod(item.tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # blobs are immutable
-        new_shard = not dst.parent.is_dir()
-        dst.parent.mkdir(exist_ok=True)
-        os.replace(item.tmp, dst)
-        if durable:
-            _fsync_path(dst.parent)
-            if new_shard:
-                _fsync_path(self.root)
+        try:
+            if durable:
+                _fsync_path(item.tmp)
+            os.chmod(item.tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # blobs are immutable
+            new_shard = not dst.parent.is_dir()
+            dst.parent.mkdir(exist_ok=True)
+            os.replace(item.tmp, dst)
+            item.created = True
+            if durable:
+                _fsync_path(dst.parent)
+                if new_shard:
+                    _fsync_path(self.root)
+        except OSError as e:
+            item.tmp.unlink(missing_ok=True)
+            raise write_error(e, self.root, item.source) from None
+        with contextlib.suppress(OSError):  # its bytes were hashed as they were written
+            VERIFIED.add(VerifiedBlobs.key(dst, dst.stat()))
         return dst
 
     def discard(self, item: Ingested) -> None:
@@ -200,7 +345,67 @@ class BlobStore:
             if shard.is_dir():
                 _fsync_path(shard)
 
-    # ---- reading and cleaning -----------------------------------------------------------
+    # ---- reading, checked against the name ------------------------------------------------------
+    def present(self, sha: str, size: int, what: str) -> Path:
+        """The blob's path when it exists with the recorded size (RegistryError naming ``what``)."""
+        if not self.has(sha, size):
+            raise RegistryError(f"{what}: its blob {sha[:12]} is missing or truncated; run `loradex verify`")
+        return self.path(sha)
+
+    def verified(self, sha: str, size: int, what: str) -> Path:
+        """The blob's path, its bytes checked against ``sha`` (hashed once per process and state
+        of the file, see the module docstring); RegistryError naming ``what`` otherwise."""
+        p = self.present(sha, size, what)
+        st = p.stat()
+        if VerifiedBlobs.key(p, st) in VERIFIED:
+            return p
+        got, key = self.hash_blob(p)
+        if got != sha:
+            raise corrupt(what, sha, got)
+        VERIFIED.add(key)
+        return p
+
+    def hash_blob(self, p: Path, progress: Callable[[int], None] | None = None) -> tuple[str, tuple]:
+        """``(sha256 hex, cache key)`` of a stored file, streamed; the key is of the state hashed."""
+        fd, st = open_regular(p)
+        h = hashlib.sha256()
+        try:
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    if progress:
+                        progress(len(chunk))
+        finally:
+            os.close(fd)
+        return h.hexdigest(), VerifiedBlobs.key(p, st)
+
+    def copy_verified(self, sha: str, size: int, dst: Path, what: str, shown: str | os.PathLike) -> None:
+        """Copy the blob into the new file ``dst`` while hashing it, in one pass; RegistryError
+        naming ``what`` when the bytes are not the recorded ones, DiskFullError naming ``shown``
+        (the path the user asked for, not ``dst``) when its disk fills. ``dst`` is the caller's
+        to remove on error."""
+        src = self.present(sha, size, what)
+        in_fd, st = open_regular(src)
+        h = hashlib.sha256()
+        try:
+            # read-write: the kernel copy path hashes the destination through a memory map of it
+            fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                _copy(in_fd, fd, st.st_size, h.update, None)
+            finally:
+                os.close(fd)
+        except _SourceError as e:
+            raise RegistryError(f"{what}: cannot read its blob ({e.os_error.strerror or e}); run `loradex verify`") from None
+        except OSError as e:
+            raise write_error(e, shown) from None
+        finally:
+            os.close(in_fd)
+        got = h.hexdigest()
+        if got != sha:
+            raise corrupt(what, sha, got)
+        VERIFIED.add(VerifiedBlobs.key(src, st))
+
+    # ---- listing and cleaning -----------------------------------------------------------
     def iter_blobs(self) -> Iterator[tuple[str, Path]]:
         if not self.root.is_dir():
             return

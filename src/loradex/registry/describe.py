@@ -1,0 +1,132 @@
+"""What the catalogue records about stored bytes: format, arch, kinds, ranks, modules, embeddings,
+metadata, notes, artifact kind and base model, read through ``loradex.api`` (the only parsing the
+registry does) on a view of the stored bytes.
+
+``describe_path(path, arch, cache)``: with a ``DescriptionCache`` (the ``Ingestor`` of each
+registry owns one; nothing is cached at module level), files of one *structure* -- format, arch
+asked for, tensor names/dtypes/shapes and scalar values (``structure_key``) -- are read through
+the converters once; each still gets its own metadata from its own header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from pathlib import Path
+
+from loradex.errors import ArchError, FormatError, LoradexError
+
+#: Formats whose reading depends only on the header (keys, dtypes, shapes, metadata) and the
+#: scalar tensors (alphas): the same structure gives the same description.
+STRUCTURAL_FORMATS = ("kohya", "lycoris", "diffusers", "comfy")
+
+
+class DescriptionCache:
+    """Descriptions by structure key (``structure_key``), bounded; import workers share it."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self._items: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def get(self, key: str) -> dict | None:
+        return self._items.get(key)
+
+    def put(self, key: str, desc: dict) -> None:
+        with self._lock:
+            if len(self._items) >= self._limit:
+                self._items.pop(next(iter(self._items)))
+            self._items[key] = desc
+
+
+def describe_path(path: Path, arch=None, cache: DescriptionCache | None = None) -> dict:
+    """What the catalogue records about an artifact, read through ``loradex.api`` (adapters and
+    embeddings) or ``converters.checkpoint`` (full models: header / model_index.json only).
+    ``cache`` memoizes descriptions by structure (see ``structure_key``)."""
+    from loradex import converters
+    from loradex.converters.checkpoint import describe_checkpoint
+
+    try:
+        conv = converters.detect(path)
+    except FormatError:
+        ck = describe_checkpoint(path)
+        if ck is None:
+            raise
+        meta = ck["metadata"]
+        notes = [f"base model unknown: {ck['arch_error']}"] if ck.get("arch_error") and arch is None else []
+        return {"format": ck["format"], "arch": getattr(arch, "name", arch) or ck["arch"], "kinds": {}, "ranks": {},
+                "modules": 0, "embeddings": [], "metadata": meta, "notes": notes, "artifact": "checkpoint",
+                "base_model": _base_model(meta)}
+    key = structure_key(path, conv.name, arch) if cache is not None else None
+    memo = cache.get(key) if key is not None else None
+    if memo is not None:
+        from loradex.converters import safetensors_io as sio
+
+        d = dict(memo)
+        d["metadata"] = dict(sio.read_header(path).metadata)
+        d["base_model"] = _base_model(d["metadata"])
+        return d
+    try:
+        adapter, d = _load_structure(path, conv.name, arch)
+    except ArchError as e:
+        meta: dict = {}
+        with contextlib.suppress(LoradexError, OSError):
+            from loradex.converters import safetensors_io as sio
+
+            if path.is_file() and sio.is_safetensors(path):
+                meta = dict(sio.read_header(path).metadata)
+        return {"format": conv.name, "arch": None, "kinds": {}, "ranks": {}, "modules": 0, "embeddings": [],
+                "metadata": meta, "notes": [f"base model unknown: {e}"],
+                "artifact": "embedding" if conv.name.endswith("-ti") else "adapter", "base_model": _base_model(meta)}
+    artifact = "embedding" if not adapter.patches and adapter.embeddings else "adapter"
+    notes = list(adapter.notes) + [f"key not understood (not read): {k} ({why})" for k, why in adapter.unexplained.items()]
+    if len(notes) > 50:
+        notes = notes[:49] + [f"... and {len(notes) - 49} more notes (loradex inspect lists every key)"]
+    out = {"format": d["format"], "arch": d["arch"], "kinds": d["kinds"], "ranks": d["ranks"],
+           "modules": d["modules"], "embeddings": list(d["embeddings"]), "metadata": dict(adapter.metadata),
+           "notes": notes, "artifact": artifact, "base_model": _base_model(adapter.metadata)}
+    if key is not None:
+        cache.put(key, out)
+    return out
+
+
+def structure_key(path: Path, fmt: str, arch) -> str | None:
+    """sha256 of what a description depends on: the format, the ``arch`` asked for, every tensor's
+    name, dtype and shape, and the bytes of the one-element tensors (alphas). None where the
+    description may depend on more (embeddings, folders, pickles)."""
+    from loradex.converters import safetensors_io as sio
+
+    if fmt not in STRUCTURAL_FORMATS or not path.is_file():
+        return None
+    h = sio.read_header(path)
+    m = hashlib.sha256(f"{fmt}|{getattr(arch, 'name', arch)}|{sio.structure_digest(path, h)}|".encode())
+    # the diffusers reader takes alphas from this metadata key
+    m.update(h.metadata.get("lora_adapter_metadata", "").encode())
+    return m.hexdigest()
+
+
+def _load_structure(path: Path, fmt: str, arch):
+    """``(adapter, api.describe of it)`` read for its structure (kinds, ranks, alphas, modules)
+    without its tensor data: converters read under ``safetensors_io.structure_only`` get meta
+    tensors except for scalars. A reader or a description that needs real values on the way
+    (e.g. an embedding check) falls back to a full read."""
+    from loradex import api
+    from loradex.converters import safetensors_io as sio
+
+    try:
+        with sio.structure_only():
+            adapter = api.load(path, format=fmt, arch=arch)
+        return adapter, api.describe(adapter)
+    except LoradexError:
+        raise
+    except (NotImplementedError, RuntimeError, ValueError, TypeError):
+        adapter = api.load(path, format=fmt, arch=arch)
+        return adapter, api.describe(adapter)
+
+
+def _base_model(meta: dict) -> str | None:
+    for k in ("loradex.base_model", "ss_sd_model_name", "ss_base_model_version", "modelspec.architecture"):
+        if meta.get(k):
+            return str(meta[k])
+    return None

@@ -1,0 +1,538 @@
+"""Ingestion: files and folders into the store, described, then recorded in the catalogue.
+
+Order of an import (crash safety): the bytes are streamed into a temporary file of the store while
+they are hashed, described through ``loradex.api`` (the only parsing, done on a hard-link view of
+the stored bytes, never on the source that may change meanwhile), renamed into place and made
+durable, and only then is the catalogue row written, in one ``BEGIN IMMEDIATE`` transaction that
+first checks the blob is still there (a concurrent ``gc`` deletes only under the same lock). A
+process killed anywhere leaves at most an unreferenced blob or a temporary file; ``gc`` removes
+both, ``verify`` finds nothing wrong with the rows. A full disk (``DiskFullError``) stops the
+import: temporaries are removed, no row is written, and blobs this import created that no row
+names are removed again.
+
+Descriptions are memoized by structure (``DescriptionCache``, one per ``Ingestor``, so per
+``Registry``): a folder of LoRAs trained on one base at one rank shares a structure, and each
+structure is read through the converters once. Error messages name the user's file, never the
+temporary view it was read from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loradex.errors import ArchError, FormatError, LoradexError, RegistryError
+from loradex.registry import db as _db
+from loradex.registry.describe import DescriptionCache, describe_path
+from loradex.registry.faults import DiskFullError, write_error
+from loradex.registry.refs import renamed, sanitize_name, validate_name, validate_tag
+from loradex.registry.scan import check_importable, folder_files, is_folder_artifact, scan_folder
+from loradex.registry.store import BlobStore, Ingested, pause_point
+from loradex.registry.version import HASH_FIELDS, Version
+
+log = logging.getLogger(__name__)
+
+OPERATIONS = ("import", "convert", "merge", "resize", "extract", "bake", "train", "pull")
+
+
+@dataclass
+class ImportReport:
+    """What ``add_many`` did: versions added (or found already stored), files skipped and why."""
+
+    added: list[Version] = field(default_factory=list)
+    existing: list[Version] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def same_tensors(self) -> list[list[str]]:
+        """Groups of imported versions whose tensors are identical (same AutoV3), bytes differing or not."""
+        groups: dict[str, list[str]] = {}
+        for v in self.added + self.existing:
+            if v.hashes.get("autov3_full"):
+                groups.setdefault(v.hashes["autov3_full"], []).append(v.ref)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def to_dict(self) -> dict:
+        return {
+            "added": [v.to_dict(metadata=False) for v in self.added],
+            "existing": [v.to_dict(metadata=False) for v in self.existing],
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "same_tensors": self.same_tensors(),
+        }
+
+
+@dataclass
+class _Pending:
+    """An artifact whose bytes are in the store, waiting for its catalogue row."""
+
+    name: str
+    record: dict
+    blobs: list[tuple[str, int]]  # (sha256, size) that must exist when the row is written
+    files: list[dict] | None = None
+    tags: Sequence[str] = ()
+    edges: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # adapter-level: description, trigger_words, labels
+    created: list[str] = field(default_factory=list)  # blobs this import put in place
+
+
+class _BlobVanished(Exception):
+    pass
+
+
+class Ingestor:
+    """Stages and records artifacts for one registry: ``db`` (the catalogue), ``store`` (blobs),
+    ``scratch`` (a folder for description views), ``resolve`` (REF -> Version, for parents)."""
+
+    def __init__(self, db, store: BlobStore, scratch: Path, resolve: Callable[[str], Version]) -> None:
+        self.db, self.store, self.scratch, self.resolve = db, store, scratch, resolve
+        self.descriptions = DescriptionCache()
+
+    # ---- one artifact --------------------------------------------------------------------------
+    def add(self, path, name: str, *, tags: Iterable[str] = (), info: dict, arch=None, base_model=None,
+            parents: Iterable = (), operation: str = "import", params: dict | None = None, source: str | None = None,
+            follow_links: bool = False, progress=None) -> Version:
+        validate_name(name)
+        tags = [validate_tag(t) for t in tags]
+        if operation not in OPERATIONS:
+            raise RegistryError(f"unknown operation {operation!r} (one of {', '.join(OPERATIONS)})")
+        p = Path(path)
+        check_importable(p)
+        if p.is_dir() and not is_folder_artifact(p):
+            raise RegistryError(f"{p} is a folder of files, not one adapter or pipeline folder: import each file "
+                                "with add_many (CLI: loradex add DIR)")
+        edges = self._edges(parents, operation, params, source or str(p.resolve()))
+        for _attempt in range(3):
+            pend = self._stage(p, name, arch, base_model, durable=True, progress=progress, follow_links=follow_links)
+            if isinstance(pend, Version):  # the same bytes are already this name's
+                self.apply(name, tags, info, pend)
+                return self.resolve(pend.ref)
+            pend.tags, pend.edges, pend.info = tags, edges, info
+            pause_point("blob-stored")
+            try:
+                return self._record([pend])[0]
+            except _BlobVanished:
+                continue  # a gc ran between the blob and the row: store it again
+            except DiskFullError:
+                self._drop_created([pend])
+                raise
+        raise RegistryError(f"{p}: could not store the file (its blob kept disappearing; is a gc running?)")
+
+    # ---- a folder of artifacts -------------------------------------------------------------------
+    def add_many(self, root, *, prefix: str | None = None, tags: Iterable[str] = (), arch=None, base_model=None,
+                 batch: int = 64, workers: int | None = None, follow_links: bool = False, on_file=None,
+                 progress=None) -> ImportReport:
+        root = Path(root)
+        if not root.is_dir():
+            check_importable(root)
+            raise RegistryError(f"{root}: not a folder")
+        if prefix is not None:
+            validate_name(prefix, "name prefix")
+        tags = [validate_tag(t) for t in tags]
+        report = ImportReport()
+        candidates, skipped = scan_folder(root, follow_links=follow_links)
+        report.skipped.extend(skipped)
+        pending: list[_Pending] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            self.store.sync()
+            pause_point("blob-stored")
+            try:
+                report.added.extend(self._record(pending))
+            except _BlobVanished:  # a concurrent gc: redo this batch one by one, durably
+                for pe in pending:
+                    report.added.append(self.add(pe.info["_path"], pe.name, tags=pe.tags, info={}, arch=arch,
+                                                 base_model=base_model, follow_links=follow_links))
+            pending.clear()
+
+        def prepare(path: Path):  # runs in a worker thread: bytes, hashes, description; no rows
+            return None if path.is_dir() else self._prepare_file(path, arch, progress, shortcut=False)
+
+        # Files are read, hashed and described by ``workers`` threads (hashing and file I/O run
+        # outside the GIL), in a bounded window ahead of the main thread, which alone touches the
+        # catalogue and decides, in the folder's order, what each staged file becomes.
+        workers = max(1, min(workers if workers is not None else (os.cpu_count() or 1), 8))
+        window = 4 * workers
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loradex-import") as pool:
+            futures: deque = deque()
+            todo = iter(candidates)
+            for path in todo:
+                futures.append((path, pool.submit(prepare, path)))
+                if len(futures) >= window:
+                    break
+            try:
+                while futures:
+                    path, fut = futures.popleft()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        futures.append((nxt, pool.submit(prepare, nxt)))
+                    rel = path.relative_to(root).as_posix()
+                    stem = rel[: -len(path.suffix)] if path.is_file() and path.suffix else rel
+                    name = sanitize_name(f"{prefix}-{stem}" if prefix else stem)
+                    try:
+                        staged = fut.result()
+                        if staged is None:
+                            pend = self._stage(path, name, arch, base_model, durable=False, progress=progress,
+                                               follow_links=follow_links)
+                        else:
+                            pend = self._stage_prepared(path, name, staged[0], staged[1], base_model, durable=False)
+                    except DiskFullError:
+                        raise
+                    except (LoradexError, OSError) as e:
+                        report.skipped.append((rel, _reason(e, path)))
+                        if on_file:
+                            on_file(rel, "skipped")
+                        continue
+                    if isinstance(pend, Version):
+                        self.apply(name, tags, {}, pend)
+                        report.existing.append(pend)
+                    else:
+                        pend.tags = tags
+                        pend.edges = self._edges((), "import", None, str(path.resolve()))
+                        pend.info = {"_path": str(path)}
+                        pending.append(pend)
+                        if len(pending) >= batch:
+                            flush()
+                    if on_file:
+                        on_file(rel, "ok")
+            except BaseException as e:
+                for _path, fut in futures:  # staged temporaries of files not reached: drop them
+                    fut.cancel()
+                    with contextlib.suppress(Exception):
+                        got = fut.result()
+                        if got is not None:
+                            self.store.discard(got[0])
+                self._drop_created(pending)
+                if isinstance(e, DiskFullError):
+                    done = len(report.added)
+                    before = f"; {done} artifacts of {root} were stored before it filled" if done else ""
+                    raise DiskFullError(f"{e}{before}; import it again after freeing space (what is stored is "
+                                        "found, not stored twice)") from None
+                raise
+        try:
+            flush()
+        except DiskFullError:
+            self._drop_created(pending)
+            raise
+        if not report.added and not report.existing:
+            raise _nothing_imported(root, report)
+        return report
+
+    # ---- staging ---------------------------------------------------------------------------------
+    def _stage(self, p: Path, name: str, arch, base_model, durable: bool, progress,
+               follow_links: bool = False) -> _Pending | Version:
+        """Put the bytes of ``p`` in the store and describe them; no row yet."""
+        if p.is_dir():
+            return self._stage_folder(p, name, arch, base_model, durable, progress, follow_links)
+        item, desc = self._prepare_file(p, arch, progress, shortcut=True, name=name)
+        return self._stage_prepared(p, name, item, desc, base_model, durable)
+
+    def _prepare_file(self, p: Path, arch, progress, shortcut: bool, name: str | None = None
+                      ) -> tuple[Ingested, dict | None]:
+        """Stream ``p`` into a temporary file of the store and describe those bytes. Without
+        ``shortcut`` the catalogue is not consulted (safe in a worker thread); with it, bytes that
+        ``name`` already has are not described (desc None) and a description is copied from
+        another version with the same bytes and file name."""
+        item = self.store.ingest(p, progress)
+        try:
+            if shortcut and name is not None and _db.version_of_name_with_sha(self.db, name, item.sha256,
+                                                                                with_tags=False):
+                return item, None
+            return item, self._describe_ingested(item, p, arch, shortcut=shortcut)
+        except BaseException:
+            self.store.discard(item)
+            raise
+
+    def _stage_prepared(self, p: Path, name: str, item: Ingested, desc: dict | None, base_model,
+                        durable: bool) -> _Pending | Version:
+        """Commit a prepared file's blob and build its row, or return ``name``'s version that has
+        these bytes already (the temporary is then dropped)."""
+        try:
+            same = _db.version_of_name_with_sha(self.db, name, item.sha256)
+            if same is not None or desc is None:
+                self.store.discard(item)
+                if same is not None:
+                    return same
+                raise RegistryError(f"{p}: its version of {name!r} vanished while it was added; add it again")
+        except BaseException:
+            self.store.discard(item)
+            raise
+        self.store.commit(item, durable=durable)
+        record = {k: v for k, v in desc.items() if not k.startswith("_")}
+        record.update({k: item.hashes.get(k, "") for k in HASH_FIELDS})
+        record.update(sha256=item.sha256, size=item.size, layout="file", filename=p.name,
+                      sshs_legacy_hash=desc.get("_sshs_legacy_hash", ""))
+        if desc.get("_sshs_model_hash"):
+            record["sshs_model_hash"] = desc["_sshs_model_hash"]
+        if base_model:
+            record["base_model"] = base_model
+        return _Pending(name, record, [(item.sha256, item.size)], created=[item.sha256] if item.created else [])
+
+    def _view(self):
+        """A fresh folder under the scratch folder for a description view (removed by the caller)."""
+        try:
+            return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self.scratch))
+        except OSError as e:
+            raise write_error(e, self.scratch.parent) from None
+
+    def _describe_ingested(self, item: Ingested, src: Path, arch, shortcut: bool = True) -> dict:
+        """The description of freshly ingested bytes: copied from a version with the same bytes
+        and file name when there is one, else read through ``loradex.api`` from a hard link of
+        the temporary file under the original name (readers may use the name, e.g. a TI token)."""
+        filename = src.name
+        if arch is None and shortcut:
+            v = _db.version_with_sha_and_filename(self.db, item.sha256, filename)
+            if v is not None:
+                return {"format": v.format, "arch": v.arch, "kinds": v.kinds, "ranks": v.ranks, "modules": v.modules,
+                        "embeddings": v.embeddings, "metadata": v.metadata, "notes": v.notes,
+                        "base_model": v.base_model, "artifact": v.artifact,
+                        "_sshs_legacy_hash": v.hashes.get("sshs_legacy_hash", ""),
+                        "_sshs_model_hash": v.hashes.get("sshs_model_hash", "")}
+        d = self._view()
+        try:
+            view = d / filename
+            link_or_copy(item.tmp, view, self.scratch.parent)
+            try:
+                desc = describe_path(view, arch=arch, cache=self.descriptions)
+            except LoradexError as e:  # name the user's file, not the temporary view
+                raise renamed(e, {str(view): str(src), str(d): str(src.parent)}) from None
+            if desc["format"] != "ckpt":
+                with contextlib.suppress(FormatError, OSError):
+                    from loradex.converters import safetensors_io as sio
+
+                    if sio.is_safetensors(view):
+                        kh = sio.kohya_hashes(view, data_sha256=item.hashes.get("sshs_model_hash") or None)
+                        desc["_sshs_legacy_hash"] = kh["sshs_legacy_hash"]
+                        desc["_sshs_model_hash"] = kh["sshs_model_hash"]
+            return desc
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _stage_folder(self, p: Path, name: str, arch, base_model, durable: bool, progress,
+                      follow_links: bool = False) -> _Pending | Version:
+        files = folder_files(p, follow_links=follow_links)
+        if not files:
+            raise RegistryError(f"{p}: empty folder")
+        items: list[tuple[str, Ingested]] = []
+        try:
+            for rel, fp in files:
+                items.append((rel, self.store.ingest(fp, progress)))
+        except BaseException:
+            for _, it in items:
+                self.store.discard(it)
+            raise
+        manifest = [{"path": rel, "sha256": it.sha256, "size": it.size} for rel, it in items]
+        digest = manifest_digest(manifest)
+        same = _db.version_of_name_with_sha(self.db, name, digest)
+        if same is not None:
+            for _, it in items:
+                self.store.discard(it)
+            return same
+        created = []
+        try:
+            for _, it in items:
+                self.store.commit(it, durable=False)
+                if it.created:
+                    created.append(it.sha256)
+            if durable:
+                self.store.sync()
+        except BaseException:
+            for _, it in items:
+                self.store.discard(it)
+            self._drop_created([_Pending(name, {}, [], created=created)])
+            raise
+        # describe the stored bytes (a view of hard links), not the source that may change meanwhile
+        view = p
+        try:
+            d = self._view()
+            try:
+                view = d / p.name
+                for f in manifest:
+                    dst = view / f["path"]
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    link_or_copy(self.store.path(f["sha256"]), dst, self.scratch.parent)
+                desc = describe_path(view, arch=arch)
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+        except BaseException as e:  # not an artifact after all: its new blobs go again
+            self._drop_created([_Pending(name, {}, [], created=created)])
+            if isinstance(e, LoradexError):
+                raise renamed(e, {str(view): str(p)}) from None
+            raise
+        record = {**desc, "sha256": digest, "size": sum(f["size"] for f in manifest), "layout": "folder",
+                  "filename": p.name, **{k: "" for k in HASH_FIELDS}}
+        if base_model:
+            record["base_model"] = base_model
+        return _Pending(name, record, [(f["sha256"], f["size"]) for f in manifest], files=manifest, created=created)
+
+    def _edges(self, parents: Iterable, operation: str, params: dict | None, source: str) -> list[dict]:
+        edges = []
+        for par in parents:
+            if isinstance(par, Version):
+                edges.append({"parent_id": par.id, "parent_ref": par.ref})
+                continue
+            s = str(par)
+            if Path(s).exists():
+                edges.append({"parent_id": None, "parent_ref": str(Path(s).resolve())})
+                continue
+            v = self.resolve(s)
+            edges.append({"parent_id": v.id, "parent_ref": v.ref})
+        if not edges:
+            edges.append({"parent_id": None, "parent_ref": source})
+        for e in edges:
+            e.update(operation=operation, params=params or {})
+        return edges
+
+    # ---- recording -------------------------------------------------------------------------------
+    def _record(self, pending: list[_Pending]) -> list[Version]:
+        """Write the rows of staged artifacts in one transaction (after their blobs are durable)."""
+        ids = []
+        with _db.write(self.db) as d:
+            for pe in pending:
+                for sha, size in pe.blobs:
+                    if not self.store.has(sha, size):
+                        raise _BlobVanished(sha)
+            for pe in pending:
+                adapter = _db.ensure_adapter(d, pe.name)
+                vid = _db.version_id_with_sha(d, adapter["id"], pe.record["sha256"])
+                if vid is None:  # else a concurrent import of the same bytes won the race
+                    keep_arch(d, pe.record.get("arch"))
+                    vid = _db.insert_version(d, adapter, pe.record, pe.files)
+                    for e in pe.edges:
+                        _db.add_lineage(d, vid, e["operation"], e["params"], e["parent_id"], e["parent_ref"])
+                for t in pe.tags:
+                    _db.set_tag(d, adapter["id"], t, vid)
+                update_info(d, adapter, pe.record, pe.info)
+                ids.append(vid)
+            pause_point("in-transaction")
+        out = _db.versions_by_id(self.db, ids)
+        for v in out:
+            _db.attach_files(self.db, v)
+        return out
+
+    def apply(self, name: str, tags: Sequence[str], info: dict, v: Version) -> None:
+        """Tags and adapter information given with bytes that ``name`` already had."""
+        if not tags and not any(info.get(k) is not None for k in ("description", "trigger_words", "labels")):
+            return
+        with _db.write(self.db) as d:
+            adapter = _db.adapter_row(d, name)
+            for t in tags:
+                _db.set_tag(d, adapter["id"], t, v.id)
+            update_info(d, adapter, {}, info)
+
+    def _drop_created(self, pending: list[_Pending]) -> None:
+        """After a failed import: remove the blobs it put in place that no row names (under the
+        write lock, as ``gc`` does). Best effort: what stays is an orphan ``gc`` removes."""
+        shas = [s for pe in pending for s in pe.created]
+        if not shas:
+            return
+        try:
+            with _db.write(self.db):
+                for sha in shas:
+                    if not _db.blob_is_referenced(self.db, sha):
+                        self.store.remove(sha)
+        except Exception as e:  # cleanup after a failure must not mask it
+            log.warning("could not remove %d unreferenced blobs after a failed import (%s); `loradex gc` will",
+                        len(shas), e)
+
+
+# ---- catalogue helpers ---------------------------------------------------------------------------------
+def update_info(d, adapter: dict, record: dict, info: dict) -> None:
+    """An adapter's description, trigger words, labels and search keywords after adding ``record``
+    (trigger words found in the file when none were given or kept)."""
+    fields: dict = {}
+    if info.get("description") is not None:
+        fields["description"] = info["description"]
+    if info.get("labels") is not None:
+        fields["labels"] = info["labels"]
+    triggers = info.get("trigger_words")
+    if triggers is None and adapter.get("trigger_words") in (None, "", "[]"):
+        meta = record.get("metadata") or {}
+        found = [meta["modelspec.trigger_phrase"]] if meta.get("modelspec.trigger_phrase") else []
+        found += list(record.get("embeddings") or [])
+        triggers = found or None
+    if triggers is not None:
+        fields["trigger_words"] = triggers
+    words = set((adapter.get("keywords") or "").split())
+    meta = record.get("metadata") or {}
+    for w in (record.get("filename"), record.get("format"), record.get("arch"), record.get("base_model"),
+              meta.get("modelspec.title"), meta.get("ss_output_name"), *(record.get("embeddings") or [])):
+        if w:
+            words.update(str(w).split())
+    kw = " ".join(sorted(words))[:4000]
+    if kw != (adapter.get("keywords") or ""):
+        fields["keywords"] = kw
+    if fields:
+        _db.update_adapter(d, adapter["id"], **fields)
+
+
+def keep_arch(d, name: str | None) -> None:
+    """Record the descriptor of an arch derived from a custom base, so the name resolves on any
+    machine that has this registry (built-in and embedded names need none)."""
+    if not name:
+        return
+    from loradex.core.archs import builtin_names, get_arch, tiny_names
+
+    if name in builtin_names() or name in tiny_names():
+        return
+    try:
+        desc = get_arch(name).descriptor()
+    except ArchError:
+        return
+    if desc is not None:
+        _db.put_arch(d, name, desc["family"], json.dumps(desc, sort_keys=True, separators=(",", ":")))
+
+
+def as_list(x) -> list[str] | None:
+    if x is None:
+        return None
+    if isinstance(x, str):
+        x = [x]
+    return [str(s).strip() for s in x if str(s).strip()]
+
+
+def link_or_copy(src: Path, dst: Path, where: Path | None = None) -> None:
+    """A hard link (no bytes written), else a copy; a failed copy names ``where`` (the registry)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        try:
+            shutil.copyfile(src, dst)
+        except OSError as e:
+            raise write_error(e, where or dst.parent) from None
+
+
+def manifest_digest(manifest: list[dict]) -> str:
+    """The identity of a folder artifact: sha256 of its sorted (path, sha256, size) list."""
+    rows = sorted((f["path"], f["sha256"], f["size"]) for f in manifest)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def _reason(e: Exception, path: Path) -> str:
+    msg = str(e)
+    s = str(path)
+    if msg.startswith(s + ": "):
+        msg = msg[len(s) + 2 :]
+    return msg[:300]
+
+
+def _nothing_imported(root: Path, report: ImportReport) -> RegistryError:
+    if report.skipped:
+        shown = "; ".join(f"{p}: {r[:80]}" for p, r in report.skipped[:3])
+        more = f"; and {len(report.skipped) - 3} more" if len(report.skipped) > 3 else ""
+        why = f"{len(report.skipped)} skipped ({shown}{more})"
+    else:
+        why = "it holds no files"
+    err = RegistryError(f"{root}: nothing to import: no adapter, embedding or checkpoint loradex recognises; {why}")
+    err.report = report  # the API caller may still want the skip reasons
+    return err
