@@ -10,9 +10,9 @@ import struct
 import pytest
 import safetensors
 import torch
-from tests.cli_util import bad, run
 
 import loradex
+from cli_util import bad, run
 from loradex.converters import safetensors_io as sio
 from loradex.core.adapter import Adapter
 from loradex.core.kinds.lora import LoraPatch
@@ -110,3 +110,22 @@ def test_a_write_that_makes_no_progress_is_a_full_disk_not_a_truncated_file(tmp_
     with pytest.raises(DiskFullError, match="disk is full"):
         sio.save({"x": torch.zeros(16)}, tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_add_refuses_a_nonfinite_adapter_unless_allowed(tmp_path, capsys, monkeypatch):
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("LORADEX_HOME", str(tmp_path / "home"))
+    bad_path = tmp_path / "bad.safetensors"
+    loradex.save(_lora(float("nan")), bad_path, "kohya")
+    bad(run(capsys, "add", bad_path, "--name", "x"), "NaN/Inf")
+    code, out, _ = run(capsys, "ls", "--json")
+    assert code == 0 and json.loads(out) == []  # nothing stored
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "bad.safetensors").write_bytes(bad_path.read_bytes())
+    loradex.save(_lora(), folder / "good.safetensors", "kohya")
+    code, out, _ = run(capsys, "add", folder, "--json")
+    rep = json.loads(out)
+    assert code == 0 and len(rep["added"]) == 1 and any("NaN/Inf" in s["reason"] for s in rep["skipped"])
+    code, _, err = run(capsys, "add", bad_path, "--name", "x", "--allow-nonfinite")
+    assert code == 0, err

@@ -89,7 +89,7 @@ def _registry_if_any():
     if not Path(home).expanduser().is_dir():
         return None
     try:
-        return Registry()
+        return Registry(readonly=None)
     except RegistryError:
         return None
 

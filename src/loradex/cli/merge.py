@@ -36,22 +36,24 @@ def default_format(adapter) -> str:
 
 
 def _parse_item(arg: str) -> tuple[str, float]:
-    """``PATH[:W]``: the weight is what follows the last colon. When it is not a number the whole
-    argument is a registry ``NAME:TAG`` reference, unless the part before the colon is an existing
-    file (then the weight is bad: exit 2)."""
+    """``PATH[:W]``: the weight is what follows the last colon when it is a plain decimal number
+    (the registry's rule, ``loradex.registry.split_weight``: ``sha256:HEX`` alone is always a REF);
+    otherwise the whole argument is a file or a registry ``NAME:TAG`` reference, unless the part
+    before the colon is an existing file or the tail looks like a number (then the weight is bad:
+    exit 2)."""
     from pathlib import Path
+
+    from loradex.registry.refs import split_weight
 
     if Path(arg).exists():
         return arg, 1.0
-    path, sep, w = arg.rpartition(":")
-    if not sep or not path:
-        return arg, 1.0
-    try:
-        return path, float(w)
-    except ValueError:
-        if Path(path).exists() or (w and w[0] in "+-.0123456789"):
-            raise click.BadParameter(f"weight {w!r} of {arg!r} is not a number", param_hint="IN[:W]") from None
-        return arg, 1.0
+    ref, w, explicit = split_weight(arg)
+    if explicit:
+        return ref, w
+    path, sep, tail = arg.rpartition(":")
+    if sep and path and path.lower() != "sha256" and (Path(path).exists() or (tail and tail[0] in "+-.0123456789")):
+        raise click.BadParameter(f"weight {tail!r} of {arg!r} is not a number", param_hint="IN[:W]")
+    return arg, 1.0
 
 
 def _write(adapter, to, dst, save_as, operation, parents, params, arch, base=None):
@@ -138,7 +140,7 @@ def _parse_merge_item(arg: str) -> tuple[str, float, str | None]:
 
     if not Path(arg).exists():
         parts = arg.rsplit(":", 2)
-        if len(parts) == 3 and parts[0] and parts[2]:
+        if len(parts) == 3 and parts[0] and parts[2] and parts[0].lower() != "sha256":
             try:
                 return parts[0], float(parts[1]), parts[2]
             except ValueError:

@@ -215,9 +215,11 @@ def store_output(path: Path, save_as: str, operation: str, parents: list, params
 @click.option("--base-model", default=None, help="record this as its base model (a Hub id or a name) without reading it")
 @click.option("--follow-links", is_flag=True,
               help="in a folder, follow symlinks that lead out of it too (loops are still detected)")
+@click.option("--allow-nonfinite", is_flag=True, help="store adapters holding NaN/Inf values anyway")
 @strict_option
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
-def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict, as_json):
+def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, allow_nonfinite,
+            strict, as_json):
     """Store PATH in the registry: an adapter, embedding or checkpoint file, a PEFT adapter folder, a
     diffusers pipeline folder, or a folder of such files (e.g. A1111's models/Lora: every file
     loradex recognises is imported, the rest reported). With --base, every file is read against
@@ -226,11 +228,11 @@ def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_mo
     symlinks in a folder are followed only inside it, unless --follow-links."""
     with contextlib.ExitStack() as stack:
         _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict,
-             as_json)
+             as_json, allow_nonfinite)
 
 
 def _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict,
-         as_json):
+         as_json, allow_nonfinite=False):
     from loradex.registry.scan import check_importable, is_folder_artifact
 
     check_importable(Path(path))  # before anything opens it: a FIFO would block, a device never end
@@ -251,7 +253,7 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
 
         try:
             report = reg.add_many(p, prefix=name, tags=tags, arch=arch, base_model=base_model,
-                                  follow_links=follow_links, on_file=on_file)
+                                  follow_links=follow_links, on_file=on_file, allow_nonfinite=allow_nonfinite)
         finally:
             if files is not None:
                 files.close()
@@ -276,7 +278,7 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
     try:
         v = reg.add(p, name, tags=tags, description=description, trigger_words=list(triggers) or None,
                     labels=list(labels) or None, arch=arch, base_model=base_model, follow_links=follow_links,
-                    progress=bar.update if bar is not None else None)
+                    progress=bar.update if bar is not None else None, allow_nonfinite=allow_nonfinite)
     finally:
         if bar is not None:
             bar.close()

@@ -683,3 +683,28 @@ def canonicalize_header(path: str | os.PathLike) -> None:
         src.seek(h.data_offset)
         while chunk := src.read(1 << 22):
             out.write(chunk)
+
+
+def nonfinite_keys(path: str | os.PathLike) -> list[str]:
+    """The floating-point tensors of a safetensors file (or a pickle of tensors) holding NaN or
+    Inf, by key, sorted: what ``add`` refuses unless told otherwise. Memory-mapped, tensor by
+    tensor; only floating-point dtypes are checked."""
+    p = Path(path)
+    if looks_like_pickle(p):
+        obj = load_pickle(p)
+        flat: dict[str, torch.Tensor] = {}
+
+        def walk(x, prefix: str) -> None:
+            if isinstance(x, torch.Tensor):
+                flat[prefix] = x
+            elif isinstance(x, dict):
+                for k, v in x.items():
+                    walk(v, f"{prefix}.{k}" if prefix else str(k))
+
+        walk(obj, "")
+        items = flat.items()
+    else:
+        h = read_header(p)
+        names = [k for k, t in h.tensors.items() if t.dtype in ("F16", "BF16", "F32", "F64") and t.nbytes]
+        items = load(p, keys=names, header=h).items() if names else ()
+    return sorted(k for k, t in items if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()))

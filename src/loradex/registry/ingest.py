@@ -99,7 +99,7 @@ class Ingestor:
     # ---- one artifact --------------------------------------------------------------------------
     def add(self, path, name: str, *, tags: Iterable[str] = (), info: dict, arch=None, base_model=None,
             parents: Iterable = (), operation: str = "import", params: dict | None = None, source: str | None = None,
-            follow_links: bool = False, progress=None) -> Version:
+            follow_links: bool = False, progress=None, allow_nonfinite: bool = False) -> Version:
         validate_name(name)
         tags = [validate_tag(t) for t in tags]
         if operation not in OPERATIONS:
@@ -111,7 +111,8 @@ class Ingestor:
                                 "with add_many (CLI: loradex add DIR)")
         edges = self._edges(parents, operation, params, source or str(p.resolve()))
         for _attempt in range(3):
-            pend = self._stage(p, name, arch, base_model, durable=True, progress=progress, follow_links=follow_links)
+            pend = self._stage(p, name, arch, base_model, durable=True, progress=progress, follow_links=follow_links,
+                               allow_nonfinite=allow_nonfinite)
             if isinstance(pend, Version):  # the same bytes are already this name's
                 self.apply(name, tags, info, pend)
                 return self.resolve(pend.ref)
@@ -129,7 +130,7 @@ class Ingestor:
     # ---- a folder of artifacts -------------------------------------------------------------------
     def add_many(self, root, *, prefix: str | None = None, tags: Iterable[str] = (), arch=None, base_model=None,
                  batch: int = 64, workers: int | None = None, follow_links: bool = False, on_file=None,
-                 progress=None) -> ImportReport:
+                 progress=None, allow_nonfinite: bool = False) -> ImportReport:
         root = Path(root)
         if not root.is_dir():
             check_importable(root)
@@ -156,7 +157,8 @@ class Ingestor:
             pending.clear()
 
         def prepare(path: Path):  # runs in a worker thread: bytes, hashes, description; no rows
-            return None if path.is_dir() else self._prepare_file(path, arch, progress, shortcut=False)
+            return None if path.is_dir() else self._prepare_file(path, arch, progress, shortcut=False,
+                                                                 allow_nonfinite=allow_nonfinite)
 
         # Files are read, hashed and described by ``workers`` threads (hashing and file I/O run
         # outside the GIL), in a bounded window ahead of the main thread, which alone touches the
@@ -183,7 +185,7 @@ class Ingestor:
                         staged = fut.result()
                         if staged is None:
                             pend = self._stage(path, name, arch, base_model, durable=False, progress=progress,
-                                               follow_links=follow_links)
+                                               follow_links=follow_links, allow_nonfinite=allow_nonfinite)
                         else:
                             pend = self._stage_prepared(path, name, staged[0], staged[1], base_model, durable=False)
                     except DiskFullError:
@@ -230,25 +232,36 @@ class Ingestor:
 
     # ---- staging ---------------------------------------------------------------------------------
     def _stage(self, p: Path, name: str, arch, base_model, durable: bool, progress,
-               follow_links: bool = False) -> _Pending | Version:
+               follow_links: bool = False, allow_nonfinite: bool = False) -> _Pending | Version:
         """Put the bytes of ``p`` in the store and describe them; no row yet."""
         if p.is_dir():
             return self._stage_folder(p, name, arch, base_model, durable, progress, follow_links)
-        item, desc = self._prepare_file(p, arch, progress, shortcut=True, name=name)
+        item, desc = self._prepare_file(p, arch, progress, shortcut=True, name=name, allow_nonfinite=allow_nonfinite)
         return self._stage_prepared(p, name, item, desc, base_model, durable)
 
-    def _prepare_file(self, p: Path, arch, progress, shortcut: bool, name: str | None = None
-                      ) -> tuple[Ingested, dict | None]:
+    def _prepare_file(self, p: Path, arch, progress, shortcut: bool, name: str | None = None,
+                      allow_nonfinite: bool = False) -> tuple[Ingested, dict | None]:
         """Stream ``p`` into a temporary file of the store and describe those bytes. Without
         ``shortcut`` the catalogue is not consulted (safe in a worker thread); with it, bytes that
         ``name`` already has are not described (desc None) and a description is copied from
-        another version with the same bytes and file name."""
+        another version with the same bytes and file name. An adapter or embedding holding NaN/Inf
+        values is refused (FormatError naming ``p``) unless ``allow_nonfinite``: it would load
+        everywhere and turn every image it touches into noise."""
         item = self.store.ingest(p, progress)
         try:
             if shortcut and name is not None and _db.version_of_name_with_sha(self.db, name, item.sha256,
                                                                                 with_tags=False):
                 return item, None
-            return item, self._describe_ingested(item, p, arch, shortcut=shortcut)
+            desc = self._describe_ingested(item, p, arch, shortcut=shortcut)
+            if not allow_nonfinite and desc.get("artifact") in ("adapter", "embedding"):
+                from loradex.converters.safetensors_io import nonfinite_keys
+
+                bad = nonfinite_keys(item.tmp)
+                if bad:
+                    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                    raise FormatError(f"{p}: holds NaN/Inf values in {len(bad)} tensor(s): {', '.join(bad[:3])}{more} "
+                                      "(add --allow-nonfinite to store it anyway)")
+            return item, desc
         except BaseException:
             self.store.discard(item)
             raise

@@ -326,24 +326,25 @@ class Registry:
             trigger_words: Iterable[str] | None = None, labels: Iterable[str] | None = None, arch=None,
             base_model: str | None = None, parents: Iterable = (), operation: str = "import",
             params: dict | None = None, source: str | None = None, follow_links: bool = False,
-            progress: Callable[[int], None] | None = None) -> Version:
+            progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False) -> Version:
         """Store one artifact (a file, a PEFT adapter folder or a diffusers pipeline folder) as the
         next version of ``name``. Adding bytes that ``name`` already has returns that version (its
         tags updated). ``parents``/``operation``/``params`` record lineage (REFs, Versions or paths);
         an import records its source path. ``arch`` (a name or an Arch, e.g. a ``--base``'s) reads
         the file against that architecture; ``base_model`` records the base it is for (the
         identity of a ``--base``: REF, Hub id or path). Only regular files are read;
-        ``follow_links`` lets a folder's symlinks leave it (see ``registry.scan``)."""
+        ``follow_links`` lets a folder's symlinks leave it (see ``registry.scan``). An adapter or
+        embedding holding NaN/Inf values is refused (FormatError) unless ``allow_nonfinite``."""
         self._writable(f"add {path}")
         info = {"description": description, "trigger_words": as_list(trigger_words), "labels": as_list(labels)}
         return self._ingest.add(path, name, tags=tags, info=info, arch=arch, base_model=base_model, parents=parents,
                                 operation=operation, params=params, source=source, follow_links=follow_links,
-                                progress=progress)
+                                progress=progress, allow_nonfinite=allow_nonfinite)
 
     def add_many(self, root: str | os.PathLike, *, prefix: str | None = None, tags: Iterable[str] = (),
                  arch=None, base_model: str | None = None, batch: int = 64, workers: int | None = None,
                  follow_links: bool = False, on_file: Callable[[str, str], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> ImportReport:
+                 progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False) -> ImportReport:
         """Import every artifact under a folder (e.g. A1111's ``models/Lora``): each weights file,
         and each sub-folder that is one artifact (PEFT adapter, diffusers pipeline), named after its
         path relative to ``root`` (``prefix-`` prepended when given). Files loradex does not
@@ -352,10 +353,12 @@ class Registry:
         Blobs are made durable once per ``batch`` (one ``syncfs``) and each batch's rows are written
         in one transaction. ``workers`` threads (default: one per CPU, at most 8) stage files ahead
         of the catalogue. ``arch`` (a name or an Arch: ``--base``'s) and ``base_model`` apply to
-        every file."""
+        every file. Adapters holding NaN/Inf values are skipped with the reason unless
+        ``allow_nonfinite``."""
         self._writable(f"import {root}")
         return self._ingest.add_many(root, prefix=prefix, tags=tags, arch=arch, base_model=base_model, batch=batch,
-                                     workers=workers, follow_links=follow_links, on_file=on_file, progress=progress)
+                                     workers=workers, follow_links=follow_links, on_file=on_file, progress=progress,
+                                     allow_nonfinite=allow_nonfinite)
 
     # ---- editing ---------------------------------------------------------------------------
     def update(self, name: str, *, description: str | None = None, trigger_words: Iterable[str] | None = None,
