@@ -200,6 +200,15 @@ def test_cli_resize_and_merge(bench, refs, tmp_path, monkeypatch, capsys):
     code, stdout, err = run(capsys, "resize", refs["loha"], "-o", tmp_path / "h.safetensors", "--fro", 0.9,
                             "--to", "kohya", "--arch", arch)
     assert code == 0 and "modules resized" in stdout, err
+    # counts add up, no list is cut silently, and what --fro names (the norm share) is printed
+    code, js, _ = run(capsys, "resize", refs["loha"], "-o", tmp_path / "h.safetensors", "--fro", 0.9,
+                      "--to", "kohya", "--arch", arch, "--json")
+    d = json.loads(js)
+    n, kept = len(d["modules"]), len(d["kept"])
+    assert f"{n} of {n + kept} modules resized" in stdout
+    shown = [ln for ln in stdout.splitlines() if ln.startswith("  ") and "rank" in ln and "->" in ln]
+    assert len(shown) == min(n, 20) and (n <= 20 or f"... and {n - 20} more" in stdout)
+    assert all(float(ln.split("(norm ")[1].split(")")[0]) >= 0.9 - 1e-4 for ln in shown)
     t0 = time.perf_counter()
     bad(run(capsys, "resize", refs["lora"], "-o", tmp_path / "x.safetensors", "--arch", arch), "policy")
     bad(run(capsys, "resize", refs["lora"], "-o", tmp_path / "x.safetensors", "--fro", 0.5, "--ratio", 2))

@@ -36,6 +36,14 @@ def format_help(prefix: str = "") -> str:
     return f"{prefix}{targets_help()}"
 
 
+def first(lines: list[str], limit: int = 20, indent: str = "  ") -> list[str]:
+    """``lines`` cut to ``limit``, with ``... and N more (--json lists all)`` when cut: a report never
+    drops entries silently, and ``--json`` always holds the whole list."""
+    if len(lines) <= limit:
+        return list(lines)
+    return list(lines[:limit]) + [f"{indent}... and {len(lines) - limit} more (--json lists all)"]
+
+
 def emit(obj, as_json: bool, text: str | None = None) -> None:
     """A command's result on stdout: ``obj`` as indented, key-sorted JSON under ``--json`` (values
     JSON cannot hold, e.g. paths and dtypes, as ``str``), else ``text`` (nothing when None)."""

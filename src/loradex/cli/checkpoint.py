@@ -8,7 +8,7 @@ import sys
 import click
 
 from loradex.bases import resolve_base
-from loradex.cli import LazyHelpOption, cli, emit, format_help
+from loradex.cli import LazyHelpOption, cli, emit, first, format_help
 from loradex.cli.merge import dynamic_rank_options
 from loradex.cli.registry import ARCH_HELP, input_path, output_path, ref_arch, save_as_option, store_output
 
@@ -68,11 +68,11 @@ def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_d
                                  arch=adapter.arch, base=b) if save_as else None
     d = {"base": base, "tuned": tuned, "dst": dst, "format": to, **report.to_dict(), "write": wreport.to_dict()}
     text = [f"extracted {tuned} - {base}: {report.summary()}"]
-    for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1]["error"])[:20]:
-        text.append(f"  {name}: rank {m['rank']}, energy {m['energy']:.4f}, rel. error {m['error']:.3g}")
+    text += first([f"  {name}: rank {m['rank']}, energy {m['energy']:.4f} (norm {m['energy'] ** 0.5:.4f}), "
+                   f"rel. error {m['error']:.3g}"
+                   for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1]["error"])])
     changed = {n: why for n, why in report.skipped.items() if not why.startswith("identical")}
-    for name, why in list(changed.items())[:20]:
-        text.append(f"  skipped {name}: {why}")
+    text += first([f"  skipped {name}: {why}" for name, why in changed.items()])
     text.append(f"wrote {dst} ({wreport.target})" if dst else f"written ({wreport.target})")
     if saved is not None:
         d["saved_as"] = saved.to_dict(metadata=False)

@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from loradex.cli import LazyHelpOption, cli, emit, format_help
+from loradex.cli import LazyHelpOption, cli, emit, first, format_help
 from loradex.cli.registry import (
     arch_options,
     chosen_arch,
@@ -62,10 +62,7 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, as_
         h = info["hashes"]
         lines.append(f"sha256:      {h['sha256']}")
         lines.append(f"civitai:     AutoV1 {h['autov1']}  AutoV2 {h['autov2']}  AutoV3 {h['autov3'] or '-'}")
-    for n in info["notes"][:10]:
-        lines.append(f"note:        {n}")
-    if len(info["notes"]) > 10:
-        lines.append(f"note:        ... and {len(info['notes']) - 10} more (--json lists all)")
+    lines += first([f"note:        {n}" for n in info["notes"]], 10, indent="note:        ")
     if info.get("nonfinite"):
         bad = info["nonfinite"]
         lines.append(f"NaN/Inf:     {len(bad)} modules hold non-finite values: {', '.join(bad[:5])}"
@@ -129,7 +126,4 @@ def convert_cmd(
 
 def _listed(label: str, items: list[str], limit: int = 20) -> list[str]:
     """The first ``limit`` report lines, then how many more (``--json`` has them all)."""
-    out = [f"  {label} {x}" for x in items[:limit]]
-    if len(items) > limit:
-        out.append(f"  {label} ... and {len(items) - limit} more (--json lists all)")
-    return out
+    return first([f"  {label} {x}" for x in items], limit, indent=f"  {label} ")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loradex.cli import cli, emit
+from loradex.cli import cli, emit, first
 from loradex.cli.registry import (
     arch_options,
     chosen_arch,
@@ -73,7 +73,7 @@ def _tail(d: dict, text: list[str], dst, to, wreport, saved) -> None:
     if saved is not None:
         d["saved_as"] = saved.to_dict(metadata=False)
         text.append(f"stored as {saved.ref} (sha256 {saved.sha256[:12]})")
-    text += [f"  note: {n}" for n in wreport.notes[:20]]
+    text += first([f"  note: {n}" for n in wreport.notes])
 
 
 def dynamic_rank_options(f):
@@ -124,13 +124,17 @@ def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, strict, s
                                     {k: v for k, v in params.items() if v is not None}, a, b or recorded_base(version))
     d = {"src": src, **report.to_dict()}
     text = [f"resized {src}: {report.summary()}"]
-    for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1]["error"])[:20]:
-        text.append(f"  {name}: rank {m['old_rank']} -> {m['new_rank']}, energy {m['energy']:.4f}, "
-                    f"rel. error {m['error']:.3g}")
-    for name, why in list(report.kept.items())[:20]:
-        text.append(f"  kept {name}: {why}")
+    text += first([f"  {name}: rank {m['old_rank']} -> {m['new_rank']}, {_kept(m)}"
+                   for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1]["error"])])
+    text += first([f"  kept {name}: {why}" for name, why in report.kept.items()])
     _tail(d, text, dst, to, wreport, saved)
     emit(d, as_json, "\n".join(text))
+
+
+def _kept(m: dict) -> str:
+    """What a truncation kept: the energy (share of sum S^2: what --cumulative-style policies and
+    the error bound speak of), the norm share sqrt(energy) (what --fro names), the relative error."""
+    return (f"energy {m['energy']:.4f} (norm {m['energy'] ** 0.5:.4f}), rel. error {m['error']:.3g}")
 
 
 def _parse_merge_item(arg: str) -> tuple[str, float, str | None]:
@@ -217,9 +221,9 @@ def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, 
     d = {"inputs": [p for p, _, _ in parsed], **report.to_dict()}
     text = [f"merged: {report.summary()}"]
     if report.method not in ("concat",):
-        for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1].get("error", 0.0))[:10]:
-            if m.get("rank") is not None:
-                text.append(f"  {name}: rank {m['rank']}, energy {m['energy']:.4f}, rel. error {m['error']:.3g}")
+        text += first([f"  {name}: rank {m['rank']}, {_kept(m)}"
+                       for name, m in sorted(report.modules.items(), key=lambda kv: -kv[1].get("error", 0.0))
+                       if m.get("rank") is not None])
     for i, b in report.blocks.items():
         w = b["block_weights"]
         text.append(f"  input {i}: block weights {w['spec']} ({w['layout']} entries): {len(b['dropped'])} modules "

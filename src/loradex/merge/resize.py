@@ -57,12 +57,16 @@ class ResizeReport:
 
     def summary(self) -> str:
         """One line: modules resized, total rank before -> after, max error, modules kept."""
+        total = len(self.modules) + len(self.kept)
+        within = sum(1 for why in self.kept.values() if "within the policy" in why)
+        kept = (f"{len(self.kept)} kept as is ({within} already within the policy, "
+                f"{len(self.kept) - within} with no exact LoRA form)") if self.kept else "none kept as is"
         if not self.modules:
-            return f"nothing resized ({len(self.kept)} modules kept as is)"
+            return f"nothing resized of {total} modules: {kept}"
         old = sum(m["old_rank"] for m in self.modules.values())
         new = sum(m["new_rank"] for m in self.modules.values())
-        return (f"{len(self.modules)} modules resized (total rank {old} -> {new}, "
-                f"max rel. error {self.max_error:.3g}), {len(self.kept)} kept as is")
+        return (f"{len(self.modules)} of {total} modules resized (their total rank {old} -> {new}, "
+                f"max rel. error {self.max_error:.3g}); {kept}")
 
 
 def _check_policy(rank, fro, ratio, cumulative) -> dict:
@@ -135,6 +139,7 @@ def resize(
     out = Adapter(
         patches=patches, embeddings=dict(adapter.embeddings), metadata=dict(adapter.metadata),
         arch=adapter.arch, source_format=adapter.source_format, notes=list(adapter.notes),
+        unexplained=dict(adapter.unexplained),
     )
     if report.modules:
         out.metadata.pop("ss_network_dim", None)
