@@ -4,8 +4,13 @@ Each format is one module (``BUILTIN`` below) whose converter class registers it
 ``@register_format`` (``converters/common.py``); the lists here -- detection order, ``--to`` names,
 which formats hold modules or embeddings -- are derived from the registered classes' attributes.
 Write targets today: kohya (= a1111, comfy: both load kohya keys for every kind), lycoris,
-diffusers, peft, and for textual inversion a1111-ti, kohya-ti, diffusers-ti. ``a1111`` on an
-adapter that only holds embeddings means A1111's ``.pt`` embedding.
+diffusers, peft, and for textual inversion a1111-ti, kohya-ti, diffusers-ti and a1111-png (an
+embedding image). ``a1111`` on an adapter that only holds embeddings means A1111's ``.pt`` embedding.
+
+Every reader of adapter weights (kohya, lycoris, comfy, diffusers) reads safetensors files and
+pickles (``.pt``/``.ckpt``/``.bin``, opened with ``torch.load(weights_only=True)`` only) alike:
+``safetensors_io.read_tensor_header`` describes a pickle's flat ``{key: tensor}`` dict like a
+safetensors header, so detection goes by the keys whatever the container.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 #: The format modules shipped with loradex (each registers its converters when imported). A new
 #: format is one module plus its name here.
-BUILTIN = ("peft", "kohya", "lycoris", "comfy", "embeddings", "diffusers")
+BUILTIN = ("peft", "kohya", "lycoris", "comfy", "embeddings", "a1111_png", "diffusers")
 _loaded = False
 
 

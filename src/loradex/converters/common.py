@@ -164,8 +164,11 @@ def fit_kinds(
 
     Patches of other kinds become plain LoRA: exactly where the algebra allows (LoHa, LoKr, Tucker
     LoRA), otherwise by SVD at ``rank`` (error reported). Kinds whose update depends on the base
-    weight ((IA)^3, GLoRA, OFT, BOFT, DoRA) cannot be converted without it: they are an error
-    unless the target holds them.
+    weight ((IA)^3, GLoRA, OFT, BOFT) cannot be converted without it: they are an error unless
+    the target holds them. DoRA on an additive kind (LoHa, LoKr, Tucker or sparse-residual LoRA)
+    in a target that holds LoRA + DoRA becomes the exact LoRA of its update with the *same*
+    magnitude (see :func:`_dora_exact_lora`): DoRA normalises ``V = W + dW``, and the exact LoRA
+    form leaves ``dW``, hence ``V``, unchanged.
 
     A LoRA carrying LyCORIS' sparse weight residual (``bias_*``) in a target without one
     (``residual_ok=False``: diffusers/PEFT ``lora_A``/``lora_B`` have no sparse term, and their
@@ -189,6 +192,9 @@ def fit_kinds(
             continue
         if "lora" not in allowed:
             raise ConversionError(f"{report.target} cannot hold {p.kind} patches ({name})")
+        if has_dora and type(p).exact_lora and dora_ok and not p.always_needs_base:
+            out[name] = _dora_exact_lora(name, p, dora_ok, rank, report)
+            continue
         if p.needs_base:
             what = "DoRA" if has_dora else p.kind
             raise ConversionError(
@@ -225,6 +231,38 @@ def fit_kinds(
             report.approximated[name] = err
     return Adapter(out, dict(adapter.embeddings), dict(adapter.metadata), adapter.arch, adapter.source_format,
                    list(adapter.notes), dict(adapter.unexplained))
+
+
+def _dora_exact_lora(name: str, p: Patch, dora_ok: bool | str, rank: int | None, report: ConversionReport) -> Patch:
+    """A DoRA patch of an additive kind as an exact LoRA carrying the same ``dora_scale``.
+
+    DoRA (lycoris-lora 4.1.3 ``weight_decompose``, PEFT 0.21 ``DoraLinearLayer``, see
+    ``core/kinds/dora.py``) computes ``W' = s * V / ||V||`` with ``V = W + dW``: the magnitude ``s``
+    multiplies whatever ``dW`` is, so re-expressing a LoHa's ``(w1a@w1b)*(w2a@w2b)`` (or a LoKr's
+    Kronecker product, a Tucker core, a sparse residual) as the exact factors ``up @ down`` of the
+    same ``dW`` changes nothing in ``V`` and the result is exact for every base weight. At
+    multiplier 1 lycoris, PEFT/diffusers and ComfyUI agree (up to lycoris' eps in the norm).
+
+    ``dora_ok == "row"`` (diffusers/PEFT: ``lora_magnitude_vector`` is one magnitude per output
+    row): a per-input-column ``dora_scale`` (lycoris ``wd_on_output=False``) has no such form and
+    is refused, naming why. The DoRA module keeps its exact rank: truncating ``dW`` at ``--rank``
+    would change ``V`` and so the norm, by an amount only the base weight can tell."""
+    if dora_ok == "row" and not getattr(p, "dora_on_output", False):
+        raise ConversionError(
+            f"{name}: its dora_scale holds one magnitude per input column (lycoris wd_on_output=False) and "
+            f"{report.target} holds DoRA only as one magnitude per output row (PEFT's lora_magnitude_vector); "
+            "re-expressing it needs the base weights: convert to kohya/lycoris or bake it into the base model"
+        )
+    plain = replace(p, dora_scale=None)
+    lora, err = plain.to_lora()
+    if err:  # pragma: no cover - to_lora() without a rank is exact for every additive kind
+        raise ConversionError(f"{name}: no exact LoRA form for this {p.kind} + DoRA patch")
+    lora = replace(lora, dora_scale=p.dora_scale)
+    if rank is not None and rank < lora.rank:
+        report.notes.append(f"{name}: DoRA module kept at its exact rank {lora.rank} (--rank {rank} would change "
+                            "the DoRA norm by an amount only the base weight tells)")
+    report.exact[name] = f"{p.kind}+dora->lora+dora r={lora.rank} (same magnitude: W + dW unchanged)"
+    return lora
 
 
 def dora_all_or_none(patches: dict[str, Patch], component: str, target: str) -> bool:
@@ -277,6 +315,9 @@ class Converter:
     writes: ClassVar[bool] = True
     #: Writes a folder rather than one file.
     folder: ClassVar[bool] = False
+    #: File name endings the writer produces (the first is added to a name without one); ``-o`` with
+    #: another weights ending is refused by the CLI (safetensors bytes under a ``.ckpt`` name).
+    suffixes: ClassVar[tuple[str, ...]] = (".safetensors",)
     #: Writer options beyond :data:`COMMON_OPTIONS`; anything else is a ConversionError.
     options: ClassVar[frozenset[str]] = frozenset()
     description: ClassVar[str] = ""

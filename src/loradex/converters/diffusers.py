@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -123,14 +124,14 @@ class Diffusers(Converter):
     def detect(self, path: Path) -> bool:
         if not path.is_file():
             return False
-        h = sio.read_header(path)
+        h = sio.read_tensor_header(path)
         ks = [k for k in h.tensors if not k.startswith("base_model.model.")]
         return bool(ks) and any(normalize_key(k) for k in ks) and not any(k.startswith("lora_") for k in ks)
 
     def read(self, path: Path, arch=None) -> Adapter:
-        h = sio.read_header(path)
+        h = sio.read_tensor_header(path)
         groups: dict[str, dict[str, str]] = {}
-        unexplained: dict[str, str] = {}
+        unexplained: dict[str, str] = sio.pickled_extras(path)  # a pickle's non-tensor entries
         for k in h.tensors:
             nk = normalize_key(k)
             if nk is None:
@@ -151,7 +152,7 @@ class Diffusers(Converter):
             for k, info in h.tensors.items()
         }
         a = resolve_arch(arch, shapes, required=False, path=path, metadata=dict(h.metadata))
-        tensors = sio.load(path, header=h)
+        tensors = sio.load_tensors(path, header=h)
         patches, notes = {}, []
         known = 0  # modules the arch has
         by_comp: dict[str, list[str]] = {}
@@ -224,8 +225,25 @@ class Diffusers(Converter):
         return float(alpha)
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, title=None, arch=None):
+        out, meta = self.state_dict(adapter, report, dtype=dtype, rank=rank, title=title or Path(path).stem, arch=arch)
+        sio.save(out, path, meta)
+
+    def state_dict(self, adapter: Adapter, report: ConversionReport, dtype=None, rank=None, title: str = "adapter",
+                   arch=None, fold_scale: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and header metadata of the file :meth:`write` writes (``loradex.to_diffusers``
+        takes them in memory).
+
+        ``fold_scale``: every module's ``alpha / r`` is folded into ``lora_B`` (and its bias: PEFT
+        scales ``lora_B(lora_A(x))`` whole), so that the state dict is exact *without* metadata.
+        diffusers 0.42 gets no ``lora_adapter_metadata`` for a state dict passed in memory
+        (``lora_base._fetch_state_dict`` only reads it from a safetensors header) and then gives
+        every module scale 1 (``utils/peft_utils.get_peft_kwargs``: alpha = rank, mixed ranks
+        mirrored into ``alpha_pattern``); folded factors at scale 1 are the same update. The
+        metadata returned then says scale 1 too, so a file saved from it loads the same."""
         adapter = fit_kinds(adapter, self.kinds, rank, report, dora_ok=self.dora, tucker_ok=False, residual_ok=False)
-        a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
+        if fold_scale:
+            adapter = replace(adapter, patches={n: _fold_scale(p) for n, p in adapter.patches.items()})
+        a = resolve_arch(arch or adapter.arch, {}, required=False, path=Path(title))
         out: dict[str, torch.Tensor] = {}
         config: dict[str, object] = {}
         by_comp: dict[str, list[str]] = {}
@@ -271,7 +289,18 @@ class Diffusers(Converter):
             report.notes.append(
                 "diffusers LoRA files cannot hold textual-inversion embeddings; write them with --to diffusers-ti"
             )
-        meta = modelspec(adapter, title or Path(path).stem)
+        meta = modelspec(adapter, title)
         meta[METADATA_KEY] = json.dumps(config, sort_keys=True)
         meta["format"] = "pt"
-        sio.save(out, path, meta)
+        return out, meta
+
+
+def _fold_scale(p: LoraPatch) -> LoraPatch:
+    """The same LoRA at scale 1: ``alpha / r`` multiplied into ``up`` (and the PEFT bias), alpha = r
+    (exact up to one rounding of each factor entry in its own dtype)."""
+    s = p.scale
+    if s == 1.0:
+        return replace(p, alpha=torch.tensor(float(p.rank)))
+    up = (p.up.double() * s).to(p.up.dtype)
+    bias = None if p.bias is None else (p.bias.double() * s).to(p.bias.dtype)
+    return replace(p, up=up, bias=bias, alpha=torch.tensor(float(p.rank)))

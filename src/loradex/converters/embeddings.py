@@ -557,6 +557,7 @@ class A1111Embedding(_TIConverter):
     only SDXL layout) in either container."""
 
     name = "a1111-ti"
+    suffixes = (".pt", ".safetensors")
     priority = 50
     embedding_aliases = ("a1111",)
     description = "AUTOMATIC1111 textual inversion (.pt string_to_param, or .safetensors)"
@@ -596,6 +597,7 @@ class KohyaEmbedding(_TIConverter):
     safetensors with ModelSpec metadata (a ``.pt`` name gets the same dict pickled, as kohya does)."""
 
     name = "kohya-ti"
+    suffixes = (".safetensors", ".pt")
     priority = 60
     description = "kohya sd-scripts textual inversion (emb_params; clip_l/clip_g for SDXL)"
 
@@ -622,6 +624,7 @@ class DiffusersEmbedding(_TIConverter):
     (see the module docstring)."""
 
     name = "diffusers-ti"
+    suffixes = (".safetensors", ".bin")
     priority = 70
     hidden_aliases = ("ti",)
     options = frozenset({"token", "sdxl_layout"})

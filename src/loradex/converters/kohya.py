@@ -156,7 +156,7 @@ class Kohya(Converter):
     def detect(self, path: Path) -> bool:
         if not path.is_file():
             return False
-        h = sio.read_header(path)
+        h = sio.read_tensor_header(path)
         key = kohya_key()
         return any(key.match(k) for k in h.tensors)
 
@@ -166,8 +166,8 @@ class Kohya(Converter):
         embeddings (``embeddings.read_bundle``), and a key with no ``.`` at all is no kohya key."""
         from loradex.converters.embeddings import read_bundle
 
-        h = sio.read_header(path)
-        unexplained: dict[str, str] = {}
+        h = sio.read_tensor_header(path)
+        unexplained: dict[str, str] = sio.pickled_extras(path)  # a pickle's non-tensor entries
         groups: dict[str, dict[str, str]] = {}
         for k in h.tensors:
             if k.startswith(BUNDLE_PREFIX):
@@ -181,7 +181,7 @@ class Kohya(Converter):
         if not any(kohya_key().match(k) for k in h.tensors) and not has_bundle:
             raise FormatError(f"{path}: no kohya LoRA keys found")
         a = resolve_arch(arch, h.shapes(), required=bool(groups), path=path, metadata=dict(h.metadata))
-        tensors = sio.load(path, header=h)
+        tensors = sio.load_tensors(path, header=h)
         patches, notes = {}, []
         if groups:
             patches, notes, more = read_patches(groups, tensors, a, a.from_kohya, path)

@@ -208,14 +208,33 @@ class Peft(Converter):
         return float(alpha) / (cfg_r**0.5 if cfg.get("use_rslora") else cfg_r)
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, title=None):
-        kinds = set(adapter.kinds())
-        # one PEFT config holds one tuner type: LoHa-only stays LoHa, anything else becomes LoRA
-        allowed = frozenset({"loha"}) if kinds == {"loha"} else frozenset({"lora"})
-        # PEFT's LoHa tuner has no DoRA; its LoRA tuner has per-row DoRA (lora_magnitude_vector)
-        adapter = fit_kinds(adapter, allowed, rank, report, dora_ok=False if "loha" in allowed else "row", tucker_ok=False,
-                           residual_ok=False)
-        a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
+        # one PEFT config holds one tuner type, and each component is its own folder (its own
+        # config): a component whose patches PEFT's LoHa tuner holds as they are stays LoHa, any
+        # other becomes exact LoRA (PEFT's LoRA tuner: per-row DoRA as lora_magnitude_vector)
         comps = sorted({component_of(n) for n in adapter.patches})
+        tuners: dict[str, tuple[str, bool]] = {}
+        fitted: dict[str, Patch] = {}
+        for comp in comps:
+            part = {n: p for n, p in adapter.patches.items() if component_of(n) == comp}
+            effective = self._loha_tuner(part)
+            sub = Adapter(part, {}, {}, adapter.arch, adapter.source_format)
+            if effective is not None:
+                tuners[comp] = ("LOHA", effective)
+                sub = fit_kinds(sub, frozenset({"loha"}), rank, report, dora_ok=False, tucker_ok=True, residual_ok=False)
+                if effective:
+                    report.notes.append(f"{comp}: PEFT LoHa tuner with use_effective_conv2d (the Tucker cores of "
+                                        "its kxk convs kept as they are)")
+            else:
+                tuners[comp] = ("LORA", False)
+                if "loha" in set(adapter.kinds()):
+                    report.notes.append(f"{comp}: written with PEFT's LoRA tuner (exact LoRA forms): "
+                                        f"{self._why_not_loha(part)}")
+                sub = fit_kinds(sub, frozenset({"lora"}), rank, report, dora_ok="row", tucker_ok=False,
+                                residual_ok=False)
+            fitted.update(sub.patches)
+        adapter = Adapter(fitted, dict(adapter.embeddings), dict(adapter.metadata), adapter.arch,
+                          adapter.source_format, list(adapter.notes), dict(adapter.unexplained))
+        a = resolve_arch(arch or adapter.arch, {}, required=False, path=path)
         if path.exists() and not path.is_dir():
             raise FormatError(f"{path}: exists and is not a folder")
         if not path.parent.is_dir():  # like every file target: no surprise folder trees from a typo
@@ -234,7 +253,7 @@ class Peft(Converter):
                 pats = {n: p for n, p in adapter.patches.items() if component_of(n) == comp}
                 if a is not None:
                     pats = {n: conform(p, a.modules[n].shape if n in a.modules else None) for n, p in pats.items()}
-                self._write_one(pats, folder, "LOHA" if allowed == {"loha"} else "LORA", dtype, a)
+                self._write_one(pats, folder, tuners[comp][0], dtype, a, effective_conv2d=tuners[comp][1])
             old = None
             if path.exists():
                 old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('.', 2)[-2]}")
@@ -249,7 +268,42 @@ class Peft(Converter):
             report.notes.append("PEFT folders cannot hold textual-inversion embeddings; write them with --to diffusers-ti")
 
     @staticmethod
-    def _write_one(pats: dict[str, Patch], folder: Path, ptype: str, dtype, arch=None) -> None:
+    def _kxk_conv(p: Patch) -> bool:
+        shape = p.shape
+        return len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+
+    @classmethod
+    def _loha_tuner(cls, patches: dict[str, Patch]) -> bool | None:
+        """Whether PEFT's LoHa tuner holds these patches as they are: None when it does not, else
+        its ``use_effective_conv2d`` flag.
+
+        PEFT 0.21 (``tuners/loha/layer.py``) builds LyCORIS' Tucker form (``hada_t1``/``hada_t2``,
+        ``hada_w*_a`` ``(r, out)``, ``hada_w*_b`` ``(r, in)``, the same ``make_weight_cp`` einsum) for
+        *every* Conv2d whose kernel is not 1x1 when ``use_effective_conv2d`` is set, and for none
+        otherwise; Linears and 1x1 convs are never Tucker (lycoris-lora 4.1.3 makes the same choice,
+        ``use_tucker and k != 1``). So one config holds all-plain LoHa, or LoHa whose kxk convs are
+        all Tucker and whose other modules are all plain. It has no DoRA."""
+        if not patches or any(p.kind != "loha" or getattr(p, "dora_scale", None) is not None for p in patches.values()):
+            return None
+        tucker = {n for n, p in patches.items() if p.tucker}
+        if not tucker:
+            return False
+        kxk = {n for n, p in patches.items() if cls._kxk_conv(p)}
+        return True if tucker == kxk else None
+
+    @classmethod
+    def _why_not_loha(cls, patches: dict[str, Patch]) -> str:
+        kinds = sorted({p.kind for p in patches.values()})
+        if kinds != ["loha"]:
+            return f"one PEFT config holds one tuner and this component has {', '.join(kinds)}"
+        if any(getattr(p, "dora_scale", None) is not None for p in patches.values()):
+            return "PEFT's LoHa tuner has no DoRA"
+        return ("PEFT's LoHa tuner makes the Tucker form for every kxk conv or for none, and this component "
+                "mixes Tucker and plain kxk convs")
+
+    @staticmethod
+    def _write_one(pats: dict[str, Patch], folder: Path, ptype: str, dtype, arch=None,
+                   effective_conv2d: bool = False) -> None:
         out: dict[str, torch.Tensor] = {}
         pp = peft_patterns(pats, lambda n: live_path(n, arch), lambda t: "^" + re.escape(t))
         use_dora = dora_all_or_none(pats, component_of(next(iter(pats))), "peft")
@@ -282,7 +336,7 @@ class Peft(Converter):
             cfg = {
                 "peft_type": "LOHA", "r": pp.r, "alpha": pp.alpha, "rank_pattern": pp.rank_pattern,
                 "alpha_pattern": pp.alpha_pattern, "target_modules": pp.targets, "rank_dropout": 0.0,
-                "module_dropout": 0.0, "use_effective_conv2d": False, "init_weights": True,
+                "module_dropout": 0.0, "use_effective_conv2d": effective_conv2d, "init_weights": True,
                 "inference_mode": True, "task_type": None, "base_model_name_or_path": None, "modules_to_save": None,
             }
         sio.save(out, folder / WEIGHTS[0], {"format": "pt"})
