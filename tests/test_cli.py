@@ -247,7 +247,7 @@ def test_convert_full_needs_rank_for_diffusers(capsys, files, tmp_path):
     back = loradex.load(dst, arch=ARCH)
     assert set(back.ranks()) == {2} and back.kinds() == {"lora": n}
     text = ok(cli(capsys, "convert", files["full"], "-o", dst, "--to", "diffusers", "--arch", ARCH,
-                  "--rank", "2")).out
+                  "--rank", "2", "--force")).out
     assert f"{n} approximated by SVD" in text and "  svd     unet." in text and "rel. error" in text
 
 
@@ -372,12 +372,11 @@ def test_bad_options(capsys, files, tmp_path):
 
 
 @pytest.mark.parametrize("to", ["kohya", "diffusers", "lycoris", "peft", "a1111-ti"])
-def test_output_folder_must_exist(capsys, files, tmp_path, to):
+def test_output_folders_are_created(capsys, files, tmp_path, to):
     src = files["emb"] if to.endswith("-ti") else files["loha"]
     name = "out" if to == "peft" else "out.safetensors"
-    bad(cli(capsys, "convert", src, "-o", tmp_path / "no" / "such" / name, "--to", to, "--arch", ARCH),
-        "does not exist")
-    assert listing(tmp_path) == []
+    ok(cli(capsys, "convert", src, "-o", tmp_path / "no" / "such" / name, "--to", to, "--arch", ARCH))
+    assert (tmp_path / "no" / "such" / name).exists()
 
 
 # ---- failed converts leave nothing behind ----------------------------------------------------------
@@ -393,7 +392,7 @@ def test_failed_convert_keeps_existing_dst(capsys, files, tmp_path, monkeypatch,
         "diffusers": [files["full"]],
         "lycoris": [files["emb"]],
     }[to]
-    bad(cli(capsys, "convert", args[0], "-o", dst, "--to", to, "--arch", ARCH, *args[1:]))
+    bad(cli(capsys, "convert", args[0], "-o", dst, "--to", to, "--arch", ARCH, "--force", *args[1:]))
     assert dst.read_bytes() == before and listing(tmp_path) == ["dst.safetensors"]
 
     # fails while writing: the serializer dies half-way
@@ -402,7 +401,7 @@ def test_failed_convert_keeps_existing_dst(capsys, files, tmp_path, monkeypatch,
         raise OSError("disk full")
 
     monkeypatch.setattr(sio, "_serialize", half_then_fail)
-    bad(cli(capsys, "convert", files["loha"], "-o", dst, "--to", to, "--arch", ARCH), "disk full")
+    bad(cli(capsys, "convert", files["loha"], "-o", dst, "--to", to, "--arch", ARCH, "--force"), "disk full")
     assert dst.read_bytes() == before and listing(tmp_path) == ["dst.safetensors"]
 
 

@@ -202,7 +202,7 @@ def test_cli_resize_and_merge(bench, refs, tmp_path, monkeypatch, capsys):
     assert code == 0 and "modules resized" in stdout, err
     # counts add up, no list is cut silently, and what --fro names (the norm share) is printed
     code, js, _ = run(capsys, "resize", refs["loha"], "-o", tmp_path / "h.safetensors", "--fro", 0.9,
-                      "--to", "kohya", "--arch", arch, "--json")
+                      "--to", "kohya", "--arch", arch, "--json", "--force")
     d = json.loads(js)
     n, kept = len(d["modules"]), len(d["kept"])
     assert f"{n} of {n + kept} modules resized" in stdout

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
+from loradex.cli import analyze as _analyze  # noqa: E402,F401
 from loradex.cli import checkpoint as _checkpoint  # noqa: E402,F401  (registers commands)
 from loradex.cli import convert as _convert  # noqa: E402,F401
 from loradex.cli import demo as _demo  # noqa: E402,F401

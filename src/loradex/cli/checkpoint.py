@@ -10,7 +10,15 @@ import click
 from loradex.bases import resolve_base
 from loradex.cli import LazyHelpOption, cli, emit, first, format_help
 from loradex.cli.merge import dynamic_rank_options
-from loradex.cli.registry import ARCH_HELP, input_path, output_path, ref_arch, save_as_option, store_output
+from loradex.cli.registry import (
+    ARCH_HELP,
+    force_option,
+    input_path,
+    output_path,
+    ref_arch,
+    save_as_option,
+    store_output,
+)
 
 MODEL_HELP = "a diffusers folder, a single-file checkpoint, a registry REF or a Hub id in the local cache"
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -35,9 +43,11 @@ def _progress(as_json: bool) -> bool:
               help_fn=lambda: format_help("output format: "))
 @click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="fp32", show_default=True, help="dtype of the factors")
 @click.option("--arch", default=None, help=ARCH_HELP)
+@force_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the per-module report as JSON")
-def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_diff, to, dtype, arch, save_as, as_json):
+def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_diff, to, dtype, arch, force, save_as,
+                as_json):
     """Extract a LoRA from TUNED minus BASE (diffusers folders or single-file checkpoints of the
     same model; SD1/SD2/SDXL/FLUX/SD3), one tensor pair at a time: truncated (randomized) SVD per
     module, every module decided and reported on its own."""
@@ -62,7 +72,8 @@ def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_d
         adapter.metadata["loradex.base_model"] = b.identity
         params = {k: v for k, v in report.policy.items()}
         params.update(to=to, **({"min_diff": min_diff} if min_diff else {}))
-        with output_path(dst, save_as, folder=to.lower() == "peft") as out:
+        with output_path(dst, save_as, folder=to.lower() == "peft", fmt=to) as out:
+            dst = str(out) if dst is not None else None
             wreport = save(adapter, out, to, arch=adapter.arch)
             saved = store_output(out, save_as, "extract", [b.version or bpath, t.version or tpath], params,
                                  arch=adapter.arch, base=b) if save_as else None
@@ -88,9 +99,10 @@ def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_d
 @click.option("--with-embeddings", is_flag=True, help="append the adapters' TI tokens to the tokenizer(s) and embedding table(s)")
 @click.option("--arch", default=None, help=ARCH_HELP)
 @click.option("--allow-nonfinite", is_flag=True, help="bake adapters holding NaN/Inf values anyway")
+@force_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def bake_cmd(base, adapters, dst, with_embeddings, arch, allow_nonfinite, save_as, as_json):
+def bake_cmd(base, adapters, dst, with_embeddings, arch, allow_nonfinite, force, save_as, as_json):
     """Merge ADAPTERs (files or registry REFs, each with an optional weight W, default 1) into BASE,
     with every kind's exact math, streaming tensor by tensor; the output has the base's layout
     (diffusers folder or single file)."""

@@ -10,6 +10,7 @@ from loradex.cli import LazyHelpOption, cli, emit, first, format_help
 from loradex.cli.registry import (
     arch_options,
     chosen_arch,
+    force_option,
     input_path,
     output_path,
     recorded_base,
@@ -28,16 +29,23 @@ def _fmt_counts(d: dict) -> str:
 @click.argument("path", type=click.Path(exists=False), metavar="PATH|REF")
 @arch_options
 @strict_option
+@click.option("--quality", is_flag=True,
+              help="per module: singular values from the factors, effective rank, energy at rank r/2, norm "
+                   "(relative to --base's weights when it has them), dead / outlier / non-finite flags")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
-def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, as_json: bool) -> None:
+def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, quality: bool, as_json: bool) -> None:
     """Format, arch, kinds, modules, ranks, alphas, embeddings, metadata and hashes of PATH (or of a
-    registry REF: NAME, NAME@N, NAME:TAG, sha256 prefix)."""
+    registry REF: NAME, NAME@N, NAME:TAG, sha256 prefix); --quality adds the spectrum and flags."""
     from loradex.api import inspect
 
     with contextlib.ExitStack() as stack:
         p, version = stack.enter_context(input_path(path))
-        a, _ = chosen_arch(stack, arch, base, version)
+        a, b = chosen_arch(stack, arch, base, version)
         info = inspect(p, arch=a, strict=strict)
+        if quality:
+            from loradex.cli.analyze import quality_report
+
+            info["quality"], quality_lines = quality_report(p, a, b, strict, stack)
     if version is not None:
         info.update(path=path, ref=version.ref)
     if as_json:
@@ -71,6 +79,8 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, as_
     if info.get("unexplained"):
         lines.append(f"unexplained: {len(info['unexplained'])} keys no kind or module explains (not read)")
         lines += unexplained_lines(info["unexplained"], indent="  ")
+    if quality:
+        lines += quality_lines
     emit(info, False, "\n".join(lines))
 
 
@@ -85,11 +95,12 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, as_
 @strict_option
 @click.option("--uniform-alpha", is_flag=True,
               help="kohya: fold per-module alphas into lora_up so diffusers' kohya loader reads the file exactly")
+@force_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the conversion report as JSON")
 def convert_cmd(
     src: str, dst: str | None, to: str, rank: int | None, dtype: str | None, arch: str | None, base: str | None,
-    strict: bool, uniform_alpha: bool, save_as: str | None, as_json: bool
+    strict: bool, uniform_alpha: bool, force: bool, save_as: str | None, as_json: bool
 ) -> None:
     """Convert SRC (any supported format) to FORMAT, exact wherever the math allows.
 
@@ -102,7 +113,8 @@ def convert_cmd(
     with contextlib.ExitStack() as stack:
         src_path, version = stack.enter_context(input_path(src))
         a, b = chosen_arch(stack, arch, base, version)
-        out = stack.enter_context(output_path(dst, save_as, folder=to.lower() == "peft"))
+        out = stack.enter_context(output_path(dst, save_as, folder=to.lower() == "peft", fmt=to))
+        dst = str(out) if dst is not None else None
         report = convert(src_path, out, to, rank=rank, dtype=dtype, arch=a, strict=strict, **options)
         saved = None
         if save_as:

@@ -8,6 +8,7 @@ from loradex.cli import cli, emit, first
 from loradex.cli.registry import (
     arch_options,
     chosen_arch,
+    force_option,
     input_path,
     output_path,
     recorded_base,
@@ -60,11 +61,11 @@ def _write(adapter, to, dst, save_as, operation, parents, params, arch, base=Non
     from loradex.api import save
 
     to = to or default_format(adapter)
-    with output_path(dst, save_as, folder=to.lower() == "peft") as out:
+    with output_path(dst, save_as, folder=to.lower() == "peft", fmt=to) as out:
         report = save(adapter, out, to, arch=arch)
         saved = store_output(out, save_as, operation, parents, params, arch=arch or adapter.arch,
                              base=base) if save_as else None
-    return to, report, saved
+    return to, report, saved, (str(out) if dst is not None else None)
 
 
 def _tail(d: dict, text: list[str], dst, to, wreport, saved) -> None:
@@ -100,9 +101,10 @@ def dynamic_rank_options(f):
 @click.option("--to", "to", default=None, help="output format (default: the input's when it can hold the result, else kohya)")
 @arch_options
 @strict_option
+@force_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, strict, save_as, as_json):
+def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, strict, force, save_as, as_json):
     """Truncate every LoRA / LoHa / LoKr module of IN to a fixed or per-module dynamic rank (SVD from
     the factors; the scale alpha/rank is preserved). Other kinds are kept as they are."""
     from loradex.api import load
@@ -120,7 +122,7 @@ def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, strict, s
         adapter = load(src_path, arch=a, strict=strict)
         out, report = resize(adapter, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative)
         params = {"rank": rank, "fro": fro, "ratio": ratio, "cumulative": cumulative, "to": to, "base": base}
-        to, wreport, saved = _write(out, to, dst, save_as, "resize", [version or src_path],
+        to, wreport, saved, dst = _write(out, to, dst, save_as, "resize", [version or src_path],
                                     {k: v for k, v in params.items() if v is not None}, a, b or recorded_base(version))
     d = {"src": src, **report.to_dict()}
     text = [f"resized {src}: {report.summary()}"]
@@ -177,10 +179,11 @@ _METHOD_HELP = ("concat: the exact weighted sum (ranks add up; one input: only s
 @arch_options
 @strict_option
 @click.option("--allow-nonfinite", is_flag=True, help="merge inputs holding NaN/Inf values anyway")
+@force_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, arch, base, strict,
-              allow_nonfinite, save_as, as_json):
+              allow_nonfinite, force, save_as, as_json):
     """Merge adapters IN (files or registry REFs), each with an optional weight W (default 1,
     negative allowed) and block weights BLOCKS. concat: the result's update is exactly
     sum_i W_i dW_i (LoHa/LoKr through their exact LoRA form). Embeddings are kept (a token in
@@ -217,7 +220,7 @@ def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, 
                   **({"to": to} if to else {})}
         same = {x.identity for x in bases if x is not None}
         inherited = next(x for x in bases if x is not None) if len(same) == 1 and None not in bases else None
-        to, wreport, saved = _write(out, to, dst, save_as, "merge", parents, params, a, b or inherited)
+        to, wreport, saved, dst = _write(out, to, dst, save_as, "merge", parents, params, a, b or inherited)
     d = {"inputs": [p for p, _, _ in parsed], **report.to_dict()}
     text = [f"merged: {report.summary()}"]
     if report.method not in ("concat",):

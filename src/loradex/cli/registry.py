@@ -72,6 +72,7 @@ def input_path(arg: str) -> Iterator[tuple[Path, object]]:
     Yields (path, Version or None)."""
     p = Path(arg)
     if p.exists():
+        _note_input(p)
         yield p, None
         return
     try:
@@ -145,12 +146,68 @@ def save_as_option(f):
                         help="also store the result in the registry as NAME (with its lineage)")(f)
 
 
+def _note_input(p: Path) -> None:
+    """Remember an input file of the running command, so that its output cannot overwrite it."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.find_root().meta.setdefault("loradex.inputs", []).append(p)
+
+
+#: File name endings of weights files: an output named with one the format does not write is refused
+#: (``-o x.ckpt --to kohya`` would put safetensors bytes under a pickle's name).
+WEIGHT_ENDINGS = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+
+
+def force_option(f):
+    """``--force``: let the command replace an existing output (never one of its inputs)."""
+    return click.option("--force", is_flag=True, help="replace OUT if it exists (never an input of the command)")(f)
+
+
+def safe_output(dst: str | os.PathLike, folder: bool = False, fmt: str | None = None) -> Path:
+    """The path a command may write for ``-o dst``: refused (exit 2) when it is one of the
+    command's inputs, or exists and ``--force`` was not given; for a file format, a name without a
+    weights ending gets the format's ending and one the format does not write is refused; missing
+    parent folders are created. ``fmt`` is the ``--to`` name (its converter's ``suffixes``)."""
+    p = Path(dst)
+    if not folder and fmt is not None:
+        from loradex.converters import converters, resolve_name
+
+        with contextlib.suppress(LoradexError):
+            allowed = tuple(getattr(converters()[resolve_name(fmt)], "suffixes", (".safetensors",)))
+            # a name that means another format for an embeddings-only adapter (a1111 -> a1111-ti)
+            allowed += tuple(s for c in converters().values() if fmt.lower() in c.embedding_aliases
+                             for s in c.suffixes if s not in allowed)
+            if p.suffix.lower() not in allowed:
+                if p.suffix.lower() in WEIGHT_ENDINGS:
+                    raise click.UsageError(f"{p}: a {fmt} file is written as {' or '.join(allowed)}, not "
+                                           f"{p.suffix}; name it {p.stem}{allowed[0]}")
+                p = p.with_name(p.name + allowed[0])
+    ctx = click.get_current_context(silent=True)
+    inputs = ctx.find_root().meta.get("loradex.inputs", []) if ctx is not None else []
+    for i in inputs:
+        same = p.resolve() == i.resolve()
+        with contextlib.suppress(OSError):
+            same = same or (p.exists() and os.path.samefile(p, i))
+        if same:
+            raise click.UsageError(f"{p} is an input of this command: write the output elsewhere (nothing was changed)")
+    force = bool(ctx.params.get("force")) if ctx is not None else False
+    if p.exists() and not force:
+        raise click.UsageError(f"{p} exists: pass --force to replace it, or choose another -o")
+    if not p.parent.exists():
+        try:
+            p.parent.mkdir(parents=True)
+        except OSError as e:
+            raise click.UsageError(f"cannot create the folder {p.parent} ({e.strerror})") from None
+    return p
+
+
 @contextlib.contextmanager
-def output_path(dst: str | None, save_as: str | None, folder: bool = False) -> Iterator[Path]:
-    """Where a command writes: ``dst``, or (only ``--save-as`` given) a temporary path in the
-    registry's folder, removed once stored."""
+def output_path(dst: str | None, save_as: str | None, folder: bool = False, fmt: str | None = None
+                ) -> Iterator[Path]:
+    """Where a command writes: ``dst`` as :func:`safe_output` allows it, or (only ``--save-as``
+    given) a temporary path in the registry's folder, removed once stored."""
     if dst is not None:
-        yield Path(dst)
+        yield safe_output(dst, folder, fmt)
         return
     if save_as is None:
         raise click.UsageError("give -o OUT, --save-as NAME, or both")
@@ -364,12 +421,23 @@ def show_cmd(ref, as_json):
 @click.option("--kind", default=None, help="only versions with this kind (lora, loha, lokr, ..., embedding, checkpoint)")
 @click.option("--base", default=None, help="only this base model (substring)")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--similar-to", "similar_to", default=None, metavar="REF",
+              help="only adapters whose update is close to REF's (see `loradex similar`), closest first")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def search_cmd(query, arch, kind, base, limit, as_json):
+def search_cmd(query, arch, kind, base, limit, similar_to, as_json):
     """Full-text search over names, descriptions, trigger words, labels and file titles; the newest
-    matching version of each adapter."""
-    vs = _registry(write=False).search(query, arch=arch, kind=kind, base=base, limit=limit)
-    emit([v.to_dict(metadata=False) for v in vs], as_json, "\n".join(_one_line(v) for v in vs) or "(no match)")
+    matching version of each adapter. With --similar-to, only those among the adapters closest to
+    REF (estimated cosine of the whole updates, printed), best first."""
+    reg = _registry(write=False)
+    if similar_to is None:
+        vs = reg.search(query, arch=arch, kind=kind, base=base, limit=limit)
+        emit([v.to_dict(metadata=False) for v in vs], as_json, "\n".join(_one_line(v) for v in vs) or "(no match)")
+        return
+    hits = {h.ref: h.cosine for h in reg.similar(similar_to, top=max(4 * limit, 200)).hits}
+    vs = [v for v in reg.search(query, arch=arch, kind=kind, base=base, limit=10000) if v.ref in hits]
+    vs = sorted(vs, key=lambda v: -hits[v.ref])[:limit]
+    emit([{**v.to_dict(metadata=False), "cosine": hits[v.ref]} for v in vs], as_json,
+         "\n".join(f"{hits[v.ref]:+.3f}  {_one_line(v)}" for v in vs) or "(no match)")
 
 
 @cli.command("tag")
@@ -411,12 +479,20 @@ def rm_cmd(ref, all_versions, as_json):
 @click.option("--rank", type=int, default=None, help="SVD rank for kinds the target cannot hold exactly")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None, help="cast the output tensors")
 @arch_options
+@force_option
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def export_cmd(ref, out, to, rank, dtype, arch, base, as_json):
+def export_cmd(ref, out, to, rank, dtype, arch, base, force, as_json):
     """Write a stored version to OUT: the exact stored bytes (checked against the catalogue as they
-    are copied), or converted with --to."""
+    are copied), or converted with --to. OUT may be an existing folder (the file keeps its stored
+    name there); an existing file is replaced only with --force."""
     reg = _registry(write=False)
     v = reg.get(ref)
+    folder = v.layout != "file" if to is None else to.lower() == "peft"
+    target = Path(out)
+    if target.is_dir() and not folder:
+        target = target / (v.filename or f"{v.name}.safetensors")
+    if not (folder and target.is_dir() and not any(target.iterdir())):
+        out = str(safe_output(target, folder=folder, fmt=to))
     with contextlib.ExitStack() as stack:
         arch, _ = chosen_arch(stack, arch, base)
         res = reg.export(v, out, to=to, rank=rank, dtype=dtype, arch=arch)

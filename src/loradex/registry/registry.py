@@ -177,6 +177,14 @@ class Registry:
         """Newest matching version per adapter (see ``db.search``)."""
         return _db.search(self.db, query, arch=arch, kind=kind, base=base, limit=limit)
 
+    def similar(self, ref: str, top: int = 10, exact: bool = False):
+        """The stored adapters closest to ``ref`` by the cosine of their whole updates, estimated
+        from the sketches (``registry.sketches.similar``; ``exact`` recomputes the hits from the
+        factors). Returns a ``SimilarReport``."""
+        from loradex.registry import sketches
+
+        return sketches.similar(self, ref, top=top, exact=exact)
+
     # ---- stored bytes out (each checked against the catalogue) ---------------------------------
     def path(self, ref: str | Version) -> Path:
         """The blob of a single-file version (read-only; use ``export`` for a named copy), its
@@ -337,9 +345,30 @@ class Registry:
         embedding holding NaN/Inf values is refused (FormatError) unless ``allow_nonfinite``."""
         self._writable(f"add {path}")
         info = {"description": description, "trigger_words": as_list(trigger_words), "labels": as_list(labels)}
-        return self._ingest.add(path, name, tags=tags, info=info, arch=arch, base_model=base_model, parents=parents,
-                                operation=operation, params=params, source=source, follow_links=follow_links,
-                                progress=progress, allow_nonfinite=allow_nonfinite)
+        v = self._ingest.add(path, name, tags=tags, info=info, arch=arch, base_model=base_model, parents=parents,
+                             operation=operation, params=params, source=source, follow_links=follow_links,
+                             progress=progress, allow_nonfinite=allow_nonfinite)
+        self._sketch([v])
+        return v
+
+    def _sketch(self, versions: Iterable[Version]) -> None:
+        """Store the similarity sketch of each new version (``registry.sketches``; never raises: a
+        version it cannot sketch is recorded with the reason). A read-only registry skips it."""
+        if self.readonly:
+            return
+        from loradex.registry import sketches
+
+        for v in versions:
+            try:
+                sketches.store_sketch(self, v)
+            except Exception as e:  # noqa: BLE001 - a sketch is an index, never a reason to fail an add
+                log.warning("no similarity sketch for %s (%s); `loradex reindex` retries", v.ref, e)
+
+    @property
+    def connection(self):
+        """The catalogue's ``sqlite3`` connection, for modules that keep their own tables next to
+        the registry's (``registry.sketches``)."""
+        return self.db.conn
 
     def add_many(self, root: str | os.PathLike, *, prefix: str | None = None, tags: Iterable[str] = (),
                  arch=None, base_model: str | None = None, batch: int = 64, workers: int | None = None,
@@ -356,9 +385,11 @@ class Registry:
         every file. Adapters holding NaN/Inf values are skipped with the reason unless
         ``allow_nonfinite``."""
         self._writable(f"import {root}")
-        return self._ingest.add_many(root, prefix=prefix, tags=tags, arch=arch, base_model=base_model, batch=batch,
-                                     workers=workers, follow_links=follow_links, on_file=on_file, progress=progress,
-                                     allow_nonfinite=allow_nonfinite)
+        report = self._ingest.add_many(root, prefix=prefix, tags=tags, arch=arch, base_model=base_model, batch=batch,
+                                       workers=workers, follow_links=follow_links, on_file=on_file,
+                                       progress=progress, allow_nonfinite=allow_nonfinite)
+        self._sketch(report.added)
+        return report
 
     # ---- editing ---------------------------------------------------------------------------
     def update(self, name: str, *, description: str | None = None, trigger_words: Iterable[str] | None = None,
@@ -416,6 +447,9 @@ class Registry:
                 _db.delete_version(d, v)
             for aid in {v.adapter_id for v in victims}:
                 _db.delete_adapter_if_empty(d, aid)
+        from loradex.registry import sketches
+
+        sketches.forget(self, [v.id for v in victims])
         return victims
 
     # ---- what it is and where it came from ------------------------------------------------------
