@@ -16,25 +16,55 @@ functions that need them import them when called, inside ``loradex.log.quiet()``
 typed (``py.typed``).
 """
 
-import warnings as _warnings
+from __future__ import annotations
 
-# The imports below pull in torch, numpy and sqlite-utils only; should a dependency warn at import
-# (deprecations of its own dependencies), the warning is silenced here by a filter limited to
-# these imports -- never by redirecting stderr, which would hide other threads' output.
-with _warnings.catch_warnings():
-    _warnings.simplefilter("ignore")
+import importlib as _importlib
+import warnings as _warnings
+from typing import TYPE_CHECKING
+
+from loradex.errors import (
+    ArchError,
+    ConversionError,
+    FormatError,
+    LoradexError,
+    RegistryError,
+    UnsafeFileError,
+)
+
+#: Public name -> the module that defines it. Imported on first use (PEP 562), so ``import loradex``
+#: and the CLI's ``--help`` cost no torch import (measured by ``bench/startup.py``).
+_LAZY = {
+    **dict.fromkeys(("apply", "convert", "describe", "inspect", "load", "remove", "save", "to_diffusers"),
+                    "loradex.api"),
+    **dict.fromkeys(("Adapter", "Embedding"), "loradex.core.adapter"),
+    **dict.fromkeys(("bake", "extract", "merge", "resize"), "loradex.merge"),
+    "Registry": "loradex.registry",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see (the package is typed: py.typed)
     from loradex.api import apply, convert, describe, inspect, load, remove, save, to_diffusers
     from loradex.core.adapter import Adapter, Embedding
-    from loradex.errors import (
-        ArchError,
-        ConversionError,
-        FormatError,
-        LoradexError,
-        RegistryError,
-        UnsafeFileError,
-    )
     from loradex.merge import bake, extract, merge, resize
     from loradex.registry import Registry
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first access (``loradex.load`` imports torch then)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loradex' has no attribute {name!r}")
+    # should a dependency warn at import (deprecations of its own dependencies), the warning is
+    # silenced by a filter limited to this import -- never by redirecting stderr
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
