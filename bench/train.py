@@ -1,15 +1,24 @@
 """Training speed and memory: loradex's loop (``loradex.training.train``, method ``lora``) against a
-reference loop written here with plain diffusers + peft following the recipe of diffusers'
-``examples/dreambooth/train_dreambooth_lora.py`` (re-implemented, not copied): ``unet.add_adapter``
-with a LoraConfig on to_q/to_k/to_v/to_out.0, per step: VAE-encode the batch and sample the
-latent, encode the prompt with the frozen text encoder, DDPM noise, MSE on epsilon, backward,
-clip_grad_norm 1.0, AdamW step.
+reference loop written here with plain diffusers + peft, for SD1 and FLUX.1:
 
-Same tiny model, same images, same steps, rank, learning rate; each run in a fresh subprocess
+* SD1 (``--model tiny``, ``sd15``): the recipe of diffusers'
+  ``examples/dreambooth/train_dreambooth_lora.py`` (re-implemented, not copied): ``unet.add_adapter``
+  with a LoraConfig on to_q/to_k/to_v/to_out.0, per step: VAE-encode the batch and sample the
+  latent, encode the prompt with the frozen text encoder, DDPM noise, MSE on epsilon, backward,
+  clip_grad_norm 1.0, AdamW step;
+* FLUX.1 (``--model tiny-flux1``): the recipe of ``train_dreambooth_lora_flux.py``:
+  ``transformer.add_adapter`` on to_q/to_k/to_v/to_out.0, the prompt's T5 + CLIP embeddings
+  computed once (the script precomputes them when the text encoders are frozen), per step:
+  VAE-encode and sample, ``(z - shift) * scale``, uniform sigmas from the scheduler
+  (``compute_density_for_timestep_sampling("none")``), pack 2x2, the transformer with guidance 3.5,
+  unpack, MSE on ``noise - z0``, backward, clip 1.0, AdamW.
+
+Same model, same images, same steps, rank, learning rate; each run in a fresh subprocess
 (peak memory = the largest resident set, sampled every 2 ms, above the level reached once the
-pipeline is built; on CUDA ``max_memory_allocated``). Medians of interleaved repeats.
+pipeline is built; on CUDA ``max_memory_allocated``). Medians of interleaved repeats; each ratio is
+printed next to its goal (speed >= 1.0x, peak memory <= 1.0x).
 
-    python bench/train.py [--steps 40] [--repeats 3] [--resolution 32] [--threads 1]
+    python bench/train.py [--model tiny,tiny-flux1] [--steps 40] [--repeats 3] [--resolution 32] [--threads 1]
 """
 
 from __future__ import annotations
@@ -107,6 +116,87 @@ def reference_lora_loop(pipe, data: Path, steps: int, rank: int, lr: float, reso
     return losses
 
 
+def reference_flux_loop(pipe, data: Path, steps: int, rank: int, lr: float, resolution: int, seed: int,
+                        device: str, prompt: str = "a photo of sks", mixed_precision: str = "no",
+                        gradient_checkpointing: bool = False, cache_latents: bool = False) -> list[float]:
+    """The train_dreambooth_lora_flux.py recipe with plain diffusers + peft (batch size 1);
+    ``cache_latents``: the script's ``--cache_latents`` (each image's latent distribution encoded
+    once, sampled every step)."""
+    import copy
+
+    import torch.nn.functional as F
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    wdt = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    tr, vae = pipe.transformer, pipe.vae
+    for m in (tr, vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.requires_grad_(False)
+        m.to(dev, wdt)
+    tr.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                              target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in tr.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    sched = copy.deepcopy(pipe.scheduler)
+    files = sorted(data.glob("*.png"))
+    with torch.no_grad():
+        hidden, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=dev, max_sequence_length=512)
+    cls = type(pipe)
+    vsf = pipe.vae_scale_factor
+    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+    cache = None
+    if cache_latents:
+        with torch.no_grad():
+            cache = [vae.encode(_pixels(f, resolution)[None].to(dev, wdt)).latent_dist for f in files]
+    tr.train()
+    losses = []
+    for step in range(steps):
+        with torch.no_grad():
+            if cache is not None:
+                z0 = (cache[step % len(files)].sample() - shift) * scale
+            else:
+                x = _pixels(files[step % len(files)], resolution)[None].to(dev, wdt)
+                z0 = (vae.encode(x).latent_dist.sample() - shift) * scale
+        b, c, h, w = z0.shape
+        img_ids = cls._prepare_latent_image_ids(b, h // 2, w // 2, dev, wdt)
+        noise = torch.randn_like(z0)
+        u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=b)
+        idx = (u * sched.config.num_train_timesteps).long()
+        timesteps = sched.timesteps[idx].to(dev)
+        s = sched.sigmas[idx].to(dev, z0.dtype).view(-1, 1, 1, 1)
+        packed = cls._pack_latents((1.0 - s) * z0 + s * noise, b, c, h, w)
+        guidance = torch.full((b,), 3.5, device=dev) if tr.config.guidance_embeds else None
+        pred = tr(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled,
+                  encoder_hidden_states=hidden, txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0]
+        pred = cls._unpack_latents(pred, h * vsf, w * vsf, vsf)
+        loss = F.mse_loss(pred.float(), (noise - z0).float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses
+
+
+def _pixels(path: Path, resolution: int) -> torch.Tensor:
+    """Resize + CenterCrop + ToTensor + Normalize([0.5], [0.5]) (the scripts' transforms)."""
+    from PIL import Image
+
+    im = Image.open(path).convert("RGB")
+    s = resolution / min(im.size)
+    im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))),
+                   Image.Resampling.BILINEAR)
+    left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+
+
 class PeakRSS:
     """Largest resident set size (bytes) seen by a 2 ms sampler between start() and stop()."""
 
@@ -143,6 +233,10 @@ def build_pipe(kind: str):
         from loradex.tiny import tiny_sd_pipeline
 
         return tiny_sd_pipeline()
+    if kind.startswith("tiny-"):
+        from loradex.tiny import tiny_pipeline
+
+        return tiny_pipeline(kind)
     sys.path.insert(0, str(Path(__file__).parent))
     from gpu_train import sd15_pipeline
 
@@ -187,9 +281,13 @@ def child(args: argparse.Namespace) -> None:
                               gradient_checkpointing=args.gradient_checkpointing)
             losses = train(args.data, cfg, pipe=pipe, device=dev).losses
         else:
-            losses = reference_lora_loop(pipe, Path(args.data), args.steps, args.rank, args.lr, args.resolution, 0,
-                                         dev, mixed_precision=args.mixed_precision,
-                                         gradient_checkpointing=args.gradient_checkpointing)
+            kw = dict(mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing)
+            if args.model == "tiny-flux1":
+                losses = reference_flux_loop(pipe, Path(args.data), args.steps, args.rank, args.lr, args.resolution, 0,
+                                             dev, cache_latents=args.reference_cache_latents, **kw)
+            else:
+                losses = reference_lora_loop(pipe, Path(args.data), args.steps, args.rank, args.lr, args.resolution, 0,
+                                             dev, **kw)
     if cuda:
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
@@ -219,9 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1: stable on a shared 2-core VM)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--model", default="tiny", choices=["tiny", "sd15"])
+    ap.add_argument("--model", default="tiny,tiny-flux1",
+                    help="comma-separated: tiny (SD1), tiny-flux1, sd15 (SD1.5 shapes, for CUDA)")
     ap.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--reference-cache-latents", action="store_true",
+                    help="FLUX reference: the script's --cache_latents (off by default there, as here)")
     ap.add_argument("--child", choices=["loradex", "reference"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -229,14 +330,26 @@ def main(argv: list[str] | None = None) -> None:
         args.which = args.child
         child(args)
         return
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    bad = [m for m in models if m not in ("tiny", "tiny-flux1", "sd15")]
+    if bad:
+        ap.error(f"--model {', '.join(bad)}: choose tiny, tiny-flux1 or sd15")
+    for model in models:
+        compare(args, model)
+
+
+def compare(args: argparse.Namespace, model: str) -> None:
+    """Interleaved runs of both loops on ``model``; prints the medians and each ratio with its goal."""
     with tempfile.TemporaryDirectory() as d:
         data = make_images(Path(d) / "data", args.images, args.resolution)
         runs: dict[str, list[dict]] = {"loradex": [], "reference": []}
         passthrough = ["--steps", str(args.steps), "--resolution", str(args.resolution), "--rank", str(args.rank),
                        "--lr", str(args.lr), "--threads", str(args.threads), "--device", args.device,
-                       "--model", args.model, "--mixed-precision", args.mixed_precision, "--data", str(data)]
+                       "--model", model, "--mixed-precision", args.mixed_precision, "--data", str(data)]
         if args.gradient_checkpointing:
             passthrough.append("--gradient-checkpointing")
+        if args.reference_cache_latents:
+            passthrough.append("--reference-cache-latents")
         for r in range(args.repeats):
             order = ("loradex", "reference") if r % 2 == 0 else ("reference", "loradex")
             for which in order:
@@ -244,9 +357,8 @@ def main(argv: list[str] | None = None) -> None:
                                      text=True, check=True)
                 runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
     base_eval = None
-    if args.model == "tiny":  # the untrained model's loss on the same images, for scale
+    if model.startswith("tiny"):  # the untrained model's loss on the same images, for scale
         from loradex.log import quiet
-        from loradex.tiny import tiny_sd_pipeline
         from loradex.training import evaluate_loss
         from loradex.training.data import check_dataset, load_examples
 
@@ -255,21 +367,25 @@ def main(argv: list[str] | None = None) -> None:
             ex = load_examples(check_dataset(data, resolution=args.resolution, min_size=1, blur_threshold=0,
                                              faces=False), token="sks")
             with quiet():
-                base_eval = evaluate_loss(tiny_sd_pipeline(), ex, repeats=4)
+                base_eval = evaluate_loss(build_pipe(model), ex, repeats=4)
     med = {w: {k: statistics.median(r[k] for r in rs) for k in ("steps_per_s", "peak", "loss_first", "loss_last", "eval_loss")}
            for w, rs in runs.items()}
     L, R = med["loradex"], med["reference"]
     mib = 1 << 20
-    print(f"LoRA training, {args.model} model on {args.device}, {args.images} images at {args.resolution}px, "
+    recipe = "train_dreambooth_lora_flux" if model == "tiny-flux1" else "train_dreambooth_lora"
+    if model == "tiny-flux1" and args.reference_cache_latents:
+        recipe += " --cache_latents"
+    print(f"LoRA training, {model} model on {args.device}, {args.images} images at {args.resolution}px, "
           f"{args.steps} steps, rank {args.rank}, medians of {args.repeats} interleaved runs")
-    print(f"  reference (diffusers + peft, train_dreambooth_lora recipe): {R['steps_per_s']:.2f} steps/s, "
+    print(f"  reference (diffusers + peft, {recipe} recipe): {R['steps_per_s']:.2f} steps/s, "
           f"peak {R['peak'] / mib:.1f} MiB, eval loss after {R['eval_loss']:.3f}")
-    print(f"  loradex train lora:                                          {L['steps_per_s']:.2f} steps/s, "
-          f"peak {L['peak'] / mib:.1f} MiB, eval loss after {L['eval_loss']:.3f}")
+    print(f"  loradex train lora: {L['steps_per_s']:.2f} steps/s, peak {L['peak'] / mib:.1f} MiB, "
+          f"eval loss after {L['eval_loss']:.3f}")
     if base_eval is not None:
         print(f"  (untrained model: eval loss {base_eval:.3f})")
-    print(f"speed: {L['steps_per_s'] / R['steps_per_s']:.2f}x the reference (goal >= 1.0x)")
-    print(f"peak memory: {L['peak'] / max(R['peak'], 1):.2f}x the reference (goal <= 1.0x)")
+    speed, memory = L["steps_per_s"] / R["steps_per_s"], L["peak"] / max(R["peak"], 1)
+    print(f"{model} speed: {speed:.2f}x the reference (goal >= 1.0x: {'met' if speed >= 1.0 else 'NOT met'})")
+    print(f"{model} peak memory: {memory:.2f}x the reference (goal <= 1.0x: {'met' if memory <= 1.0 else 'NOT met'})")
 
 
 if __name__ == "__main__":

@@ -173,3 +173,31 @@ def test_cli_dataset_check_bad_input(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_kohya_repeat_folders(tmp_path):
+    """``<N>_<words>`` subfolders (kohya's DreamBooth layout): their images repeat N times and,
+    without a caption, are prompted with the folder's words; images in the root repeat once; other
+    folders are skipped (listed); the fingerprint names images by folder."""
+    root = tmp_path / "data"
+    (root / "10_sks dog").mkdir(parents=True)
+    (root / "3_pattern_art").mkdir()
+    (root / "misc").mkdir()
+    shapes(1).save(root / "10_sks dog" / "a.png")
+    shapes(2).save(root / "10_sks dog" / "b.png")
+    (root / "10_sks dog" / "b.txt").write_text("sks dog, on grass")
+    shapes(3).save(root / "3_pattern_art" / "c.png")
+    shapes(4).save(root / "misc" / "d.png")
+    shapes(5).save(root / "e.png")
+    assert D.repeat_folder("10_sks dog") == (10, "sks dog") and D.repeat_folder("pattern") is None
+    assert D.repeat_folder("0_x") is None and D.repeat_folder("3_pattern_art") == (3, "pattern_art")
+    r = D.check_dataset(root, resolution=32, min_size=32, blur_threshold=0)
+    assert r.skipped == ["misc/"] and len(r.kept()) == 4
+    ex = {e.path.rsplit("/", 1)[-1]: e for e in D.load_examples(r, token="sks", class_word="dog")}
+    assert (ex["a.png"].prompt, ex["a.png"].subset, ex["a.png"].repeats) == ("sks dog", "10_sks dog", 10)
+    assert ex["b.png"].prompt == "sks dog, on grass"
+    assert ex["c.png"].prompt == "pattern_art" and ex["c.png"].repeats == 3
+    assert (ex["e.png"].prompt, ex["e.png"].subset, ex["e.png"].repeats) == ("a photo of sks dog", "data", 1)
+    fp = r.fingerprint()
+    (root / "10_sks dog" / "a.png").rename(root / "3_pattern_art" / "a.png")
+    assert D.check_dataset(root, resolution=32, min_size=32, blur_threshold=0).fingerprint() != fp

@@ -30,10 +30,44 @@ class LazyHelpOption(click.Option):
 
 
 def format_help(prefix: str = "") -> str:
-    """``--to`` help: ``prefix`` followed by every write target of the format registry."""
+    """``--to`` help: ``prefix`` followed by every write target of the format registry.
+
+    The registry is built by importing the format modules, which import torch (seconds); the text
+    is cached in ``$LORADEX_CACHE`` keyed by the format modules' names, sizes and mtimes, so a
+    ``--help`` after the first costs no import and changes as soon as a format file does. A process
+    that has the registry loaded already (formats registered by a plugin) reads it live."""
+    import json
+    from pathlib import Path
+
+    if "loradex.converters" in sys.modules:  # already paid for: the live registry (plugins included)
+        from loradex.converters import targets_help
+
+        return f"{prefix}{targets_help()}"
+    pkg = Path(__file__).resolve().parent.parent / "converters"
+    try:
+        stamp = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in pkg.glob("*.py"))
+    except OSError:
+        stamp = None
+    cache = Path(os.environ.get("LORADEX_CACHE") or Path.home() / ".cache" / "loradex") / "format-help.json"
+    key = json.dumps(stamp)
+    try:
+        got = json.loads(cache.read_text())
+        if stamp is not None and got.get("key") == key:
+            return f"{prefix}{got['text']}"
+    except (OSError, ValueError, AttributeError):
+        pass
     from loradex.converters import targets_help
 
-    return f"{prefix}{targets_help()}"
+    text = targets_help()
+    if stamp is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "text": text}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home: no cache, the text is still right
+    return f"{prefix}{text}"
 
 
 def first(lines: list[str], limit: int = 20, indent: str = "  ") -> list[str]:

@@ -7,7 +7,8 @@ A checkpoint is a folder ``checkpoint-N``:
 * ``optimizer.safetensors``: every optimizer state tensor as ``<param index>.<key>``, plus the
   loop generator's state (``__generator__``) and torch's global CPU RNG (``__torch_rng__``);
 * ``state.json``: step, the rest of the epoch's batch order, the losses so far, the optimizer's
-  param groups and non-tensor state, the GradScaler's state and the config;
+  param groups and non-tensor state, the learning-rate schedule's state, the GradScaler's state
+  and the config;
 * ``complete.json`` (only in the run's last checkpoint, written after the output): the outputs the
   run wrote. It is written last, so its presence means the output exists.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from loradex.errors import LoradexError, TrainingError
-from loradex.training.config import RESUME_KEYS, TrainConfig
+from loradex.training.config import RESUME_KEYS, TrainConfig, config_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def replace_folder(tmp: Path, folder: Path) -> None:
 # ---- save / find / load --------------------------------------------------------------------------
 def save_checkpoint(folder: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     gen: torch.Generator, queue: list[list[int]], losses: list[float], cfg: TrainConfig,
-                    scaler=None) -> None:
+                    scaler=None, lr_scheduler=None) -> None:
     """Write the checkpoint folder ``folder`` (see the module docstring) atomically."""
     from loradex.converters import safetensors_io as sio
 
@@ -139,7 +140,8 @@ def save_checkpoint(folder: Path, step: int, trainable: dict[str, torch.Tensor],
     sio.save(tensors, tmp / OPTIMIZER)
     state = {"step": step, "queue": queue, "losses": losses, "param_groups": groups,
              "scalars": scalars, "config": cfg.to_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None}
+             "scaler": scaler.state_dict() if scaler is not None else None,
+             "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None}
     sio.write_text(json.dumps(state), tmp / STATE)
     fsync_dir(tmp)
     replace_folder(tmp, folder)
@@ -176,6 +178,7 @@ class Checkpoint:
     param_groups: list
     scalars: dict
     scaler: dict | None
+    lr_scheduler: dict | None = None  # None: written before schedules were recorded (a constant rate)
 
     def restore(self, optimizer: torch.optim.Optimizer, gen: torch.Generator, scaler=None) -> None:
         """Load the optimizer state, the RNG states and (with fp16) the GradScaler's state. The
@@ -200,10 +203,10 @@ def load_checkpoint(folder: Path, cfg: TrainConfig) -> Checkpoint:
         trainable = sio.load(folder / TRAINABLE)
         tensors = sio.load(folder / OPTIMIZER)
         saved = state.get("config", {})
-        mine = cfg.to_dict()
-        differ = [k for k in RESUME_KEYS if saved.get(k) != mine.get(k)]
+        mine, default = cfg.to_dict(), config_defaults()
+        differ = [k for k in RESUME_KEYS if saved.get(k, default.get(k)) != mine.get(k)]
         ck = Checkpoint(folder, int(state["step"]), state["queue"], list(state["losses"]), trainable, tensors,
-                        state["param_groups"], state["scalars"], state.get("scaler"))
+                        state["param_groups"], state["scalars"], state.get("scaler"), state.get("lr_scheduler"))
     except (OSError, LoradexError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise TrainingError(f"--resume {folder}: unreadable checkpoint ({e})") from None
     if differ:

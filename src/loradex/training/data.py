@@ -23,6 +23,12 @@
 
 ``DatasetReport.kept()`` is the cleaned view; ``load_examples`` turns it into training tensors (the
 crop centred on the face when one was found, else on the image centre, then resized to the bucket).
+
+**Repeats** (kohya's DreamBooth folders, ``config_util.generate_dreambooth_subsets_config_by_subdirs``
+in kohya-ss/sd-scripts 48d368f): a subfolder named ``<N>_<words>`` (``10_sks person``) holds images
+seen N times per epoch, and ``<words>`` is the prompt of its images that have no caption (kohya's
+class tokens). Images directly in the folder are seen once and prompted with the instance prompt.
+Other subfolders are listed as skipped, as kohya ignores folders without a repeat count.
 """
 
 from __future__ import annotations
@@ -200,6 +206,11 @@ class ImageInfo:
     bucket: tuple[int, int] | None = None
     crop: tuple[int, int, int, int] | None = None
     caption: str | None = None
+    #: kohya repeat folder (``10_sks person``) the image is in; None: the dataset folder itself
+    subset: str | None = None
+    repeats: int = 1
+    #: the folder's prompt for images without a caption (kohya's class tokens)
+    class_tokens: str | None = None
     #: Why it is left out: unreadable, too-small, blurry, duplicate-of:<path>. Empty: kept.
     issues: list[str] = field(default_factory=list)
     error: str | None = None
@@ -249,7 +260,7 @@ class DatasetReport:
         recorded in a trained adapter's lineage."""
         h = hashlib.sha256()
         for i in sorted(self.kept(), key=lambda i: i.path):
-            h.update(Path(i.path).name.encode() + b"\0")
+            h.update((f"{i.subset}/" if i.subset else "").encode() + Path(i.path).name.encode() + b"\0")
             h.update(hashlib.sha256(Path(i.path).read_bytes()).digest())
             h.update((i.caption or "").encode() + b"\0")
         return h.hexdigest()
@@ -294,13 +305,41 @@ def _open(path: Path):
         return im.convert("RGB")
 
 
+def repeat_folder(name: str) -> tuple[int, str] | None:
+    """kohya's ``extract_dreambooth_params``: ``"10_sks person"`` -> ``(10, "sks person")``; None
+    when the name does not start with a positive count and ``_``."""
+    head, sep, rest = name.partition("_")
+    if not sep or not head.isdigit() or int(head) < 1:
+        return None
+    return int(head), rest
+
+
+def _dataset_files(root: Path, skipped: list[str]):
+    """``(path, subset)`` of every file of ``root`` (subset None) and of its kohya repeat folders
+    (subset ``(folder name, repeats, class tokens)``), in name order; other folders are skipped."""
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    for p in entries:
+        if p.is_file():
+            yield p, None
+    for p in entries:
+        if not p.is_dir():
+            continue
+        rf = repeat_folder(p.name)
+        if rf is None:
+            skipped.append(f"{p.name}/")
+            continue
+        for f in sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith(".")):
+            yield f, (p.name, rf[0], rf[1] or None)
+
+
 def check_dataset(
     root: str | Path, resolution: int = 512, min_size: int = DEFAULT_MIN_SIZE,
     blur_threshold: float = DEFAULT_BLUR_THRESHOLD, dup_distance: int = DEFAULT_DUP_DISTANCE,
     faces: bool | None = None, progress=None,
 ) -> DatasetReport:
-    """Curate the images of ``root`` (not recursive). ``faces``: True requires OpenCV, None uses it
-    when installed, False skips detection. ``progress``: called with 1 per file."""
+    """Curate the images of ``root`` and of its kohya repeat folders (``<N>_<words>``; nothing
+    deeper). ``faces``: True requires OpenCV, None uses it when installed, False skips detection.
+    ``progress``: called with 1 per file."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
@@ -313,14 +352,17 @@ def check_dataset(
     images: list[ImageInfo] = []
     skipped: list[str] = []
     hashes: list[tuple[ImageInfo, int]] = []
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path, subset in _dataset_files(root, skipped):
         if progress:
             progress(1)
+        shown = f"{subset[0]}/{path.name}" if subset else path.name
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             if path.suffix.lower() != ".txt":
-                skipped.append(path.name)
+                skipped.append(shown)
             continue
         info = ImageInfo(path=str(path), readable=False, caption=_caption(path))
+        if subset:
+            info.subset, info.repeats, info.class_tokens = subset
         images.append(info)
         try:
             img = _open(path)
@@ -385,11 +427,14 @@ def _mark_duplicates(hashes: list[tuple[ImageInfo, int]], dup_distance: int) -> 
 # ---- the cleaned view as training examples -------------------------------------------------------
 @dataclass
 class Example:
-    """One training image: pixels in [-1, 1] shaped (3, H, W) at its bucket size, and its prompt."""
+    """One training image: pixels in [-1, 1] shaped (3, H, W) at its bucket size, its prompt, the
+    dataset folder it counts in (kohya's ``ss_dataset_dirs`` key) and its repeats per epoch."""
 
     path: str
     pixels: object  # torch.Tensor
     prompt: str
+    subset: str | None = None
+    repeats: int = 1
 
 
 def instance_prompt(token: str, class_word: str | None) -> str:
@@ -402,8 +447,8 @@ def load_examples(report: DatasetReport, token: str, class_word: str | None = No
     """The kept images, cropped (face-centred when a face was found) and resized to their bucket
     (re-bucketed when ``resolution`` differs from the report's), each with its prompt: the caption
     as is when it mentions ``token`` (a whole word, any case), ``"<instance prompt>, <caption>"``
-    when it does not, the instance prompt alone without a caption. DatasetError when nothing is
-    kept."""
+    when it does not, the instance prompt alone without a caption; in a kohya repeat folder the
+    folder's words take the instance prompt's place. DatasetError when nothing is kept."""
     import torch
     from PIL import Image
 
@@ -411,9 +456,10 @@ def load_examples(report: DatasetReport, token: str, class_word: str | None = No
     if not kept:
         raise DatasetError(f"{report.root}: no usable images ({report.summary()})")
     buckets = make_buckets(resolution) if resolution and resolution != report.resolution else None
-    base = instance_prompt(token, class_word)
+    instance = instance_prompt(token, class_word)
     out = []
     for info in kept:
+        base = info.class_tokens or instance
         img = _open(Path(info.path))
         bucket = assign_bucket(info.width, info.height, buckets) if buckets else info.bucket
         box = crop_box(info.width, info.height, bucket, info.faces[0] if info.faces else None)
@@ -422,5 +468,5 @@ def load_examples(report: DatasetReport, token: str, class_word: str | None = No
         cap = info.caption
         mentions = cap is not None and re.search(rf"(?<!\w){re.escape(token)}(?!\w)", cap, re.IGNORECASE)
         prompt = base if not cap else (cap if mentions else f"{base}, {cap}")
-        out.append(Example(info.path, x, prompt))
+        out.append(Example(info.path, x, prompt, info.subset or Path(report.root).name, info.repeats))
     return out

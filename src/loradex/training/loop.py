@@ -24,6 +24,13 @@ What makes it cheap and exact:
 * gradient checkpointing on request, SDPA attention (diffusers' ``AttnProcessor2_0``, torch's
   ``scaled_dot_product_attention``), mixed precision (fp16 with a GradScaler, or bf16) only on CUDA
   with the frozen weights in half precision and the trained ones in fp32.
+
+kohya's options live in their rooms: the optimizer and LR schedule in ``optim`` (the schedule's
+state is checkpointed), noise / timesteps / loss weights in ``objective``, caption shuffling and
+dropout and the ``ss_*`` dataset facts in ``captions``, kohya repeat folders in ``data`` (an epoch
+visits each image ``repeats`` times; ``--epochs`` sets the steps from that), sample grids in
+``sampling``. A setting left at its default draws nothing from the generator, so default runs
+are the runs loradex made before these options existed, bit for bit.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from loradex.training.checkpoint import (
 from loradex.training.config import DEFAULT_FORMAT, DEFAULT_LR, METHODS, TrainConfig
 from loradex.training.context import Context, encode_prompts, load_base, pipeline_arch, precision
 from loradex.training.objective import Objective, denoise_loss, evaluate_loss
+from loradex.training.optim import build_optimizer, build_scheduler, restore_scheduler
 from loradex.training.output import save_trained
 
 # the names this module has always offered (tests, the CLI and users import them from here)
@@ -77,6 +85,8 @@ class TrainResult:
     samples: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     final_checkpoint: str | None = None
+    optimizer: str = ""  # kohya's ss_optimizer: the optimizer's class and arguments
+    batches_per_epoch: int = 0
 
     def export(self):
         """The trained result as the method gives it (an Adapter; dreambooth: the pipeline)."""
@@ -89,6 +99,14 @@ class TrainResult:
             return False
         mark_complete(self.final_checkpoint, self.steps_done, outputs, **extra)
         return True
+
+    def facts(self) -> dict:
+        """What kohya's viewers read about the run (``methods.common.run_facts``: images with
+        repeats, epochs, steps, resolution, learning rate, optimizer, schedule, dataset folders, tag
+        frequencies, trigger), for lineage records."""
+        from loradex.training.methods.common import run_facts
+
+        return run_facts(self.ctx, self)
 
 
 class LatentCache:
@@ -124,14 +142,18 @@ class TextCache:
     is encoded once (without gradients) and reused; when it trains text (TI, pivotal, a text
     encoder LoRA) the prompts are encoded on every call, with gradients."""
 
-    def __init__(self, ctx: Context, method) -> None:
-        self.ctx, self.method = ctx, method
+    def __init__(self, ctx: Context, method, keep: bool = True) -> None:
+        self.ctx, self.method, self.keep = ctx, method, keep
         self.cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The family's text inputs for a batch of prompts."""
+        """The family's text inputs for a batch of prompts (``keep=False``: shuffled captions, whose
+        variants are too many to keep, are encoded each time without gradients)."""
         if self.method.trains_text:
             return encode_prompts(self.ctx, prompts)
+        if not self.keep:
+            with torch.no_grad():
+                return encode_prompts(self.ctx, prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if missing:
             with torch.no_grad():
@@ -139,6 +161,14 @@ class TextCache:
             for i, p in enumerate(missing):
                 self.cache[p] = {k: v[i] for k, v in cond.items()}
         return {k: torch.stack([self.cache[p][k] for p in prompts]) for k in self.cache[prompts[0]]}
+
+
+def batches_per_epoch(pool: list[int], buckets: list[tuple[int, int]], batch_size: int) -> int:
+    """How many batches ``batches`` makes of an epoch over ``pool`` (example indices with repeats)."""
+    per: dict[tuple[int, int], int] = {}
+    for i in pool:
+        per[buckets[i]] = per.get(buckets[i], 0) + 1
+    return sum(math.ceil(n / batch_size) for n in per.values())
 
 
 def batches(order: list[int], buckets: list[tuple[int, int]], batch_size: int, gen: torch.Generator) -> list[list[int]]:
@@ -206,11 +236,16 @@ class Trainer:
         cfg = self.cfg
         self._t0 = time.perf_counter()
         dev, wdt = precision(cfg, self.device_name)
-        self._curate()
+        if cfg.resolution is not None:  # curate before loading a (large) base: a bad folder fails fast
+            self._curate()
         if self.pipe is None:
             self.pipe = load_base(self.base)
         pipe = self.pipe
         ctx = self.ctx = Context(pipe, cfg, dev, wdt)
+        if cfg.resolution is None:  # the family's training resolution (SD1 512, SD2 768, SDXL/SD3/FLUX 1024)
+            cfg.resolution = ctx.family.resolution
+            self._curate()
+        self._epochs()
         pipe.to(dev)
         for m in (pipe.vae, *(e for _, e, _ in ctx.encoders()), ctx.denoiser):
             m.requires_grad_(False)
@@ -220,6 +255,7 @@ class Trainer:
 
             means, stds, self.prior_prompt = class_images(ctx, self.work)
             self.prior = LatentCache(means, stds)
+        self._scheduler_options()
         if wdt != torch.float32:
             with quiet():
                 pipe.vae.to(dtype=wdt)
@@ -235,9 +271,8 @@ class Trainer:
         self._optimizer()
         self.objective = Objective(ctx)
         self.latents = LatentCache.encode(ctx, [ex.pixels for ex in self.examples])
-        self.buckets = [tuple(ex.pixels.shape[1:]) for ex in self.examples]
         self.prompts = [method.prompt(ctx, ex.prompt) for ex in self.examples]
-        self.text = TextCache(ctx, method)
+        self.text = TextCache(ctx, method, keep=not cfg.prompts_vary)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         if self.resume_from is not None:
@@ -266,16 +301,48 @@ class Trainer:
         self.examples = load_examples(report, cfg.token, cfg.class_word, cfg.resolution)
         self.report = report
 
+    def _epochs(self) -> None:
+        """The epoch's pool (each example index ``repeats`` times), the batches per epoch and, with
+        ``epochs``, the steps they make (kohya's ``--max_train_epochs`` overrides the steps)."""
+        cfg = self.cfg
+        self.buckets = [tuple(ex.pixels.shape[1:]) for ex in self.examples]
+        self.pool = [i for i, ex in enumerate(self.examples) for _ in range(max(1, getattr(ex, "repeats", 1)))]
+        self.per_epoch = batches_per_epoch(self.pool, self.buckets, cfg.batch_size)
+        if cfg.epochs:
+            cfg.steps = cfg.epochs * self.per_epoch
+        if cfg.ti_steps and cfg.ti_steps >= cfg.steps:
+            raise TrainingError(f"--ti-steps {cfg.ti_steps} leaves no step of the {cfg.steps} for the LoRA")
+
+    def _scheduler_options(self) -> None:
+        """``v_parameterization`` / ``zero_terminal_snr`` also go into the pipeline's scheduler, so
+        samples (and a DreamBooth folder) are drawn the way the result is meant to be used;
+        ``guidance_scale`` needs a denoiser with a guidance embedding."""
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.guidance_scale is not None and not getattr(ctx.denoiser.config, "guidance_embeds", False):
+            raise TrainingError(f"--guidance-scale: this {ctx.family.label} denoiser has no guidance embedding "
+                                "(FLUX.1-dev has one; schnell and SD3 do not)")
+        over = {}
+        if cfg.v_parameterization:
+            over["prediction_type"] = "v_prediction"
+        if cfg.zero_terminal_snr:
+            over["rescale_betas_zero_snr"] = True
+        if over and ctx.family.objective != "flow":
+            from loradex.log import quiet
+
+            sched = ctx.pipe.scheduler
+            with quiet():
+                ctx.pipe.scheduler = type(sched).from_config(sched.config, **over)
+
     def _optimizer(self) -> None:
-        """AdamW over the method's parameter groups (fused on CUDA, foreach on the CPU), and a
-        GradScaler for fp16."""
+        """The optimizer over the method's parameter groups (``optim``: AdamW fused on CUDA and
+        foreach on the CPU by default), its LR schedule, and a GradScaler for fp16."""
         cfg, dev = self.cfg, self.ctx.device
         groups = self.method.param_groups(self.ctx)
         self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise TrainingError(f"{cfg.method}: nothing to train")
-        opt_kw = {"fused": True} if dev.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, **opt_kw)
+        self.optimizer, self.optimizer_desc = build_optimizer(cfg, groups, dev)
+        self.lr_scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and cfg.mixed_precision == "fp16" else None
 
     def _resume(self) -> None:
@@ -287,6 +354,7 @@ class Trainer:
         ck = load_checkpoint(folder, cfg)
         self.method.load_state(self.ctx, ck.trainable)
         ck.restore(self.optimizer, self.gen, self.scaler)
+        restore_scheduler(self.lr_scheduler, ck.lr_scheduler, ck.step)
         self.step_no, self.queue, self.losses = ck.step, ck.queue, ck.losses
         if ck.step > cfg.steps:
             raise TrainingError(f"--resume {folder}: already at step {ck.step} of {cfg.steps}")
@@ -307,12 +375,14 @@ class Trainer:
         cfg, ctx, gen, dev = self.cfg, self.ctx, self.gen, self.ctx.device
         if self.done:
             raise TrainingError(f"already at step {self.step_no} of {cfg.steps}")
-        if not self.queue:
-            self.queue = batches(torch.randperm(len(self.examples), generator=gen).tolist(), self.buckets,
-                                 cfg.batch_size, gen)
+        self.method.begin_step(ctx, self.step_no)
+        if not self.queue:  # a new epoch: every example ``repeats`` times, shuffled, then batched per bucket
+            perm = torch.randperm(len(self.pool), generator=gen).tolist()
+            self.queue = batches([self.pool[i] for i in perm], self.buckets, cfg.batch_size, gen)
         idx = self.queue.pop(0)
+        prompts = [self._prompt(i) for i in idx]
         z0 = ctx.family.scale_latents(ctx.pipe, self.latents.draw(idx, gen, dev))
-        loss = denoise_loss(ctx, self.objective, z0, [self.prompts[i] for i in idx], self.text, gen)
+        loss = denoise_loss(ctx, self.objective, z0, prompts, self.text, gen)
         if self.prior is not None:
             j = torch.randint(0, len(self.prior), (len(idx),), generator=gen).tolist()
             c0 = ctx.family.scale_latents(ctx.pipe, self.prior.draw(j, gen, dev))
@@ -325,6 +395,18 @@ class Trainer:
         self.step_no += 1
         self.losses.append(lv)
         return lv
+
+    def _prompt(self, i: int) -> str:
+        """Example ``i``'s prompt for this step: as prepared, or (``shuffle_caption`` /
+        ``caption_dropout_rate``) drawn anew from the loop's generator (``captions.process``)."""
+        cfg = self.cfg
+        if not cfg.prompts_vary:
+            return self.prompts[i]
+        from loradex.training.captions import process
+
+        text = process(self.examples[i].prompt, self.gen, cfg.shuffle_caption, cfg.keep_tokens,
+                       cfg.caption_dropout_rate)
+        return self.method.prompt(self.ctx, text)
 
     def _update(self, loss: torch.Tensor) -> None:
         """Backward, the method's gradient hook, clipping and the optimizer step (through the
@@ -343,6 +425,7 @@ class Trainer:
             scaler.update()
         else:
             optimizer.step()
+        self.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # before the next forward: no stale grads held through it
         self.method.after_step(self.ctx)
 
@@ -371,41 +454,28 @@ class Trainer:
             m.eval()
         return TrainResult(self.method, self.ctx, self.losses, self.report, self.examples,
                            time.perf_counter() - self._t0, self.step_no, self.started, self.samples, self.checkpoints,
-                           self.final_checkpoint)
+                           self.final_checkpoint, self.optimizer_desc, self.per_epoch)
 
     def checkpoint(self) -> Path:
         """Write ``work/checkpoint-<step>`` (the run's last one is remembered as ``final_checkpoint``)."""
         folder = self.work / checkpoint_name(self.step_no)
         save_checkpoint(folder, self.step_no, self.method.state(self.ctx), self.optimizer, self.gen, self.queue,
-                        self.losses, self.cfg, self.scaler)
+                        self.losses, self.cfg, self.scaler, self.lr_scheduler)
         self.checkpoints.append(str(folder))
         if self.step_no == self.cfg.steps:
             self.final_checkpoint = str(folder)
         return folder
 
     def sample(self) -> Path:
-        """One image with the adapter as trained so far, to ``work/samples/step-N.png`` (its own fixed
-        generator: sampling does not disturb the training randomness)."""
-        from loradex.converters.safetensors_io import atomic_path
+        """The sample prompts (``sample_prompts``, else ``sample_prompt``, else the instance prompt)
+        rendered with the adapter as trained so far, as one grid to ``work/samples/step-N.png``
+        (``sampling.render``: fixed generators per prompt, so sampling does not disturb the
+        training randomness)."""
+        from loradex.training.sampling import render
 
-        ctx, cfg = self.ctx, self.cfg
-        prompt = self.method.prompt(ctx, cfg.sample_prompt or f"a photo of {cfg.token}"
-                                    + (f" {cfg.class_word}" if cfg.class_word else ""))
-        (self.work / "samples").mkdir(parents=True, exist_ok=True)
-        path = self.work / "samples" / f"step-{self.step_no:06d}.png"
-        g = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
-        for m in self.trainables:
-            m.eval()
-        try:
-            with torch.no_grad(), ctx.autocast():
-                img = ctx.pipe(prompt, num_inference_steps=cfg.sample_steps, generator=g, height=cfg.resolution,
-                               width=cfg.resolution).images[0]
-        finally:
-            for m in self.trainables:
-                m.train()
-        with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG")
-        return path
+        ctx = self.ctx
+        prompts = [self.method.prompt(ctx, p) for p in self.cfg.sampling_prompts]
+        return render(ctx, prompts, self.work / "samples" / f"step-{self.step_no:06d}.png", self.trainables)
 
 
 def train(data: str | Path, cfg: TrainConfig, base: str | None = None, pipe=None, work_dir: str | Path | None = None,

@@ -157,7 +157,8 @@ class Flux1(Family):
     def predict(self, pipe, noisy, timesteps, cond):
         """The transformer on 2x2-packed latents with FLUX's position ids (zeros for the text, row
         and column for the image), timestep = sigma (the pipeline divides its 0..1000 steps by
-        1000) and the embedded guidance where the model has a guidance embedder."""
+        1000) and the embedded guidance where the model has a guidance embedder: ``cond["guidance"]``
+        when given (kohya's ``--guidance_scale``), else ``train_guidance``."""
         b, c, h, w = noisy.shape
         cls = type(pipe)
         packed = cls._pack_latents(noisy, b, c, h, w)
@@ -165,7 +166,9 @@ class Flux1(Family):
         txt_ids = torch.zeros(cond["hidden"].shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
-            guidance = torch.full((b,), self.train_guidance, device=noisy.device, dtype=torch.float32)
+            guidance = cond.get("guidance")
+            guidance = (torch.full((b,), self.train_guidance, device=noisy.device, dtype=torch.float32)
+                        if guidance is None else guidance.to(noisy.device, torch.float32))
         out = pipe.transformer(hidden_states=packed, timestep=timesteps.to(noisy.dtype), guidance=guidance,
                                pooled_projections=cond["pooled"], encoder_hidden_states=cond["hidden"],
                                txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]

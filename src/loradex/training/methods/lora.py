@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from loradex.training.methods.common import Method, cast_frozen, te_canonical, training_metadata
+from loradex.training.methods.common import (
+    Method,
+    cast_frozen,
+    resolve_targets,
+    te_canonical,
+    training_metadata,
+)
 
 ADAPTER = "default"
 
@@ -53,6 +59,13 @@ def lora_patches(model: torch.nn.Module, component: str) -> dict:
     return out
 
 
+def denoiser_targets(ctx) -> list[str]:
+    """``--targets`` resolved against the denoiser (diffusers or native names, ``resolve_targets``),
+    or the family's ``lora_targets``."""
+    cfg = ctx.cfg
+    return resolve_targets(ctx, cfg.targets) if cfg.targets else list(ctx.family.lora_targets)
+
+
 class LoraMethod(Method):
     """PEFT LoRA on the denoiser's attention projections (and the CLIP encoders with ``--text-encoder``)."""
 
@@ -62,7 +75,7 @@ class LoraMethod(Method):
         """Inject the LoRA layers (seeded by the loop: PEFT's Kaiming init draws from torch's RNG)."""
         cfg = ctx.cfg
         self.trains_text = cfg.text_encoder
-        inject_lora(ctx.denoiser, cfg.rank, cfg.lora_alpha, cfg.targets or ctx.family.lora_targets, cfg.dora)
+        inject_lora(ctx.denoiser, cfg.rank, cfg.lora_alpha, denoiser_targets(ctx), cfg.dora)
         if cfg.text_encoder:
             for _, enc, _ in ctx.clip_encoders():
                 inject_lora(enc, cfg.rank, cfg.lora_alpha, ctx.family.te_targets, cfg.dora)
