@@ -280,15 +280,15 @@ def test_signature_packs(family, home, monkeypatch):
 def test_store_sketch_hook_and_planned_structures(family, home):
     """``store_sketch`` (the hook for add) stores a row; the second file of a structure is sketched
     straight from its bytes, with the same result as through the reader."""
-    from loradex.registry import sketches
+    from loradex.registry import sketch_plans, sketches
 
     reg = loradex.Registry()
     v1 = reg.add(family["base"], name="a")
     s1 = sketches.store_sketch(reg, v1)
     assert s1 is not None and sketches.stored_sketch(reg, v1) is not None
     v2 = reg.add(family["far"]["other"], name="b")
-    key = sketches._structure_key(reg, v2)
-    assert key is not None and sketches._PLANS.get(key[0])  # learned from a@1 (same structure)
+    key = sketch_plans._structure_key(reg, v2)
+    assert key is not None and sketch_plans._PLANS.get(key[0])  # learned from a@1 (same structure)
     planned = sketches.store_sketch(reg, v2)
     a = loradex.load(family["far"]["other"])
     direct = sketch_adapter(a)

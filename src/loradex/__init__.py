@@ -19,6 +19,8 @@ typed (``py.typed``).
 from __future__ import annotations
 
 import importlib as _importlib
+import sys as _sys
+import types as _types
 import warnings as _warnings
 from typing import TYPE_CHECKING
 
@@ -64,6 +66,26 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(_types.ModuleType):
+    """``loradex.merge`` is both a function (the public API) and the subpackage defining it. The
+    import system binds a subpackage on its parent once it is imported, which would hide the
+    function behind the lazy ``__getattr__``; this property keeps ``loradex.merge`` the function,
+    as the eager imports of earlier versions did (``sys.modules["loradex.merge"]`` is the package)."""
+
+    @property
+    def merge(self):
+        from loradex.merge import merge
+
+        return merge
+
+    @merge.setter
+    def merge(self, _module) -> None:  # the import system binding the subpackage: keep the function
+        pass
+
+
+_sys.modules[__name__].__class__ = _Package
 
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from loradex.cli import cli, emit
+from loradex.cli.app import cli, emit
 from loradex.cli.registry import arch_options, chosen_arch, input_path
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import sys
 import click
 
 from loradex.bases import resolve_base
-from loradex.cli import LazyHelpOption, cli, emit, first, format_help
+from loradex.cli.app import LazyHelpOption, cli, emit, first, format_help
 from loradex.cli.merge import dynamic_rank_options
 from loradex.cli.registry import (
     ARCH_HELP,

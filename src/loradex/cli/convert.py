@@ -6,7 +6,7 @@ import contextlib
 
 import click
 
-from loradex.cli import LazyHelpOption, cli, emit, first, format_help
+from loradex.cli.app import LazyHelpOption, cli, emit, first, format_help
 from loradex.cli.registry import (
     arch_options,
     chosen_arch,

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from loradex.cli import cli, emit
+from loradex.cli.app import cli, emit
 
 
 @cli.command("demo")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from loradex.cli import cli, emit
+from loradex.cli.app import cli, emit
 from loradex.cli.merge import _parse_item
 from loradex.cli.registry import base_pipeline
 

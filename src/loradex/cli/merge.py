@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loradex.cli import cli, emit, first
+from loradex.cli.app import cli, emit, first
 from loradex.cli.registry import (
     arch_options,
     chosen_arch,

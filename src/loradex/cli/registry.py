@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from loradex.cli import cli, emit
+from loradex.cli.app import cli, emit
 from loradex.errors import FormatError, LoradexError, RegistryError
 
 REF_HELP = "NAME (newest) | NAME@N | NAME:TAG | sha256 prefix"

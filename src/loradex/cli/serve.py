@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loradex.cli import cli
+from loradex.cli.app import cli
 from loradex.cli.registry import base_pipeline
 from loradex.errors import LoradexError
 

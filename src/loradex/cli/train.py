@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from loradex.cli import cli, emit
+from loradex.cli.app import cli, emit
 from loradex.cli.registry import _bar, _registry, base_pipeline, output_path, save_as_option
 
 

@@ -93,9 +93,9 @@ def detect(path: str | os.PathLike) -> Converter:
                 return conv
         except FormatError:
             if p.is_file():
-                from loradex.converters import safetensors_io as sio
+                from loradex.converters import pickle_io
 
-                if not sio.looks_like_pickle(p):
+                if not pickle_io.looks_like_pickle(p):
                     raise
     raise FormatError(f"{p}: not an adapter or embedding file loradex recognises")
 

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
 from loradex.core.archs import Part
 from loradex.errors import ArchError, FormatError
@@ -186,7 +187,7 @@ def describe_checkpoint(path: str | Path, derive: bool = True) -> dict | None:
         return out
     if not p.is_file():
         return None
-    if sio.looks_like_pickle(p):
+    if pickle_io.looks_like_pickle(p):
         if p.suffix.lower() in CKPT_SUFFIXES and p.stat().st_size >= MIN_CKPT_BYTES:
             return {"format": "ckpt", "arch": None, "metadata": {}, "layout": "file"}
         return None
@@ -330,7 +331,7 @@ class CheckpointReader:
 
     def _load_pickle(self, path: Path) -> dict:
         if path not in self._pickles:
-            sd = sio.load_pickle(path)
+            sd = pickle_io.load_pickle(path)
             if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
                 sd = sd["state_dict"]
             if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from loradex.converters import safetensors_io as sio
+from loradex.converters import pickle_io
 from loradex.converters.common import (
     PEFT_TO_LYCORIS,
     Converter,
@@ -48,15 +48,15 @@ class Comfy(Converter):
     def detect(self, path: Path) -> bool:
         if not path.is_file():
             return False
-        return any(k.startswith(PREFIXES) for k in sio.read_tensor_header(path).tensors)
+        return any(k.startswith(PREFIXES) for k in pickle_io.read_tensor_header(path).tensors)
 
     def read(self, path: Path, arch=None) -> Adapter:
-        h = sio.read_tensor_header(path)
+        h = pickle_io.read_tensor_header(path)
         a = resolve_arch(arch, h.shapes(), required=True, path=path, metadata=dict(h.metadata))
         sgm: dict[str, str] | None = None
         flat_tr: dict[str, str] | None = None
         groups: dict[str, dict[str, str]] = {}
-        unexplained: dict[str, str] = sio.pickled_extras(path)  # a pickle's non-tensor entries
+        unexplained: dict[str, str] = pickle_io.pickled_extras(path)  # a pickle's non-tensor entries
         suffixes = adapter_suffixes()
         for k in h.tensors:
             if not k.startswith(PREFIXES):
@@ -108,7 +108,7 @@ class Comfy(Converter):
                     return [(flat_tr[f], None)]
             raise ArchError(mod)
 
-        tensors: dict[str, torch.Tensor] = sio.load_tensors(path, header=h)
+        tensors: dict[str, torch.Tensor] = pickle_io.load_tensors(path, header=h)
         patches, notes, more = read_patches(groups, tensors, a, unflatten, path)
         unexplained.update(more)
         if not patches:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import (
     ConversionReport,
@@ -124,14 +125,14 @@ class Diffusers(Converter):
     def detect(self, path: Path) -> bool:
         if not path.is_file():
             return False
-        h = sio.read_tensor_header(path)
+        h = pickle_io.read_tensor_header(path)
         ks = [k for k in h.tensors if not k.startswith("base_model.model.")]
         return bool(ks) and any(normalize_key(k) for k in ks) and not any(k.startswith("lora_") for k in ks)
 
     def read(self, path: Path, arch=None) -> Adapter:
-        h = sio.read_tensor_header(path)
+        h = pickle_io.read_tensor_header(path)
         groups: dict[str, dict[str, str]] = {}
-        unexplained: dict[str, str] = sio.pickled_extras(path)  # a pickle's non-tensor entries
+        unexplained: dict[str, str] = pickle_io.pickled_extras(path)  # a pickle's non-tensor entries
         for k in h.tensors:
             nk = normalize_key(k)
             if nk is None:
@@ -152,7 +153,7 @@ class Diffusers(Converter):
             for k, info in h.tensors.items()
         }
         a = resolve_arch(arch, shapes, required=False, path=path, metadata=dict(h.metadata))
-        tensors = sio.load_tensors(path, header=h)
+        tensors = pickle_io.load_tensors(path, header=h)
         patches, notes = {}, []
         known = 0  # modules the arch has
         by_comp: dict[str, list[str]] = {}

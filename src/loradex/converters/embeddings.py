@@ -59,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import ConversionReport, Converter, cast, register_format
 from loradex.core.adapter import Adapter, Embedding
@@ -142,10 +143,10 @@ def detect_embedding_format(path: str | Path) -> str | None:
     if not p.is_file():
         return None
     try:
-        if sio.looks_like_pickle(p):
+        if pickle_io.looks_like_pickle(p):
             if p.stat().st_size > MAX_PICKLE_BYTES:
                 return None
-            obj = sio.load_pickle(p, max_bytes=MAX_PICKLE_BYTES)
+            obj = pickle_io.load_pickle(p, max_bytes=MAX_PICKLE_BYTES)
             if isinstance(obj, torch.Tensor):
                 return "diffusers-ti" if _plausible(tuple(obj.shape), obj.is_floating_point()) else None
             if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
@@ -283,8 +284,8 @@ def read_embedding(path: str | Path, token: str | None = None, arch: str | None 
     p = Path(path)
     where = str(p)
     meta: dict[str, str] = {}
-    if sio.looks_like_pickle(p):
-        obj = sio.load_pickle(p, max_bytes=MAX_PICKLE_BYTES)
+    if pickle_io.looks_like_pickle(p):
+        obj = pickle_io.load_pickle(p, max_bytes=MAX_PICKLE_BYTES)
         if isinstance(obj, torch.Tensor):
             layout = "diffusers-ti"
         elif isinstance(obj, Mapping) and all(isinstance(k, str) for k in obj):

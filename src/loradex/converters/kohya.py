@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import (
     ConversionReport,
@@ -156,7 +157,7 @@ class Kohya(Converter):
     def detect(self, path: Path) -> bool:
         if not path.is_file():
             return False
-        h = sio.read_tensor_header(path)
+        h = pickle_io.read_tensor_header(path)
         key = kohya_key()
         return any(key.match(k) for k in h.tensors)
 
@@ -166,8 +167,8 @@ class Kohya(Converter):
         embeddings (``embeddings.read_bundle``), and a key with no ``.`` at all is no kohya key."""
         from loradex.converters.embeddings import read_bundle
 
-        h = sio.read_tensor_header(path)
-        unexplained: dict[str, str] = sio.pickled_extras(path)  # a pickle's non-tensor entries
+        h = pickle_io.read_tensor_header(path)
+        unexplained: dict[str, str] = pickle_io.pickled_extras(path)  # a pickle's non-tensor entries
         groups: dict[str, dict[str, str]] = {}
         for k in h.tensors:
             if k.startswith(BUNDLE_PREFIX):
@@ -181,7 +182,7 @@ class Kohya(Converter):
         if not any(kohya_key().match(k) for k in h.tensors) and not has_bundle:
             raise FormatError(f"{path}: no kohya LoRA keys found")
         a = resolve_arch(arch, h.shapes(), required=bool(groups), path=path, metadata=dict(h.metadata))
-        tensors = sio.load_tensors(path, header=h)
+        tensors = pickle_io.load_tensors(path, header=h)
         patches, notes = {}, []
         if groups:
             patches, notes, more = read_patches(groups, tensors, a, a.from_kohya, path)

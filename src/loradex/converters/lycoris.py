@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import (
     ConversionReport,
@@ -58,14 +59,14 @@ class Lycoris(Converter):
     def detect(self, path: Path) -> bool:
         if not path.is_file():
             return False
-        return any(k.startswith(PREFIX) for k in sio.read_tensor_header(path).tensors)
+        return any(k.startswith(PREFIX) for k in pickle_io.read_tensor_header(path).tensors)
 
     def read(self, path: Path, arch=None) -> Adapter:
         """Every key is read or named in ``Adapter.unexplained``: keys without the ``lycoris_``
         prefix, modules of no component of the arch, and tensors no kind owns (see
         ``kohya.read_patches``)."""
-        h = sio.read_tensor_header(path)
-        unexplained: dict[str, str] = sio.pickled_extras(path)  # a pickle's non-tensor entries
+        h = pickle_io.read_tensor_header(path)
+        unexplained: dict[str, str] = pickle_io.pickled_extras(path)  # a pickle's non-tensor entries
         groups: dict[str, dict[str, str]] = {}
         for k in h.tensors:
             flat, dot, suffix = k.partition(".")
@@ -88,7 +89,7 @@ class Lycoris(Converter):
                 raise ArchError(flat)
             return [(table[flat], None)]
 
-        tensors = sio.load_tensors(path, header=h)
+        tensors = pickle_io.load_tensors(path, header=h)
         patches, notes, more = read_patches(
             groups, tensors, a, unflatten, path, missing=f" {comp} (a lycoris_ file holds one component, here {comp})")
         unexplained.update(more)

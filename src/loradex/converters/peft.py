@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import (
     PEFT_TO_LYCORIS,
@@ -86,7 +87,7 @@ class Peft(Converter):
             if wfile is None:
                 raise FormatError(f"{folder}: no adapter_model.safetensors")
             if wfile.suffix == ".bin":
-                tensors = sio.load_pickle(wfile)
+                tensors = pickle_io.load_pickle(wfile)
                 if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
                     raise FormatError(f"{wfile}: not a dict of tensors")
                 meta: dict[str, str] = {}

@@ -12,13 +12,16 @@ from __future__ import annotations
 import errno
 import os
 
+from loradex import errors
 from loradex.errors import RegistryError
+from loradex.fsutil import write_all  # noqa: F401  (the store writes through it)
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
-class DiskFullError(RegistryError):
-    """The disk (or quota) ran out while the registry, or an export, was writing."""
+class DiskFullError(RegistryError, errors.DiskFullError):
+    """The disk (or quota) ran out while the registry, or an export, was writing (also an
+    ``errors.DiskFullError``, which the converters raise for their outputs)."""
 
 
 def is_disk_full(e: BaseException, where: str | os.PathLike | None = None) -> bool:
@@ -49,14 +52,3 @@ def write_error(e: OSError, target: str | os.PathLike, what: str = "") -> Regist
         why = e.strerror or "no space left"
         return DiskFullError(f"the disk is full: {doing} ({why}); nothing was left half-written")
     return RegistryError(f"{doing}: {e.strerror or e}")
-
-
-def write_all(fd: int, data) -> None:
-    """``os.write`` until every byte of ``data`` is written: a short write is continued, and a
-    write that makes no progress is a full disk (``ENOSPC``), never silently ignored."""
-    mv = memoryview(data).cast("B")
-    while mv:
-        n = os.write(fd, mv)
-        if n <= 0:
-            raise OSError(errno.ENOSPC, f"a write made no progress ({len(mv)} bytes left)")
-        mv = mv[n:]

@@ -254,7 +254,7 @@ class Ingestor:
                 return item, None
             desc = self._describe_ingested(item, p, arch, shortcut=shortcut)
             if not allow_nonfinite and desc.get("artifact") in ("adapter", "embedding"):
-                from loradex.converters.safetensors_io import nonfinite_keys
+                from loradex.converters.pickle_io import nonfinite_keys
 
                 bad = nonfinite_keys(item.tmp)
                 if bad:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loradex.errors import RegistryError
+from loradex.fsutil import fsync_path
 from loradex.registry.faults import DISK_FULL, write_all, write_error
 from loradex.registry.hashes import CHUNK, StreamHasher
 
@@ -183,12 +184,7 @@ def _copy_hashing_in_kernel(src_fd: int, dst_fd: int, size: int, update: Callabl
     return off
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_path = fsync_path
 
 
 _SYNCFS = None

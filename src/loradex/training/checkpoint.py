@@ -102,11 +102,9 @@ def fsync_tree(path: Path) -> None:
 
 def fsync_dir(path: Path) -> None:
     """fsync a folder's entry list (makes a rename inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    from loradex.fsutil import fsync_path
+
+    fsync_path(path)
 
 
 def replace_folder(tmp: Path, folder: Path) -> None:

@@ -181,6 +181,37 @@ def kinds_generation() -> int:
     return _generation[0]
 
 
+class DensePatch(Patch):
+    """A kind that stores its update densely, shaped like the weight, with an optional bias change
+    (``full``: ``diff``/``diff_b``; ``norm``: ``w_norm``/``b_norm``). Subclasses name the two fields
+    (:attr:`WEIGHT`, :attr:`BIAS`); the update is linear in the multiplier."""
+
+    #: dataclass field holding the weight update, and the one holding the bias update (or None)
+    WEIGHT: ClassVar[str] = ""
+    BIAS: ClassVar[str] = ""
+
+    @property
+    def shape(self) -> Shape:
+        return tuple(getattr(self, self.WEIGHT).shape)
+
+    def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
+        w = getattr(self, self.WEIGHT)
+        return fit_to((w.to(compute_dtype(w)) * multiplier).float(), base_weight)
+
+    def bias_delta(self, base_bias: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor | None:
+        b = getattr(self, self.BIAS)
+        if b is None:
+            return None
+        return (b.to(compute_dtype(b)) * multiplier).float()
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> DensePatch:
+        suffix = next(s for s, f in cls.SUFFIXES.items() if f == cls.WEIGHT)
+        patch = cls(**fields_from(cls.kind, tensors, cls.SUFFIXES, (suffix,)))
+        check_fits(cls.kind, patch.shape, weight_shape)
+        return patch
+
+
 def scalar(t: torch.Tensor | float | None) -> float | None:
     """A 0-dim (or 1-element) tensor or number as a Python float; None stays None."""
     if t is None:

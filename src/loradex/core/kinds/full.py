@@ -13,12 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from loradex.core.kinds.base import (
-    Patch,
-    Shape,
-    check_fits,
-    compute_dtype,
-    fields_from,
-    fit_to,
+    DensePatch,
     register_kind,
     require,
 )
@@ -26,13 +21,14 @@ from loradex.core.kinds.base import (
 
 @register_kind
 @dataclass(eq=False)
-class FullPatch(Patch):
+class FullPatch(DensePatch):
     """``diff`` (weight-shaped) and optional ``diff_b`` ``(out,)``."""
 
     diff: torch.Tensor
     diff_b: torch.Tensor | None = None
 
     kind = "full"
+    WEIGHT, BIAS = "diff", "diff_b"
     MARKERS = ("diff", "diff_b")
     FACTOR_ROLES = {"diff": "full"}
     SUFFIXES = {"diff": "diff", "diff_b": "diff_b"}
@@ -44,24 +40,6 @@ class FullPatch(Patch):
                 self.diff_b.ndim == 1 and self.diff_b.shape[0] == self.diff.shape[0],
                 f"full: diff_b {tuple(self.diff_b.shape)} does not fit diff {tuple(self.diff.shape)}",
             )
-
-    @property
-    def shape(self) -> Shape:
-        return tuple(self.diff.shape)
-
-    def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-        return fit_to((self.diff.to(compute_dtype(self.diff)) * multiplier).float(), base_weight)
-
-    def bias_delta(self, base_bias: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor | None:
-        if self.diff_b is None:
-            return None
-        return (self.diff_b.to(compute_dtype(self.diff_b)) * multiplier).float()
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> FullPatch:
-        patch = cls(**fields_from("full", tensors, cls.SUFFIXES, ("diff",)))
-        check_fits("full", patch.shape, weight_shape)
-        return patch
 
     def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None):
         """Truncated SVD of ``diff`` at ``rank`` (required); ``diff_b`` carried as the LoRA bias."""

@@ -12,12 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from loradex.core.kinds.base import (
-    Patch,
-    Shape,
-    check_fits,
-    compute_dtype,
-    fields_from,
-    fit_to,
+    DensePatch,
     register_kind,
     require,
 )
@@ -25,13 +20,14 @@ from loradex.core.kinds.base import (
 
 @register_kind
 @dataclass(eq=False)
-class NormPatch(Patch):
+class NormPatch(DensePatch):
     """``w_norm`` ``(C,)`` and optional ``b_norm`` ``(C,)``."""
 
     w_norm: torch.Tensor
     b_norm: torch.Tensor | None = None
 
     kind = "norm"
+    WEIGHT, BIAS = "w_norm", "b_norm"
     MARKERS = ("w_norm", "b_norm")
     SUFFIXES = {"w_norm": "w_norm", "b_norm": "b_norm"}
 
@@ -42,24 +38,6 @@ class NormPatch(Patch):
                 tuple(self.b_norm.shape) == tuple(self.w_norm.shape),
                 f"norm: b_norm {tuple(self.b_norm.shape)} does not match w_norm {tuple(self.w_norm.shape)}",
             )
-
-    @property
-    def shape(self) -> Shape:
-        return tuple(self.w_norm.shape)
-
-    def delta(self, base_weight: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor:
-        return fit_to((self.w_norm.to(compute_dtype(self.w_norm)) * multiplier).float(), base_weight)
-
-    def bias_delta(self, base_bias: torch.Tensor | None = None, multiplier: float = 1.0) -> torch.Tensor | None:
-        if self.b_norm is None:
-            return None
-        return (self.b_norm.to(compute_dtype(self.b_norm)) * multiplier).float()
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], weight_shape: Shape | None = None) -> NormPatch:
-        patch = cls(**fields_from("norm", tensors, cls.SUFFIXES, ("w_norm",)))
-        check_fits("norm", patch.shape, weight_shape)
-        return patch
 
     def to_lora(self, rank: int | None = None, base_weight: torch.Tensor | None = None):
         raise ValueError("a norm patch (1-D update of a norm layer) has no LoRA form")
