@@ -330,6 +330,7 @@ def test_merge_resize_export_push_with_base(base, capsys, tmp_path, monkeypatch)
     assert run(capsys, "convert", "face", "--to", "diffusers", "-o", tmp_path / "c.safetensors")[0] == 0
 
 
+@pytest.mark.slow
 def test_train_on_custom_base_loads_and_learns(base, tmp_path, capsys):
     """``train lora`` with ``--base FOLDER``: the file loads in diffusers, lowers the denoising loss
     on its images, and names its base (``loradex.arch`` + descriptor): ``inspect`` needs no --base,

@@ -406,6 +406,7 @@ def test_failed_convert_keeps_existing_dst(capsys, files, tmp_path, monkeypatch,
 
 
 # ---- demo ------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo_only_lora_json(capsys):
     r = ok(cli(capsys, "demo", "--only", "lora", "--json"))
     d = r.json()

@@ -17,6 +17,7 @@ EXACT = {"lora", "locon-tucker", "loha", "lokr", "dora", "peft-lora"}
 BASE_DEPENDENT = {"ia3", "glora", "diag-oft", "boft"}
 
 
+@pytest.mark.slow
 def test_every_kind_in_every_format_loads_in_the_real_consumer():
     """The demo matrix: each lycoris/peft kind written as kohya, lycoris_, diffusers and PEFT, each
     file loaded by its consumer; the UNet output must match the reference tool's forward pass."""

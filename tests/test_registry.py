@@ -469,6 +469,7 @@ print(v.number, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_four_processes_adding_at_once(home, tmp_path):
     """Four importers on a fresh home (schema creation races too), released together."""
     files = [ti_file(tmp_path / f"tok{i}.safetensors", f"tok{i}", seed=i) for i in range(4)]
@@ -494,6 +495,7 @@ def test_four_processes_adding_at_once(home, tmp_path):
         assert r["ok"] and not r["orphan_blobs"] and not r["stale_temp_files"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["temp-written", "blob-stored", "in-transaction"])
 def test_sigkill_during_add_leaves_a_consistent_registry(home, tmp_path, point, capsys):
     f = ti_file(tmp_path / "victim.safetensors", "victim", seed=7)

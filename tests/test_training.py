@@ -363,6 +363,7 @@ main(sys.argv[3:])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["last-checkpoint", "output-rename"])
 def test_killed_run_resumes_to_its_output(data, tmp_path, kill_at):
     """Issue 12: a run killed after its last checkpoint and before its output exists. --resume
