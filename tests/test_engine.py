@@ -224,10 +224,68 @@ def test_mixed_batch_equals_one_by_one(refs, engine):
     before = engine.stats()["batches"]
     mixed = engine.run(batch, output_type="latent")
     assert engine.stats()["batches"] == before + 1  # one forward pass per step for all four
+    assert engine.exact_batches  # the CPU default (inference/exact.py)
     for r, lat in zip(batch, mixed):
         alone = engine.run([r], output_type="latent")[0]
-        assert float((lat - alone).norm() / alone.norm()) < 1e-5
+        assert torch.equal(lat, alone), float((lat - alone).abs().max())  # bit-identical, not just close
     assert not torch.allclose(mixed[0], mixed[3], atol=1e-3)  # weights matter per sample
+
+
+def test_batches_without_exact_mode_differ_only_by_rounding(bench, refs):
+    """``exact_batches=False`` (the GPU default) runs the batch in one call: the same images up to
+    float rounding (what exact.py measures on the CPU)."""
+    lora = str(refs["lora"].path)
+    eng = Engine(bench.fresh_pipe(), max_rank=8, slots=2, exact_batches=False)
+    batch = [req("a cat", [(lora, 1.0)], seed=1, guidance_scale=5.0), req("a dog", [], seed=2, guidance_scale=5.0)]
+    mixed = eng.run(batch, output_type="latent")
+    for r, lat in zip(batch, mixed):
+        alone = eng.run([r], output_type="latent")[0]
+        assert float((lat - alone).abs().max()) < 1e-3
+
+
+class _Control:
+    """A run control (engine.py): records the steps, lends the engine to ``inside`` once at step
+    ``at``, stops the batch at step ``stop``."""
+
+    def __init__(self, at=None, inside=None, stop=None):
+        self.at, self.inside, self.stop, self.steps, self.out = at, inside, stop, [], None
+
+    def wanted(self, idx):
+        return True
+
+    def step(self, idx, i, n, suspend):
+        from loradex.inference import RequestCancelled
+
+        self.steps.append(i)
+        if i == self.stop:
+            raise RequestCancelled("stop")
+        if i == self.at:
+            with suspend():
+                self.out = self.inside()
+
+
+def test_run_control_suspends_and_stops_between_steps(refs, small):
+    """A batch lends the engine mid-run to another request (its LoKr patched into the weights, a TI
+    token, a slot LoRA) and resumes: both results are bit-identical to each run alone; the base
+    weights are pristine after. A control that raises stops the batch at that step."""
+    lokr, lora, ti = str(refs["lokr"].path), str(refs["lora"].path), str(refs["ti"])
+    a = dataclasses.replace(req("a <sks>", [(lokr, 0.8), (ti, 1.0)], seed=1), steps=3)
+    b = dataclasses.replace(req("a dog", [(lora, 1.0)], seed=2), steps=2)
+    want_a = small.run([a], output_type="latent")[0]
+    want_b = small.run([b], output_type="latent")[0]
+    before = small.stats()
+    ctl = _Control(at=0, inside=lambda: small.run([b], output_type="latent")[0])
+    got_a = small.run([a], output_type="latent", control=ctl)[0]
+    assert torch.equal(got_a, want_a) and torch.equal(ctl.out, want_b)
+    assert small.stats()["suspensions"] == before["suspensions"] + 1
+    assert all(torch.equal(small.modules[n].weight, w.to(small.modules[n].weight)) for n, (w, _) in
+               small._pristine.items())
+    ctl = _Control(stop=1)
+    steps0 = small.stats()["steps"]
+    assert small.run([a], output_type="latent", control=ctl) == [None]
+    assert ctl.steps == [0, 1] and small.stats()["steps"] - steps0 == 2
+    assert small.stats()["cancelled_batches"] == before["cancelled_batches"] + 1
+    assert torch.equal(small.run([a], output_type="latent")[0], want_a)  # nothing left behind
 
 
 def test_patch_mode_adapters_get_their_own_batch(refs, small):

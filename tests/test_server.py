@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 import time
 import urllib.error
@@ -23,6 +24,8 @@ from loradex.inference.server import BackgroundServer, create_app, parse_generat
 from loradex.inference.types import BadRequestError, GenerateRequest, QueueFullError
 
 TINY = {"steps": 2, "width": 64, "height": 64}
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the in-process server computes in this process
 
 
 # ---- the batcher alone (a plain function stands in for the engine's generate) ----------------------
@@ -139,8 +142,9 @@ def pixels(png: bytes) -> np.ndarray:
 
 
 def test_concurrent_requests_for_different_adapters(server, engine, adapters):
-    """Four clients at once (base, A, B at a negative weight, A+B stacked): each image equals what
-    engine.generate gives for that request alone, and they were served in mixed batches."""
+    """Four clients at once (base, A, B at a negative weight, A+B stacked): each image is
+    bit-identical to what engine.generate gives for that request alone, and they were served in
+    mixed batches."""
     a, b = adapters["a"], adapters["b"]
     bodies = [
         {"prompt": "a photo", "seed": 1},
@@ -178,7 +182,7 @@ def test_concurrent_requests_for_different_adapters(server, engine, adapters):
         req, _ = parse_generate({k: v for k, v in body.items() if k != "response"}, TINY)
         want = pixels(png_bytes(engine.generate([req])[0]))
         assert got.shape == (64, 64, 3)
-        assert np.abs(got - want).max() <= 1, body  # batched vs alone: float rounding at most 1/255
+        assert np.array_equal(got, want), body  # batched vs alone: bit-identical (exact batches, inference/exact.py)
     # and the adapters do change the image (the comparison above is not vacuous)
     assert np.abs(images[0] - images[1]).max() > 8 and np.abs(images[1] - images[2]).max() > 8
 
@@ -254,8 +258,9 @@ def test_http_limits_and_routes(server, adapters):
 
 
 def test_queue_full_is_429(engine):
-    """max_queue=1, max_batch=1: one slow request runs, one waits, the third is refused at once."""
-    app = create_app(engine, max_queue=1, max_batch=1, window_ms=0, defaults=TINY)
+    """max_queue=1, max_batch=1: one slow request runs, one waits, the third is refused at once
+    (no cost limit here: the 8-step request must be admitted however slow the machine is now)."""
+    app = create_app(engine, max_queue=1, max_batch=1, window_ms=0, defaults=TINY, max_request_seconds=math.inf)
     batcher = app.state.batcher
     with BackgroundServer(app) as srv, ThreadPoolExecutor(2) as ex:
         slow = ex.submit(call, srv.url + "/v1/generate", {"prompt": "slow", "steps": 8, "response": "json"})
@@ -337,8 +342,9 @@ def test_cli_serve_bad_port_is_one_line_error(capsys):
 
 def test_cli_serve_end_to_end(tmp_path, engine, adapters):
     """The installed ``loradex serve`` (tiny embedded pipeline) in a subprocess with a registry:
-    a REF with a weight (``alice:0.8``) answers the same pixels as the engine given the file, and
-    SIGTERM stops the server cleanly (no traceback)."""
+    a REF with a weight (``alice:0.8``) answers the same pixels as the engine given the file, a
+    512 px request is refused with its cost limit, and SIGTERM stops the server cleanly (no
+    traceback)."""
     import os
     import re
     import shutil
@@ -372,6 +378,11 @@ def test_cli_serve_end_to_end(tmp_path, engine, adapters):
         req, _ = parse_generate({**body, "adapters": [f"{adapters['a']}:0.8"]}, TINY)
         assert np.abs(pixels(data) - pixels(png_bytes(engine.generate([req])[0]))).max() <= 1
         assert call(url + "/v1/generate", {"prompt": "x", "adapters": ["bob"]})[0] == 404
+        # issue 12's request: refused at once with the limit, the server stays ready
+        code, _, data = call(url + "/v1/generate", {"prompt": "x", "width": 512, "height": 512, "steps": 2})
+        assert code == 413 and "(--max-request-seconds)" in json.loads(data)["error"]
+        code, _, data = call(url + "/healthz")
+        assert code == 200 and json.loads(data)["status"] == "ok"
         # without --allow-paths a client cannot make the server read files by path
         assert call(url + "/v1/generate", {"prompt": "x", "adapters": [adapters["a"]]})[0] == 404
     finally:

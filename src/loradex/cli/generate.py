@@ -83,9 +83,12 @@ def _label(ref: str) -> str:
 @click.option("--weights", default=None, metavar="W,W,...", help="with --grid: weights to sweep for each adapter")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 @click.option("--max-rank", type=int, default=64, show_default=True, help="slot capacity (rank per adapter)")
+@click.option("--exact-batches/--fast-batches", default=None,
+              help="grid cells computed as if each were alone (bit-identical to generating it by itself) or the "
+                   "whole batch in one call (faster on a GPU; float rounding differs) [default: exact on the CPU]")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
 def generate(prompt, base, adapters, output, steps, width, height, seed, negative_prompt, guidance, grid, weights,
-             device, max_rank, as_json):
+             device, max_rank, exact_batches, as_json):
     """Generate PROMPT with adapters (REF[:W]...) swapped into BASE; write a PNG (or a --grid)."""
     import torch
 
@@ -127,7 +130,7 @@ def generate(prompt, base, adapters, output, steps, width, height, seed, negativ
             from tqdm import tqdm
 
             bar = tqdm(total=1, desc="loading base", file=sys.stderr, leave=False)
-        engine = Engine(source, device=device, max_rank=max_rank, registry=registry)
+        engine = Engine(source, device=device, max_rank=max_rank, registry=registry, exact_batches=exact_batches)
         if bar is not None:
             bar.set_description("generating")
             bar.reset(total=len(flat))

@@ -3,9 +3,12 @@ cache (cache.py), and the HTTP / Ray front ends (server.py, ray_serve.py). types
 
 from loradex.inference.types import (
     BadRequestError,
+    CostLimitError,
+    DeadlineError,
     GenerateRequest,
     InferenceError,
     QueueFullError,
+    RequestCancelled,
     UnknownAdapterError,
 )
 
@@ -19,4 +22,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["BadRequestError", "Engine", "GenerateRequest", "InferenceError", "QueueFullError", "UnknownAdapterError"]
+__all__ = ["BadRequestError", "CostLimitError", "DeadlineError", "Engine", "GenerateRequest", "InferenceError",
+           "QueueFullError", "RequestCancelled", "UnknownAdapterError"]

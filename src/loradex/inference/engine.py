@@ -11,6 +11,20 @@ restored after by copying back a pristine copy of the touched weights kept on th
 fuse/unfuse arithmetic, so the base weights come back bit-identical. Such requests run in their own
 batches (the patch is shared by every sample of a batch).
 
+Exact batches (exact.py, on by default on the CPU): inside a batch each request runs through the
+denoiser, the text encoders and the VAE on its own rows, as if alone, so a batched request's image
+is bit-identical to the image it gets alone (the CPU kernels are not batch-invariant; exact.py says
+what differs and what it costs).
+
+Run control (for servers): ``run(..., control=c)`` calls ``c.wanted(indices)`` before each batch
+(False: skip it) and ``c.step(indices, i, n, suspend)`` after each denoising step (through the
+pipeline's ``callback_on_step_end``). ``step`` may raise RequestCancelled (the batch stops there,
+between two steps; its outputs are None) or enter ``suspend()`` to lend the engine to other work
+mid-run: the batch's weight patches, routing and TI rows are taken out and the engine lock released
+until the context exits, when they are put back. Each run calls its own shallow copy of the
+pipeline with its own scheduler, so suspended runs do not share per-call state. The time of each
+step and of the decode feeds the cost model (cost.py) when one is attached.
+
 Textual inversion: ``ti_tokens`` placeholder tokens are added to every tokenizer at start and their
 rows reserved in the embedding tables; a request's TI token is rewritten to placeholders (one per
 vector, as diffusers' ``maybe_convert_prompt`` expands ``<tok>`` to ``<tok> <tok>_1 ...``) whose rows
@@ -20,7 +34,9 @@ receive the vectors for the batch, and are restored after.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import logging
 import os
 import re
 import threading
@@ -34,9 +50,12 @@ from torch import nn
 
 from loradex.converters.pipeline import load_pipeline, pipeline_components
 from loradex.errors import FormatError, LoradexError, RegistryError
+from loradex.inference import exact
 from loradex.inference.cache import Ready, ReadyCache, percentile, prepare
 from loradex.inference.slots import SlotBank, live_modules
-from loradex.inference.types import BadRequestError, GenerateRequest, UnknownAdapterError
+from loradex.inference.types import BadRequestError, GenerateRequest, RequestCancelled, UnknownAdapterError
+
+log = logging.getLogger(__name__)
 
 _TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
 TI_PLACEHOLDER = "<loradex-ti-{}>"
@@ -96,12 +115,14 @@ class Engine:
     name contains one of these substrings (default: every Linear and Conv2d). ``allow_paths``:
     accept file paths as adapter refs. ``max_batch``: most requests per forward pass.
     ``compile``: ``torch.compile`` the denoiser (the slot rank is then fixed at ``max_rank``).
+    ``exact_batches``: run each request of a batch as if alone (exact.py; default: on the CPU only;
+    off under ``compile``).
     """
 
     def __init__(self, base, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  max_rank: int = 64, slots: int = 4, registry=None, cache_bytes: int = 2**30, ti_tokens: int = 16,
                  targets: Sequence[str] | None = None, allow_paths: bool = True, max_batch: int = 16,
-                 compile: bool = False) -> None:
+                 compile: bool = False, exact_batches: bool | None = None) -> None:
         from loradex.core.archs import arch_from_models
 
         self.device = torch.device(device)
@@ -135,10 +156,21 @@ class Engine:
         self._swap_times: deque[float] = deque(maxlen=10000)
         self.swaps = self.batches = self.images = 0
         self.patched_batches = 0
+        self.steps = 0  # denoising steps run (one per batch step)
+        self.cancelled_batches = 0
+        self.suspensions = 0
+        #: the cost model (cost.py), attached by ``cost_model()``; fed by every single-request run
+        self.cost = None
+        self._cost_lock = threading.Lock()
         try:
             self._accepts = set(inspect.signature(type(self.pipe).__call__).parameters)
         except (TypeError, ValueError):  # pragma: no cover
             self._accepts = set()
+        self.exact_batches = (self.device.type == "cpu") if exact_batches is None else bool(exact_batches)
+        if compile:
+            self.exact_batches = False
+        if self.exact_batches:
+            exact.install(self.pipe, list(comps), self.bank.routing)
         if compile:
             self.bank.routing.fixed_rank = True
             name = self.arch.denoiser
@@ -226,18 +258,40 @@ class Engine:
             "swap_latency_p99_s": percentile(times, 99), "cached_bytes": self.cache.nbytes,
             "cached_adapters": len(self.cache), "slot_bytes": self.bank.nbytes(), "slots": self.slots,
             "slot_occupants": list(self.bank.occupant), "batches": self.batches, "images": self.images,
-            "patched_batches": self.patched_batches,
+            "patched_batches": self.patched_batches, "steps": self.steps,
+            "cancelled_batches": self.cancelled_batches, "suspensions": self.suspensions,
+            "exact_batches": self.exact_batches,
         }
 
-    # ---- generation -----------------------------------------------------------------------------
-    def generate(self, requests: Sequence[GenerateRequest]) -> list:
-        """One PIL image per request, in order (see ``run``)."""
-        return self.run(requests, output_type="pil")
+    # ---- cost ------------------------------------------------------------------------------------
+    def samples(self, request: GenerateRequest) -> int:
+        """Denoiser samples per step for one request: 2 with classifier-free guidance (the
+        unconditional and the conditional half), else 1. FLUX-style pipelines (``true_cfg_scale``)
+        embed the guidance and run one sample unless a true CFG scale is asked, which the engine
+        never does."""
+        return 2 if request.guidance_scale > 1.0 and "true_cfg_scale" not in self._accepts else 1
 
-    def run(self, requests: Sequence[GenerateRequest], output_type: str = "pil") -> list:
+    def cost_model(self, defaults: dict | None = None):
+        """The engine's cost model (cost.py), calibrated on first use with a few small runs (then
+        refined by every single-request run). ``defaults``: the request defaults of the front end,
+        whose size the calibration brackets."""
+        with self._cost_lock:
+            if self.cost is None:
+                from loradex.inference.cost import CostModel
+
+                self.cost = CostModel.calibrate(self, defaults)
+            return self.cost
+
+    # ---- generation -----------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerateRequest], control=None) -> list:
+        """One PIL image per request, in order (see ``run``)."""
+        return self.run(requests, output_type="pil", control=control)
+
+    def run(self, requests: Sequence[GenerateRequest], output_type: str = "pil", control=None) -> list:
         """Group the requests by ``batch_key`` (and by patch-mode adapters), run each group as mixed
         batches, return one output per request in order (``output_type="latent"``: the final latents
-        ``[C, h, w]``; ``"pt"`` / ``"np"`` as diffusers gives them)."""
+        ``[C, h, w]``; ``"pt"`` / ``"np"`` as diffusers gives them). ``control``: see the module
+        docstring; the outputs of a batch it stops or skips are None."""
         reqs = list(requests)
         for r in reqs:
             if not isinstance(r, GenerateRequest):
@@ -259,7 +313,17 @@ class Engine:
         out: list = [None] * len(reqs)
         for idxs in groups.values():
             for chunk in self._chunks(idxs, routed):
-                results = self._run_chunk([reqs[i] for i in chunk], [routed[i] for i in chunk], output_type)
+                if control is not None and not control.wanted(chunk):
+                    continue
+                try:
+                    results = self._run_chunk([reqs[i] for i in chunk], [routed[i] for i in chunk], output_type,
+                                              control, chunk)
+                except RequestCancelled:
+                    with self._lock:
+                        self.cancelled_batches += 1
+                    if control is None:
+                        raise
+                    continue
                 for i, res in zip(chunk, results):
                     out[i] = res
         return out
@@ -340,7 +404,8 @@ class Engine:
             raise BadRequestError(f"{len(slot_readies)} LoRA-slot adapters at once; this engine has {self.slots} slots")
         where = self._acquire_slots(list(slot_readies.values()))
         rows = [[(where[rd.id], w) for rd, w in row if rd.id in where] for row in items]
-        self.bank.routing.set(rows, rank=max((r.rank for r in slot_readies.values()), default=0))
+        ranks = [max((rd.rank for rd, _ in row if rd.id in where), default=0) for row in items]
+        self.bank.routing.set(rows, rank=max((r.rank for r in slot_readies.values()), default=0), ranks=ranks)
 
     @torch.no_grad()
     def _apply_patches(self, patches: list[tuple[Ready, float]]) -> list[str]:
@@ -390,11 +455,40 @@ class Engine:
         pattern = re.compile("|".join(re.escape(t) for t, _ in mapping))
         return pattern.sub(lambda m: table[m.group(0)], text)
 
-    def _run_chunk(self, reqs: list[GenerateRequest], items: list[list[tuple[Ready, float]]], output_type: str) -> list:
+    def _pipe_for_call(self):
+        """A shallow copy of the pipeline (same models) with its own scheduler: a pipeline call keeps
+        per-call state on the pipeline (guidance scale, interrupt flag) and the scheduler (its
+        timesteps, a multistep scheduler's history), and a suspended run must not share them."""
+        pipe = copy.copy(self.pipe)
+        sched = getattr(self.pipe, "scheduler", None)
+        if sched is not None:
+            pipe.__dict__["scheduler"] = copy.deepcopy(sched)
+        return pipe
+
+    def _release(self):
+        """Release the engine lock entirely (a suspended run); returns what ``_reacquire`` needs."""
+        save = getattr(self._lock, "_release_save", None)
+        if save is not None:
+            return save()
+        self._lock.release()
+        return None
+
+    def _reacquire(self, state) -> None:
+        restore = getattr(self._lock, "_acquire_restore", None)
+        if restore is not None and state is not None:
+            restore(state)
+        else:
+            self._lock.acquire()
+
+    def _run_chunk(self, reqs: list[GenerateRequest], items: list[list[tuple[Ready, float]]], output_type: str,
+                   control=None, index: list[int] | None = None) -> list:
         r0 = reqs[0]
+        pipe = self._pipe_for_call()
+        marks: list[float] = []  # end of each step (suspended time excluded)
+        paused = [0.0]
         with self._lock:
             patches = [(rd, w) for rd, w in items[0] if rd.mode == "patch"]
-            touched = self._apply_patches(patches)
+            touched = [self._apply_patches(patches)]
             try:
                 self._route(items)
                 prompts, negatives = self._write_ti(reqs, items)
@@ -403,15 +497,51 @@ class Engine:
                           generator=[torch.Generator("cpu").manual_seed(r.seed) for r in reqs])
                 if "negative_prompt" in self._accepts and ("true_cfg_scale" not in self._accepts or any(negatives)):
                     kw["negative_prompt"] = negatives
-                with torch.inference_mode():
-                    res = self.pipe(**kw)
+
+                @contextlib.contextmanager
+                def suspend():
+                    """Lend the engine: take this batch's state out, release the lock; put it back after."""
+                    t0 = time.perf_counter()
+                    self.bank.routing.clear()
+                    self.ti.restore()  # the prompts are encoded: the TI rows are not read again
+                    self._restore(touched[0])
+                    touched[0] = []
+                    self.suspensions += 1
+                    state = self._release()
+                    try:
+                        yield
+                    finally:
+                        self._reacquire(state)
+                        touched[0] = self._apply_patches(patches)
+                        self._route(items)
+                        paused[0] += time.perf_counter() - t0
+
+                def on_step(pipe_, i, t, tensors):
+                    self.steps += 1
+                    marks.append(time.perf_counter() - paused[0])
+                    if control is not None:
+                        control.step(index if index is not None else list(range(len(reqs))), i, r0.steps, suspend)
+                    return {}
+
+                if "callback_on_step_end" in self._accepts:
+                    kw["callback_on_step_end"] = on_step
+                t_start = time.perf_counter()
+                with torch.inference_mode(), exact.scope(self.exact_batches, len(reqs)):
+                    res = pipe(**kw)
+                t_end = time.perf_counter() - paused[0]
             finally:
                 self.bank.routing.clear()
                 self.ti.restore()
-                self._restore(touched)
+                self._restore(touched[0])
             self.batches += 1
             self.images += len(reqs)
             self.patched_batches += bool(patches)
+        if self.cost is not None and len(reqs) == 1 and marks:
+            steps = [b - a for a, b in zip([t_start, *marks[:-1]], marks)]
+            try:
+                self.cost.observe(r0, steps, t_end - marks[-1])
+            except Exception:  # pragma: no cover - a statistics hook must not fail a request
+                log.debug("cost model update failed", exc_info=True)
         images = res.images
         return [images[i] for i in range(len(reqs))]
 

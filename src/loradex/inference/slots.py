@@ -28,6 +28,7 @@ same tensors with the same shapes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -58,11 +59,16 @@ class Routing:
         #: torch.compile the engine fixes ``rank`` to ``max_rank`` instead (no new shapes at all).
         self.rank_step = 8
         self.fixed_rank = False
+        self._lengths: list[int] = []
+        self._ranks: list[int] = []
 
-    def set(self, rows: list[list[tuple[int, float]]], rank: int) -> None:
+    def set(self, rows: list[list[tuple[int, float]]], rank: int, ranks: list[int] | None = None) -> None:
         """Route sample ``b`` through ``rows[b]`` = [(slot, weight), ...]; rows are padded to the
-        longest with weight 0. Tensors of an unchanged shape are overwritten in place."""
+        longest with weight 0. Tensors of an unchanged shape are overwritten in place. ``ranks``:
+        each row's own largest rank (for :meth:`only`; default ``rank`` for every row)."""
         k = max((len(r) for r in rows), default=0)
+        self._lengths = [len(r) for r in rows]
+        self._ranks = [self._round(x) for x in (ranks if ranks is not None else [rank] * len(rows))]
         if k == 0:
             self.active = False
             return
@@ -78,11 +84,34 @@ class Routing:
             self.coef = coef_t.to(self.device)
         self.uniform = all(r == idx[0] for r in idx)
         self.active = True
+        self.rank = self._round(rank)
+
+    def _round(self, rank: int) -> int:
         if self.fixed_rank:
-            self.rank = self.max_rank
-        else:
-            step = self.rank_step
-            self.rank = min(self.max_rank, max(step, -(-max(rank, 1) // step) * step))
+            return self.max_rank
+        step = self.rank_step
+        return min(self.max_rank, max(step, -(-max(rank, 1) // step) * step))
+
+    @contextlib.contextmanager
+    def only(self, row: int) -> Iterator[None]:
+        """Route as if sample ``row`` (modulo the routed samples, as :meth:`rows_for` repeats them)
+        were alone: its own slots without the batch's zero-weight padding, its own rank. A forward
+        pass over that one sample then runs exactly the operations it runs in a batch of one (the
+        engine's exact batches), not a wider product with zero columns, whose summation order can
+        differ in the last bit."""
+        if not self.active:
+            yield
+            return
+        saved = (self.idx, self.coef, self.uniform, self.rank, self.active)
+        b = row % self.idx.shape[0]
+        k = self._lengths[b] if b < len(self._lengths) else self.idx.shape[1]
+        try:
+            self.idx, self.coef = self.idx[b:b + 1, :k], self.coef[b:b + 1, :k]
+            self.uniform, self.active = True, k > 0
+            self.rank = self._ranks[b] if b < len(self._ranks) else self.rank
+            yield
+        finally:
+            self.idx, self.coef, self.uniform, self.rank, self.active = saved
 
     def clear(self) -> None:
         self.active = False

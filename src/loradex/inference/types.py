@@ -4,7 +4,8 @@ A request names a prompt, the adapters to apply with their weights, and the samp
 ``Engine.generate(list[GenerateRequest])`` takes any mix of requests (it groups them into batches of
 compatible shape itself) and returns one image per request, in order. Front ends map the errors
 below onto their own vocabulary: UnknownAdapterError -> HTTP 404, BadRequestError -> 400,
-QueueFullError -> 429.
+QueueFullError -> 429, CostLimitError -> 413, DeadlineError -> 504, RequestCancelled -> 499 (the
+client went away: nobody reads the answer).
 """
 
 from __future__ import annotations
@@ -28,6 +29,19 @@ class BadRequestError(InferenceError):
 
 class QueueFullError(InferenceError):
     """The server's bounded queue is full (HTTP 429)."""
+
+
+class CostLimitError(InferenceError):
+    """The request would cost more compute than the server allows one request (HTTP 413)."""
+
+
+class DeadlineError(InferenceError):
+    """The request's deadline passed before its image was done; its work was stopped (HTTP 504)."""
+
+
+class RequestCancelled(InferenceError):
+    """The request was given up (its client disconnected, or it was cancelled); its work was stopped
+    between two denoising steps. Also what a run control raises to stop a batch (see engine.py)."""
 
 
 #: bounds a request must respect; an engine may narrow them (e.g. a tiny model's sizes)
