@@ -123,7 +123,7 @@ def generate(prompt, base, adapters, output, steps, width, height, seed, negativ
         if any(not Path(ref).exists() for ref, _ in items):
             from loradex.registry import Registry
 
-            registry = Registry()
+            registry = Registry(readonly=None)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         bar = None
         if not as_json and sys.stderr.isatty():

@@ -132,7 +132,7 @@ def _serve(base, tiny, host, port, registry_home, no_registry, allow_paths, devi
         from loradex.registry import Registry
 
         try:
-            registry = Registry(registry_home, create=registry_home is None)
+            registry = Registry(registry_home, create=registry_home is None, readonly=None)
         except LoradexError:
             if registry_home is not None:
                 raise

@@ -82,8 +82,9 @@ _BODY_FIELDS = _REQUEST_FIELDS | {"response", "timeout"}
 def parse_adapter(item: Any) -> tuple[str, float]:
     """One adapter of a request: ``{"ref": R, "weight": W}``, ``[R, W]``, ``"R:W"`` or ``"R"``.
 
-    In ``"R:W"`` the weight is what follows the last colon when it parses as a number; otherwise the
-    whole string is the REF (registry ``NAME:TAG`` references contain a colon too)."""
+    In ``"R:W"`` the weight is what follows the last colon when it is a plain decimal number, by the
+    registry's rule (``loradex.registry.refs.split_weight``: ``sha256:HEX`` alone is always a REF);
+    otherwise the whole string is the REF (``NAME:TAG`` references contain a colon too)."""
     if isinstance(item, dict):
         extra = set(item) - {"ref", "weight"}
         if extra:
@@ -92,13 +93,9 @@ def parse_adapter(item: Any) -> tuple[str, float]:
     elif isinstance(item, (list, tuple)) and len(item) == 2:
         ref, weight = item
     elif isinstance(item, str):
-        ref, weight = item, 1.0
-        head, sep, tail = item.rpartition(":")
-        if sep and head:
-            try:
-                ref, weight = head, float(tail)
-            except ValueError:
-                pass
+        from loradex.registry.refs import split_weight
+
+        ref, weight, _ = split_weight(item)
     else:
         raise BadRequestError("each adapter must be {\"ref\": ..., \"weight\": ...} or \"ref:weight\"")
     if not isinstance(ref, str) or not ref:
