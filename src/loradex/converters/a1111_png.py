@@ -80,6 +80,7 @@ LCG_M, LCG_A, LCG_C = 2**32, 1664525, 1013904223
 
 
 def is_png(path: str | Path) -> bool:
+    """Whether the file starts with the 8-byte PNG signature (False when it cannot be read)."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -347,6 +348,9 @@ class A1111Png(_TIConverter):
     description = "AUTOMATIC1111 embedding image (.png with an sd-ti-embedding text chunk, or data in its pixels)"
 
     def detect(self, path: Path) -> bool:
+        """True for a PNG file holding an embedding (the ``sd-ti-embedding`` text chunk, else data
+        in the pixels); False for anything that is not a PNG. A PNG without an embedding is a
+        FormatError, so ``converters.detect`` names that instead of a safetensors header error."""
         if not path.is_file() or not is_png(path):
             return False
         if read_png_data(path) is None:
@@ -357,10 +361,17 @@ class A1111Png(_TIConverter):
         return True
 
     def read(self, path: Path, arch=None, token: str | None = None) -> Adapter:
+        """:func:`read_png_embedding`: one embedding, named ``token``, else the JSON's ``name`` field
+        (A1111's rule for images), else the file stem; ``a1111.png_route`` in the metadata says
+        whether it came from the text chunk or the pixels."""
         return read_png_embedding(path, token=token, arch=arch)
 
     def write(self, adapter, path, report: ConversionReport, dtype=None, title=None, token=None, arch=None,
               rank=None):
+        """Write a preview PNG of the vectors with an ``sd-ti-embedding`` ``tEXt`` chunk (A1111's
+        ``embedding_to_b64`` of the ``.pt`` dict; SDXL: ``{clip_l, clip_g}``, which A1111 names after
+        the file). Nothing is hidden in the pixels. NaN/Inf values are a ConversionError (JSON
+        cannot hold them); ``rank`` is ignored; needs Pillow."""
         _, PngImagePlugin = _need_pillow("writing an embedding image (--to a1111-png)")
         path = Path(path)
         emb, a = self._prepare(adapter, path, report, token, dtype, arch)

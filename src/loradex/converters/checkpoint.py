@@ -439,9 +439,13 @@ class CheckpointReader:
         return list(seen)
 
     def has(self, module: str, param: str = "weight") -> bool:
+        """Whether the model stores ``param`` (``weight``/``bias``) of canonical ``module``."""
         return (module, param) in self._index
 
     def shape(self, module: str, param: str = "weight") -> tuple[int, ...]:
+        """The canonical shape of ``module``'s ``param`` from the header, nothing loaded: a
+        transposed tensor un-transposed, and for a fused tensor (FLUX ``qkv``, OpenCLIP
+        ``in_proj_weight``) only this module's rows. ArchError when the model has no such parameter."""
         st = self._stored(module, param)
         shape = st.shape[::-1] if st.transpose else st.shape
         if st.parts[0][1] is None:

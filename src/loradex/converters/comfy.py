@@ -40,17 +40,31 @@ _CLIP = {
 
 @register_format
 class Comfy(Converter):
+    """Reader of the ComfyUI / OneTrainer key spellings (see the module docstring). Not a
+    writer: ``--to comfy`` is an alias of the kohya writer, whose keys ComfyUI loads."""
+
     name = "comfy"
     priority = 40
     writes = False  # "--to comfy" is the kohya writer's alias: ComfyUI loads kohya keys
     description = "ComfyUI / OneTrainer spellings (diffusion_model., text_encoders., lora_transformer_); read only"
 
     def detect(self, path: Path) -> bool:
+        """True for a file (safetensors, or a ``weights_only`` pickle) where any key starts with
+        ``diffusion_model.``, ``text_encoders.`` or ``lora_transformer_``. Priority 40: after kohya
+        (20) and lycoris (30), before diffusers (80), whose ``lora_A``/``lora_B`` test would
+        otherwise take ``diffusion_model.*.lora_A.weight`` keys."""
         if not path.is_file():
             return False
         return any(k.startswith(PREFIXES) for k in pickle_io.read_tensor_header(path).tensors)
 
     def read(self, path: Path, arch=None) -> Adapter:
+        """Map each spelling to canonical modules: ``diffusion_model.<path>`` through the arch's
+        kohya name map (the ldm/BFL path flattened), else its SGM names (with or without
+        ``model.diffusion_model.``); ``text_encoders.<enc>.transformer.<path>`` by encoder name
+        (``clip_l``/``clip_h`` -> ``text_encoder``, ``clip_g`` -> ``text_encoder_2``, the family's own
+        mapping first: SD3's ``t5xxl`` is ``text_encoder_3``); ``lora_transformer_<flat>`` against
+        the arch's flattened ``transformer.*`` names. PEFT suffixes become kohya/LyCORIS ones.
+        The arch is required (given, or detected from metadata, keys and shapes)."""
         h = pickle_io.read_tensor_header(path)
         a = resolve_arch(arch, h.shapes(), required=True, path=path, metadata=dict(h.metadata))
         sgm: dict[str, str] | None = None

@@ -85,9 +85,13 @@ class ConversionReport:
 
     @property
     def max_error(self) -> float:
+        """The largest relative Frobenius error ``||dW - dW'|| / ||dW||`` among the approximated
+        modules; 0.0 when every module was kept or converted exactly."""
         return max(self.approximated.values(), default=0.0)
 
     def to_dict(self) -> dict:
+        """The report as JSON-ready data (``--json``). ``kept`` is a count, not the module list;
+        ``exact``/``approximated``/``dropped``/``unexplained`` stay keyed by module or key."""
         return {
             "target": self.target,
             "kept": len(self.kept),
@@ -100,6 +104,8 @@ class ConversionReport:
         }
 
     def summary(self) -> str:
+        """One line for the CLI: ``"12 modules kept as is, 4 converted exactly, ..."``; the parts
+        with nothing in them are left out (the kept count always shows)."""
         parts = [f"{len(self.kept)} modules kept as is"]
         if self.exact:
             parts.append(f"{len(self.exact)} converted exactly")
@@ -323,12 +329,26 @@ class Converter:
     description: ClassVar[str] = ""
 
     def detect(self, path: Path) -> bool:  # pragma: no cover - interface
+        """Whether ``path`` holds this format, from the header (or a folder's listing) only, never
+        the tensors. A file of another format is False. A FormatError (a broken file) stops
+        ``converters.detect`` unless the file looks like a pickle (the next format is then asked);
+        an UnsafeFileError always does. Folders are only shown to formats with ``folder = True``."""
         raise NotImplementedError
 
     def read(self, path: Path, arch: str | None = None) -> Adapter:  # pragma: no cover - interface
+        """Load ``path`` as an :class:`Adapter` with canonical module names. ``arch`` (a family name
+        or an Arch) overrides detection from metadata, keys and shapes. Keys no patch kind,
+        module or embedding explains go to ``Adapter.unexplained`` with their reason, not dropped."""
         raise NotImplementedError
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, **options) -> None:  # pragma: no cover
+        """Write ``adapter`` to ``path`` atomically, first fitting it to what the format holds
+        (module formats: :func:`fit_kinds`; embedding formats: the one embedding), recording in
+        ``report`` what was kept, converted exactly, approximated or dropped.
+
+        ``options``: :data:`COMMON_OPTIONS` (``dtype`` already a ``torch.dtype`` or None, ``rank``,
+        ``arch``, ``title``) plus the format's :attr:`options`; ``converters.write`` refuses any
+        other option (ConversionError) before calling this."""
         raise NotImplementedError
 
 
@@ -389,10 +409,13 @@ def peft_patterns(patches: dict[str, Patch], target: Callable[[str], str], patte
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``dtype`` (None: unchanged). Only floating tensors are cast: integer/bool ones
+    (step counters, masks) keep their dtype; ``t`` itself is returned when nothing changes."""
     return t if dtype is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
 
 
 def require(cond: bool, msg: str) -> None:
+    """Raise FormatError(``msg``) unless ``cond``: the readers' check of a malformed file."""
     if not cond:
         raise FormatError(msg)
 

@@ -115,6 +115,10 @@ def _pattern_value(patterns: dict, path: str, default):
 
 @register_format
 class Diffusers(Converter):
+    """diffusers LoRA files as ``pipe.load_lora_weights`` reads them: plain LoRA only (no Tucker
+    core, no sparse residual), DoRA as PEFT's per-output-row ``lora_magnitude_vector``, alpha in
+    the ``lora_adapter_metadata`` header (see the module docstring)."""
+
     name = "diffusers"
     priority = 80  # any safetensors of lora_A/lora_B keys: asked last
     tucker = False
@@ -123,6 +127,9 @@ class Diffusers(Converter):
     description = "diffusers pytorch_lora_weights.safetensors (lora_A/lora_B + lora_adapter_metadata)"
 
     def detect(self, path: Path) -> bool:
+        """True for a file with any key :func:`normalize_key` understands (``lora_A``/``lora_B``,
+        the old processor and ``lora_linear_layer`` spellings) and no ``lora_``-prefixed key
+        (kohya). ``base_model.model.*`` keys (PEFT's) are not counted."""
         if not path.is_file():
             return False
         h = pickle_io.read_tensor_header(path)
@@ -130,6 +137,12 @@ class Diffusers(Converter):
         return bool(ks) and any(normalize_key(k) for k in ks) and not any(k.startswith("lora_") for k in ks)
 
     def read(self, path: Path, arch=None) -> Adapter:
+        """LoRA patches from ``<component>.<module>.lora_A/lora_B`` (and the older spellings).
+        Alpha: a stored ``alpha`` tensor, else the component's ``lora_adapter_metadata`` config
+        (``alpha_pattern`` first, then ``lora_alpha``; rsLoRA folded in), else alpha = rank, as
+        diffusers 0.42 does with neither. ``lora_B.bias`` becomes the patch's bias, a
+        ``lora_magnitude_vector`` its DoRA scale. The arch is optional: without one the module
+        names stay as the file spells them."""
         h = pickle_io.read_tensor_header(path)
         groups: dict[str, dict[str, str]] = {}
         unexplained: dict[str, str] = pickle_io.pickled_extras(path)  # a pickle's non-tensor entries
@@ -226,6 +239,11 @@ class Diffusers(Converter):
         return float(alpha)
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, title=None, arch=None):
+        """Write :meth:`state_dict`'s tensors and metadata as one safetensors file: per module
+        ``lora_A.weight``/``lora_B.weight`` (+ ``lora_B.bias`` on every module of a component where
+        one has a bias, + ``lora_magnitude_vector`` for DoRA), and ``lora_adapter_metadata`` with
+        each component's LoraConfig fields (``r``, ``lora_alpha``, ``rank_pattern``,
+        ``alpha_pattern``...). Other kinds become LoRA (exact, else SVD at ``rank``)."""
         out, meta = self.state_dict(adapter, report, dtype=dtype, rank=rank, title=title or Path(path).stem, arch=arch)
         sio.save(out, path, meta)
 

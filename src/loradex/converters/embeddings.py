@@ -524,9 +524,14 @@ class _TIConverter(Converter):
     options = frozenset({"token"})
 
     def detect(self, path: Path) -> bool:
+        """True when :func:`detect_embedding_format` names this layout: the keys (and their
+        plausible ``[n <= 77, d]`` float shapes) of the safetensors header or of a small
+        ``weights_only`` pickle; a pickle that needs code raises UnsafeFileError."""
         return detect_embedding_format(path) == self.name
 
     def read(self, path: Path, arch: str | None = None, token: str | None = None) -> Adapter:
+        """:func:`read_embedding`: an Adapter with one embedding and no patches, whichever of the
+        three layouts the file is. ``token`` overrides the file's own name for it."""
         return read_embedding(path, token=token, arch=arch)
 
     def _prepare(self, adapter: Adapter, path: Path, report: ConversionReport, token, dtype, arch):
@@ -564,6 +569,12 @@ class A1111Embedding(_TIConverter):
     description = "AUTOMATIC1111 textual inversion (.pt string_to_param, or .safetensors)"
 
     def write(self, adapter, path, report, dtype=None, title=None, token=None, arch=None, rank=None):
+        """Write the one embedding ``token`` picks (or the only one; patches and other embeddings
+        are reported as dropped). By the suffix of ``path``: ``.safetensors`` ->
+        ``{'string_to_param.*': [n, d]}`` (SDXL ``{clip_l, clip_g}``) with ModelSpec metadata;
+        anything else -> A1111's pickle ``{string_to_token: {'*': 265}, string_to_param: {'*': ...},
+        name: token, step, sd_checkpoint, sd_checkpoint_name}`` (the last three from ``a1111.*``
+        metadata; SDXL ``{clip_l, clip_g}``). ``rank`` is accepted and ignored."""
         path = Path(path)
         emb, a = self._prepare(adapter, path, report, token, dtype, arch)
         self._stem_note(path, emb.token, report)
@@ -603,6 +614,10 @@ class KohyaEmbedding(_TIConverter):
     description = "kohya sd-scripts textual inversion (emb_params; clip_l/clip_g for SDXL)"
 
     def write(self, adapter, path, report, dtype=None, title=None, token=None, arch=None, rank=None):
+        """Write the one embedding ``token`` picks as ``{'emb_params': [n, d]}`` (SDXL
+        ``{'clip_l': [n, 768], 'clip_g': [n, 1280]}``): safetensors with ModelSpec metadata for a
+        ``.safetensors`` name, the same dict pickled otherwise. The token is not stored: kohya and
+        A1111 use the file stem, and the report notes when the two differ. ``rank`` is ignored."""
         path = Path(path)
         emb, a = self._prepare(adapter, path, report, token, dtype, arch)
         self._stem_note(path, emb.token, report)
@@ -634,6 +649,10 @@ class DiffusersEmbedding(_TIConverter):
     def write(
         self, adapter, path, report, dtype=None, title=None, token=None, arch=None, sdxl_layout="clip", rank=None
     ):
+        """Write the one embedding ``token`` picks as ``{token: [n, d]}``: a pickle for a ``.bin``
+        name, safetensors with ModelSpec metadata otherwise. SDXL by ``sdxl_layout``: ``"clip"``
+        one ``{clip_l, clip_g}`` file; ``"split"`` ``<stem>_2`` (bigG, written first so a reader that
+        finds the first file finds its partner) then ``path`` (CLIP-L). ``rank`` is ignored."""
         path = Path(path)
         emb, a = self._prepare(adapter, path, report, token, dtype, arch)
         files: list[tuple[Path, dict[str, torch.Tensor]]] = []

@@ -146,6 +146,10 @@ def nothing_read(path: Path, unexplained: dict[str, str]) -> FormatError:
 
 @register_format
 class Kohya(Converter):
+    """kohya sd-scripts keys (``lora_unet_*``, ``lora_te*_*``), the format A1111 and ComfyUI load
+    for every LyCORIS kind; ``--to a1111`` and ``--to comfy`` write it. Holds every kind, DoRA,
+    Tucker cores and bundled pivotal-tuning embeddings (``bundle_emb.*``)."""
+
     name = "kohya"
     priority = 20
     aliases = ("a1111", "comfy")  # both load kohya keys for every kind
@@ -155,6 +159,10 @@ class Kohya(Converter):
     description = "kohya sd-scripts / A1111 / ComfyUI keys (lora_unet_*, lora_te*_*), every LyCORIS kind"
 
     def detect(self, path: Path) -> bool:
+        """True for a file (safetensors or ``weights_only`` pickle) with any key matching
+        :func:`kohya_key`: a prefix some registered family writes (``lora_unet_``, ``lora_te_``,
+        ``lora_te1_``...), a flattened module name, then ``.``. A file of ``bundle_emb.*`` keys
+        only is not detected as kohya."""
         if not path.is_file():
             return False
         h = pickle_io.read_tensor_header(path)
@@ -199,6 +207,16 @@ class Kohya(Converter):
         self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, title=None,
         uniform_alpha: bool = False,
     ):
+        """Write ``<kohya name>.<suffix>`` for every tensor of every patch (each kind under its own
+        LyCORIS suffixes), with ``.alpha`` always present for LoRA (kohya reads a missing alpha as
+        the rank, lycoris-lora's loaders need it). Modules the family stores fused (FLUX's BFL
+        ``qkv``/``linear1``) are fused back into one LoRA (``core.fusion.fuse_rows``: at the same rank
+        when the parts share one ``down``, else block-diagonal ups over stacked downs); a non-LoRA
+        patch there is first made a LoRA (exact, else SVD at ``rank``). Embeddings go in as
+        ``bundle_emb.<token>.*``. Metadata: kohya ``ss_*`` + ModelSpec, and the
+        ``sshs_model_hash``/``sshs_legacy_hash`` kohya computes. ``uniform_alpha``: give every LoRA
+        the most common alpha, folding the ratio into ``lora_up`` (exact), for diffusers' kohya
+        loader, which keeps only one alpha for the UNet."""
         from loradex.converters.embeddings import bundle_tensors
 
         a = resolve_arch(arch or adapter.arch, {}, required=bool(adapter.patches), path=path)

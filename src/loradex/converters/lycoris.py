@@ -51,12 +51,17 @@ def _flat_map(arch, component: str | None = None) -> dict[str, str]:
 
 @register_format
 class Lycoris(Converter):
+    """LyCORIS' standalone wrapper keys (``lycoris_<flattened module path>.<suffix>``), one model
+    component per file, every kind (see the module docstring)."""
+
     name = "lycoris"
     priority = 30
     options = frozenset({"component"})
     description = "LyCORIS standalone wrapper keys (lycoris_*), one model component, every kind"
 
     def detect(self, path: Path) -> bool:
+        """True for a file (safetensors or ``weights_only`` pickle) with any key starting with
+        ``lycoris_``."""
         if not path.is_file():
             return False
         return any(k.startswith(PREFIX) for k in pickle_io.read_tensor_header(path).tensors)
@@ -100,6 +105,11 @@ class Lycoris(Converter):
     def write(
         self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, component=None, arch=None, title=None
     ):
+        """Write the patches of one component as ``lycoris_<live module path, '.' -> '_'>.<suffix>``
+        (every kind as is; the path spelled as :func:`live_path` says, which
+        ``create_lycoris_from_weights`` matches) with ModelSpec metadata. ``component`` picks the
+        component (required when the adapter spans several; the others are reported as dropped);
+        embeddings are left out with a note."""
         comps = sorted({component_of(n) for n in adapter.patches})
         if component is None:
             if len(comps) != 1:

@@ -65,6 +65,10 @@ def _folders(path: Path) -> list[tuple[str | None, Path]]:
 
 @register_format
 class Peft(Converter):
+    """PEFT adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``), flat or one
+    sub-folder per component. Reads the LORA, LOHA and LOKR tuners; writes LORA, or LOHA for a
+    component whose patches PEFT's LoHa tuner holds as they are."""
+
     name = "peft"
     priority = 10  # a folder with adapter_config.json: asked before anything else
     tucker = False
@@ -73,9 +77,17 @@ class Peft(Converter):
     description = "PEFT adapter folder(s): adapter_config.json + adapter_model.safetensors (LoRA, LoHa, LoKr)"
 
     def detect(self, path: Path) -> bool:
+        """True for a folder with ``adapter_config.json``, or with ``<component>/adapter_config.json``
+        for some component (``unet``, ``text_encoder``...)."""
         return path.is_dir() and bool(_folders(path))
 
     def read(self, path: Path, arch=None) -> Adapter:
+        """Patches from ``base_model.model.<module>.<suffix>`` keys of every (component) folder.
+        A flat folder's component is guessed from its key names. Each patch gets PEFT's scale
+        as a LyCORIS alpha: ``alpha / r`` per module from the config (``lora_alpha`` for LORA,
+        ``alpha`` for LOHA/LOKR; ``alpha_pattern``/``rank_pattern`` overrides; rsLoRA
+        ``alpha / sqrt(r)``) times the patch's rank; a LoKr with no rank (both halves full) is
+        scaled instead. Other PEFT types are a FormatError."""
         folders = _folders(path)
         if not folders:
             raise FormatError(f"{path}: no {CONFIG} found (not a PEFT adapter folder)")
@@ -209,6 +221,13 @@ class Peft(Converter):
         return float(alpha) / (cfg_r**0.5 if cfg.get("use_rslora") else cfg_r)
 
     def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, arch=None, title=None):
+        """Write a PEFT folder at ``path``: flat for one component, ``<path>/<component>/`` each
+        otherwise, each with ``adapter_config.json`` and ``adapter_model.safetensors`` keyed
+        ``base_model.model.<live module path>.<suffix>``. Per component: the LOHA tuner when its
+        patches are all LoHa without DoRA and Tucker exactly on its kxk convs
+        (``use_effective_conv2d``), else the LORA tuner (other kinds as exact LoRA, else SVD at
+        ``rank``; DoRA as ``lora_magnitude_vector``). The folder is built next to ``path`` and
+        swapped in; an existing non-PEFT folder is refused. ``title`` is ignored (no field)."""
         # one PEFT config holds one tuner type, and each component is its own folder (its own
         # config): a component whose patches PEFT's LoHa tuner holds as they are stays LoHa, any
         # other becomes exact LoRA (PEFT's LoRA tuner: per-row DoRA as lora_magnitude_vector)

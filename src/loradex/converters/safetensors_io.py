@@ -71,11 +71,17 @@ class TensorInfo(NamedTuple):
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor's data (``end - start``, offsets relative to the data section)."""
         return self.end - self.start
 
 
 @dataclass(frozen=True)
 class Header:
+    """A validated safetensors header (:func:`parse_header`): ``header_len`` is the JSON's byte
+    length (the 8-byte length prefix not included), ``metadata`` the ``__metadata__`` strings,
+    ``tensors`` each entry with offsets relative to the data section. Cached by
+    :func:`read_header`, so treat it as read-only."""
+
     path: Path
     header_len: int
     metadata: dict[str, str]
@@ -83,9 +89,11 @@ class Header:
 
     @property
     def data_offset(self) -> int:
+        """File offset of the data section: the 8-byte length prefix plus the header."""
         return 8 + self.header_len
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        """key -> shape of every tensor (what arch detection takes)."""
         return {k: v.shape for k, v in self.tensors.items()}
 
 
@@ -201,6 +209,7 @@ def parse_header(raw: bytes, size: int, p: Path) -> Header:
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file whose safetensors header passes :func:`read_header`."""
     try:
         read_header(path)
         return True
@@ -423,6 +432,9 @@ def write_text(text: str, path: str | os.PathLike) -> None:
 
 
 def read_json(path: str | os.PathLike) -> dict:
+    """A JSON side file (``adapter_config.json``, ``model_index.json``...) that must be a JSON
+    object, read as UTF-8; FormatError when it is missing, not a regular file, larger than
+    ``MAX_JSON_BYTES`` (16 MiB), not valid JSON or not an object."""
     p = _regular_file(path)
     if p.stat().st_size > MAX_JSON_BYTES:
         raise FormatError(f"{p}: JSON file too large")

@@ -83,6 +83,8 @@ class QualityReport:
     thresholds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """JSON-ready (``inspect --quality --json``): every field; ``modules`` last, since it is
+        the long part."""
         return {"summary": self.summary, "scale": self.scale, "thresholds": self.thresholds, "flags": self.flags,
                 "skipped": self.skipped, "partial": self.partial, "modules": self.modules}
 

@@ -169,6 +169,7 @@ class UpdateForm:
 
     @property
     def form(self) -> str:
+        """``"factors"`` (``scale * up @ down``), ``"kron"`` (``kron(w1, w2)``) or ``"dense"``."""
         return "factors" if self.up is not None else "kron" if self.w1 is not None else "dense"
 
     @property
@@ -213,6 +214,7 @@ class UpdateForm:
         return self._sq
 
     def norm(self) -> float:
+        """``||[dW | db]||_F``, the module's norm in cosines and sketches (:meth:`sq_norm`)."""
         return math.sqrt(self.sq_norm())
 
 
@@ -406,6 +408,7 @@ class Sketch:
 
     @property
     def modules(self) -> int:
+        """The number of modules sketched (skipped ones not counted; partial ones counted)."""
         return int(self.keys.shape[0])
 
     @property

@@ -79,6 +79,8 @@ class ConflictReport:
     outside: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """JSON-ready (``conflicts --json``): the fields, with ``labels`` as ``adapters``,
+        ``remaining`` as ``remaining_max_overlap``, and :meth:`merge_args` added."""
         return {"adapters": self.labels, "weights": self.weights, "family": self.family, "layout": list(self.layout),
                 "threshold": self.threshold, "min_share": self.min_share, "pairs": self.pairs, "blocks": self.blocks,
                 "fights": self.fights, "suggestion": self.suggestion, "dropped": self.dropped,

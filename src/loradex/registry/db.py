@@ -56,6 +56,8 @@ RANKED_MATCHES = 256
 
 
 def now() -> str:
+    """The current UTC time as ISO 8601 with microseconds and ``+00:00``: every ``created`` /
+    ``updated`` column (the fixed width makes text order time order)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
@@ -110,6 +112,8 @@ def _connect_readonly(path: Path) -> sqlite_utils.Database:
 
 
 def path_of(db: sqlite_utils.Database) -> str:
+    """The file of the catalogue's main database (``PRAGMA database_list``), ``":memory:"`` when
+    it has none; used to name the catalogue in errors."""
     row = db.execute("PRAGMA database_list").fetchone()
     return (row[2] if row else "") or ":memory:"
 
@@ -221,6 +225,7 @@ def put_arch(db: sqlite_utils.Database, name: str, family: str, descriptor: str)
 
 
 def get_arch_descriptor(db: sqlite_utils.Database, name: str) -> str | None:
+    """The JSON descriptor :func:`put_arch` recorded for arch ``name``, or None."""
     row = db.execute("SELECT descriptor FROM archs WHERE name = ?", (name,)).fetchone()
     return row[0] if row else None
 
@@ -251,15 +256,18 @@ def _one(found: list[Version]) -> Version | None:
 
 
 def version_by_number(db: sqlite_utils.Database, name: str, number: int) -> Version | None:
+    """``NAME@N``: version ``number`` of adapter ``name`` (tags attached), or None."""
     return _one(_fetch(db, "a.name = ? AND v.number = ?", (name, number)))
 
 
 def version_by_tag(db: sqlite_utils.Database, name: str, tag: str) -> Version | None:
+    """``NAME:TAG``: the version ``tag`` points at in adapter ``name``, or None."""
     return _one(_fetch(db, "a.name = ? AND v.id = (SELECT version_id FROM tags t WHERE t.adapter_id = a.id AND "
                            "t.tag = ?)", (name, tag)))
 
 
 def latest_version(db: sqlite_utils.Database, name: str) -> Version | None:
+    """``NAME``: the highest-numbered version of ``name``, or None when it has none."""
     return _one(_fetch(db, "a.name = ?", (name,), order="v.number DESC", limit=1))
 
 
@@ -304,16 +312,20 @@ def same_tensors(db: sqlite_utils.Database, autov3_full: str, other_bytes_than: 
 
 
 def tags_of(db: sqlite_utils.Database, name: str) -> list[str]:
+    """Every tag of adapter ``name``, sorted (whichever version each points at)."""
     return [r[0] for r in db.execute("SELECT t.tag FROM tags t JOIN adapters a ON a.id = t.adapter_id WHERE a.name = ? "
                                      "ORDER BY t.tag", (name,))]
 
 
 def version_id_with_sha(db: sqlite_utils.Database, adapter_id: int, sha256: str) -> int | None:
+    """The id of one version of ``adapter_id`` with this sha256 (an import of bytes the name
+    already holds), or None."""
     row = db.execute("SELECT id FROM versions WHERE adapter_id = ? AND sha256 = ?", (adapter_id, sha256)).fetchone()
     return row[0] if row else None
 
 
 def version_sha(db: sqlite_utils.Database, version_id: int) -> str:
+    """The sha256 of version ``version_id``; ``""`` when there is no such row."""
     row = db.execute("SELECT sha256 FROM versions WHERE id = ?", (version_id,)).fetchone()
     return row[0] if row else ""
 
@@ -332,6 +344,8 @@ def parents(db: sqlite_utils.Database, version_id: int) -> list[dict]:
 
 
 def children(db: sqlite_utils.Database, version_id: int) -> list[dict]:
+    """The lineage edges out of a version, oldest first: ``{"operation", "params", "child"}`` with
+    the child as ``NAME@N`` (the inverse of :func:`parents`; only stored children have rows)."""
     rows = db.execute(
         "SELECT l.operation, l.params, a.name, v.number FROM lineage l JOIN versions v ON v.id = l.child_id "
         "JOIN adapters a ON a.id = v.adapter_id WHERE l.parent_id = ? ORDER BY l.id", (version_id,)).fetchall()
@@ -339,6 +353,7 @@ def children(db: sqlite_utils.Database, version_id: int) -> list[dict]:
 
 
 def count_versions(db: sqlite_utils.Database) -> int:
+    """The number of versions in the catalogue, all adapters together."""
     return db.execute("SELECT count(*) FROM versions").fetchone()[0]
 
 
@@ -359,6 +374,8 @@ def blob_is_referenced(db: sqlite_utils.Database, sha256: str) -> bool:
 
 
 def attach_tags(db: sqlite_utils.Database, versions: list[Version]) -> None:
+    """Append each version's tags (sorted) to its ``tags`` list, in place, with one query.
+    Tags already there are not cleared: call it once per fetched Version."""
     by_id = {v.id: v for v in versions}
     marks = ",".join("?" * len(by_id))
     for vid, tag in db.execute(f"SELECT version_id, tag FROM tags WHERE version_id IN ({marks}) ORDER BY tag",
@@ -367,11 +384,14 @@ def attach_tags(db: sqlite_utils.Database, versions: list[Version]) -> None:
 
 
 def attach_files(db: sqlite_utils.Database, v: Version) -> None:
+    """Fill ``v.files`` with a folder version's manifest (``{"path", "sha256", "size"}`` by path);
+    a file version is left as it is."""
     if v.layout == "folder":
         v.files = _rows(db, "SELECT path, sha256, size FROM version_files WHERE version_id = ? ORDER BY path", (v.id,))
 
 
 def adapter_row(db: sqlite_utils.Database, name: str) -> dict | None:
+    """The ``adapters`` row of ``name`` as a dict (JSON columns still as text), or None."""
     rows = _rows(db, "SELECT * FROM adapters WHERE name = ?", (name,))
     return rows[0] if rows else None
 
@@ -386,6 +406,8 @@ def _insert(db: sqlite_utils.Database, table: str, row: dict) -> int:
 
 
 def ensure_adapter(db: sqlite_utils.Database, name: str) -> dict:
+    """The ``adapters`` row of ``name``, inserted (empty description, ``next_number`` 1) when the
+    name is new. Call inside :func:`write` so that two importers cannot both insert it."""
     row = adapter_row(db, name)
     if row is None:
         t = now()
@@ -396,6 +418,9 @@ def ensure_adapter(db: sqlite_utils.Database, name: str) -> dict:
 
 
 def update_adapter(db: sqlite_utils.Database, adapter_id: int, **fields) -> None:
+    """Set columns of an ``adapters`` row and bump ``updated``. Lists are stored as JSON; a field
+    given as None is left unchanged (so None cannot clear a column; ``""``/``[]`` do). Column
+    names come from the caller's keywords: only this package's code passes them."""
     vals = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in fields.items() if v is not None}
     if vals:
         vals["updated"] = now()
@@ -428,6 +453,9 @@ def insert_version(db: sqlite_utils.Database, adapter: dict, record: dict, files
 
 def add_lineage(db: sqlite_utils.Database, child_id: int, operation: str, params: dict | None,
                 parent_id: int | None = None, parent_ref: str | None = None) -> None:
+    """Record that ``child_id`` was made by ``operation`` (``import``, ``convert``, ``merge``...)
+    with ``params`` (JSON, non-JSON values as ``str``), from a stored version ``parent_id`` or an
+    outside source ``parent_ref`` (a path, ``hf://id@rev``). Call inside :func:`write`."""
     _insert(db, "lineage", {
         "child_id": child_id, "parent_id": parent_id, "parent_ref": parent_ref, "operation": operation,
         "params": json.dumps(params or {}, sort_keys=True, default=str), "created": now(),
@@ -435,6 +463,7 @@ def add_lineage(db: sqlite_utils.Database, child_id: int, operation: str, params
 
 
 def set_tag(db: sqlite_utils.Database, adapter_id: int, tag: str, version_id: int) -> None:
+    """Point ``tag`` of ``adapter_id`` at ``version_id``, moving it when it exists (an upsert)."""
     db.execute(
         "INSERT INTO tags (adapter_id, tag, version_id, updated) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (adapter_id, tag) DO UPDATE SET version_id = excluded.version_id, updated = excluded.updated",
@@ -460,6 +489,7 @@ def delete_tag(db: sqlite_utils.Database, name: str, tag: str) -> bool:
 
 
 def delete_adapter_if_empty(db: sqlite_utils.Database, adapter_id: int) -> bool:
+    """Remove the adapter row (and its tags) when no version is left; True when it was removed."""
     if db.execute("SELECT 1 FROM versions WHERE adapter_id = ? LIMIT 1", (adapter_id,)).fetchone():
         return False
     db.execute("DELETE FROM tags WHERE adapter_id = ?", (adapter_id,))
@@ -541,6 +571,10 @@ def search(db: sqlite_utils.Database, query: str = "", arch: str | None = None, 
 
 
 def list_adapters(db: sqlite_utils.Database) -> list[dict]:
+    """One summary per adapter, by name (what ``loradex ls`` prints): name, description,
+    trigger_words, labels, ``versions`` (count), ``latest`` (highest number), ``size`` (bytes of
+    all its versions), ``tags`` as ``"TAG->@N"``, and format/arch/artifact/kinds of the latest
+    version (None/``{}`` for an adapter without versions)."""
     rows = _rows(db, """
         SELECT a.id, a.name, a.description, a.trigger_words, a.labels, count(v.id) AS versions, max(v.number) AS latest,
                sum(v.size) AS size

@@ -31,9 +31,13 @@ class DescriptionCache:
         self._limit = limit
 
     def get(self, key: str) -> dict | None:
+        """The description stored under ``key``, or None. The dict is the cached one itself:
+        copy it before changing it."""
         return self._items.get(key)
 
     def put(self, key: str, desc: dict) -> None:
+        """Store ``desc`` under ``key``; at ``limit`` entries the oldest inserted goes first
+        (first in, first out, not least recently used)."""
         with self._lock:
             if len(self._items) >= self._limit:
                 self._items.pop(next(iter(self._items)))

@@ -28,7 +28,7 @@ _V1_START, _V1_END = 0x100000, 0x110000
 
 
 class StreamHasher:
-    """Feed the bytes of a file in order with ``update``; ``result(size)`` gives the identities.
+    """Feed the bytes of a file in order with ``update``; ``result()`` gives the identities.
 
     The AutoV3 section starts after ``8 + n`` bytes where ``n`` is the little-endian length
     prefix; whether the prefix is plausible (fits the file) is only known at the end, so the
@@ -44,6 +44,8 @@ class StreamHasher:
         self.pos = 0
 
     def update(self, chunk: bytes | memoryview) -> None:
+        """Hash the next ``chunk`` of the file (chunks of any size, in file order; empty ones are
+        ignored). ``pos`` counts the bytes seen."""
         mv = memoryview(chunk)
         if not mv:
             return
@@ -61,6 +63,12 @@ class StreamHasher:
         self.pos = end
 
     def result(self) -> dict[str, str]:
+        """The identities of the bytes fed so far: ``sha256``, ``autov1`` (8 hex, upper),
+        ``autov2`` (10 hex, upper), ``autov3`` (12 hex, upper) and ``autov3_full``, ``crc32``
+        (little-endian hex, upper) and ``sshs_model_hash`` (lowercase hex). ``autov3*`` and
+        ``sshs_model_hash`` are ``""`` when the length prefix does not fit the file; for a header
+        of 16 MiB or more ``autov3`` is the whole file's sha256 (Civitai) while
+        ``sshs_model_hash`` still skips the header (kohya)."""
         size = self.pos
         full = self._sha.hexdigest()
         n = self._skip - 8 if self._skip is not None else None

@@ -62,6 +62,8 @@ class ImportReport:
         return [g for g in groups.values() if len(g) > 1]
 
     def to_dict(self) -> dict:
+        """JSON-ready (``add --json``): ``added``/``existing`` versions without their metadata,
+        ``skipped`` as ``{"path", "reason"}``, and the :meth:`same_tensors` groups of REFs."""
         return {
             "added": [v.to_dict(metadata=False) for v in self.added],
             "existing": [v.to_dict(metadata=False) for v in self.existing],
@@ -100,6 +102,12 @@ class Ingestor:
     def add(self, path, name: str, *, tags: Iterable[str] = (), info: dict, arch=None, base_model=None,
             parents: Iterable = (), operation: str = "import", params: dict | None = None, source: str | None = None,
             follow_links: bool = False, progress=None, allow_nonfinite: bool = False) -> Version:
+        """Store one artifact as the next version of ``name`` and return it; the engine of
+        ``Registry.add`` (see there for the arguments; ``info`` holds the adapter-level
+        ``description``/``trigger_words``/``labels``, None = unchanged). The blob is made durable
+        before its row is written; bytes ``name`` already has give back that version, with
+        ``tags``/``info`` applied. A blob removed by a concurrent ``gc`` before its row is written
+        is stored again, up to three attempts."""
         validate_name(name)
         tags = [validate_tag(t) for t in tags]
         if operation not in OPERATIONS:
@@ -131,6 +139,12 @@ class Ingestor:
     def add_many(self, root, *, prefix: str | None = None, tags: Iterable[str] = (), arch=None, base_model=None,
                  batch: int = 64, workers: int | None = None, follow_links: bool = False, on_file=None,
                  progress=None, allow_nonfinite: bool = False) -> ImportReport:
+        """Import every artifact under ``root``; the engine of ``Registry.add_many`` (see there).
+        Worker threads copy, hash and describe files in a window of ``4 * workers`` ahead of the
+        main thread, which alone reads and writes the catalogue, in the folder's order; rows are
+        written per ``batch`` after one sync of the store. ``on_file(rel_path, "ok"|"skipped")`` is
+        called per candidate. A full disk stops the import and removes this import's unreferenced
+        blobs; other errors of one file skip it (``ImportReport.skipped``)."""
         root = Path(root)
         if not root.is_dir():
             check_importable(root)
@@ -507,6 +521,8 @@ def keep_arch(d, name: str | None) -> None:
 
 
 def as_list(x) -> list[str] | None:
+    """Trigger words / labels as given -> a list of stripped, non-empty strings; a lone string is
+    one item (not split), None stays None (= leave the stored value alone)."""
     if x is None:
         return None
     if isinstance(x, str):

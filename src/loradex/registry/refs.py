@@ -61,6 +61,9 @@ def validate_name(name: str, what: str = "name", limit: int = MAX_NAME) -> str:
 
 
 def validate_tag(tag: str) -> str:
+    """``tag`` when it is a valid tag: a name's characters (:func:`validate_name`), at most
+    ``MAX_TAG`` (64) long, and not ``latest`` (reserved: ``NAME:latest`` is the newest version).
+    RegistryError otherwise."""
     validate_name(tag, "tag", MAX_TAG)
     if tag in RESERVED_TAGS:
         raise RegistryError(f"tag {tag!r} is reserved: NAME:{tag} always names the newest version")
@@ -177,6 +180,8 @@ def _by_sha(db, p: str) -> Version:
 
 
 def require_adapter(db, name: str, where: str) -> None:
+    """RegistryError "no adapter named ..." (with up to three search hits as suggestions) when
+    the catalogue has no adapter ``name``; ``where`` names the registry in the message."""
     if _db.adapter_row(db, name) is None:
         raise RegistryError(f"no adapter named {name!r} in {where}" + _suggest(db, name))
 

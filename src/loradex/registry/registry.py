@@ -72,6 +72,8 @@ _structure_key = structure_key  # the name tests and benchmarks knew
 
 
 def default_home() -> Path:
+    """``$XDG_DATA_HOME/loradex``, else ``~/.local/share/loradex`` (the XDG base-directory
+    default): the home when neither an argument nor ``$LORADEX_HOME`` names one. Not created here."""
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(xdg) / "loradex"
 
@@ -141,6 +143,7 @@ class Registry:
         self._ingest = Ingestor(self.db, self.store, self.tmp, self.get)
 
     def close(self) -> None:
+        """Close the catalogue's connection (also on leaving ``with Registry() as reg:``)."""
         self.db.close()
 
     def __enter__(self) -> Registry:
@@ -165,6 +168,8 @@ class Registry:
         return ref if isinstance(ref, Version) else self.get(ref)
 
     def versions(self, name: str) -> list[Version]:
+        """Every version of ``name``, oldest first, with tags (RegistryError when no adapter has
+        that name)."""
         require_adapter(self.db, name, str(self.home))
         return _db.versions_of(self.db, name)
 
@@ -405,6 +410,9 @@ class Registry:
         return self.info(name)
 
     def info(self, name: str) -> dict:
+        """The adapter-level record of ``name``: ``name``, ``description``, ``trigger_words``,
+        ``labels`` (lists), ``created``, ``updated`` (what model cards use); RegistryError when
+        there is no such adapter."""
         row = _db.adapter_row(self.db, name)
         if row is None:
             raise RegistryError(f"no adapter named {name!r}")

@@ -419,6 +419,7 @@ class Hit:
     exact: dict | None = None
 
     def to_dict(self) -> dict:
+        """JSON-ready (``similar --json``): every field, ``exact`` only when it was computed."""
         d = {"ref": self.ref, "name": self.name, "number": self.number, "sha256": self.sha256,
              "cosine": self.cosine, "modules": self.modules, "signature": self.signature, "partial": self.partial}
         if self.exact is not None:
@@ -443,6 +444,8 @@ class SimilarReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
+        """JSON-ready (``similar --json``): the fields, hits as :meth:`Hit.to_dict`, ``seconds``
+        rounded to 0.1 ms, and ``algo`` (the sketch algorithm the scores come from)."""
         return {"query": self.query, "family": self.family, "modules": self.modules, "scanned": self.scanned,
                 "candidates": self.candidates, "exact": self.exact, "hits": [h.to_dict() for h in self.hits],
                 "skipped": self.skipped, "partial": self.partial, "dropped_stale": self.dropped_stale,

@@ -76,6 +76,7 @@ class Ingested:
 
     @property
     def sha256(self) -> str:
+        """The SHA-256 (lowercase hex) of the bytes: the blob's name once committed."""
         return self.hashes["sha256"]
 
 
@@ -91,6 +92,7 @@ def file_kind(mode: int) -> str:
 
 
 def not_regular(path, mode: int) -> RegistryError:
+    """The error for ``path`` whose ``st_mode`` is not a regular file, naming what it is."""
     return RegistryError(f"{path} is {file_kind(mode)}, not a regular file: loradex reads only regular files")
 
 
@@ -218,12 +220,16 @@ class VerifiedBlobs:
 
     @staticmethod
     def key(path: Path, st: os.stat_result) -> tuple:
+        """``(device, inode, path, size, mtime_ns)``: any write to the file or a new file under
+        the same name gives another key, so a check is never reused for other bytes."""
         return (st.st_dev, st.st_ino, str(path), st.st_size, st.st_mtime_ns)
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._keys
 
     def add(self, key: tuple) -> None:
+        """Remember ``key`` as checked; at ``limit`` keys the older half is forgotten first (those
+        blobs are simply hashed again when next handed out)."""
         with self._lock:
             if len(self._keys) >= self._limit:
                 for k in list(self._keys)[: self._limit // 2]:
@@ -231,6 +237,7 @@ class VerifiedBlobs:
             self._keys[key] = None
 
     def discard(self, key: tuple) -> None:
+        """Forget ``key`` (no error when it was not there)."""
         with self._lock:
             self._keys.pop(key, None)
 
@@ -244,22 +251,30 @@ VERIFIED = VerifiedBlobs()
 
 
 def corrupt(what: str, sha: str, got: str) -> RegistryError:
+    """The error for a blob of ``what`` (a REF) whose bytes hash to ``got`` instead of its recorded
+    ``sha``: names both (12 hex digits each) and asks for ``loradex verify``."""
     return RegistryError(f"{what}: its stored bytes do not match the catalogue (they hash to {got[:12]}..., the "
                          f"catalogue says {sha[:12]}...); the registry copy is damaged: run `loradex verify`")
 
 
 class BlobStore:
+    """The ``blobs/`` folder: ``<root>/<sha[:2]>/<sha[2:]>`` read-only files named by the SHA-256
+    of their bytes, and ``<root>/tmp/`` for files being ingested (see the module docstring)."""
+
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
 
     def ensure(self) -> None:
+        """Create the store's folders (``root`` and ``root/tmp``) when missing."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
+        """Where the blob of ``sha256`` lives (whether or not it exists; nothing is checked)."""
         return self.root / sha256[:2] / sha256[2:]
 
     def has(self, sha256: str, size: int | None = None) -> bool:
+        """Whether the blob exists (with ``size`` bytes when given); its bytes are not hashed."""
         try:
             st = self.path(sha256).stat()
         except FileNotFoundError:
@@ -327,6 +342,7 @@ class BlobStore:
         return dst
 
     def discard(self, item: Ingested) -> None:
+        """Drop an ingested file that will not be committed (its temporary file is removed)."""
         item.tmp.unlink(missing_ok=True)
 
     def sync(self) -> None:
@@ -403,6 +419,8 @@ class BlobStore:
 
     # ---- listing and cleaning -----------------------------------------------------------
     def iter_blobs(self) -> Iterator[tuple[str, Path]]:
+        """``(sha256, path)`` of every file named like a blob (2 + 62 lowercase hex), shard by
+        shard in sorted order; ``tmp/`` and anything else in the folder are skipped."""
         if not self.root.is_dir():
             return
         for shard in sorted(self.root.iterdir()):
@@ -429,6 +447,8 @@ class BlobStore:
         return out
 
     def remove(self, sha256: str) -> int:
+        """Delete a blob; returns the bytes freed (0 when it was not there). Callers hold the
+        catalogue's write lock and have checked that no row names it (``gc``)."""
         p = self.path(sha256)
         try:
             size = p.stat().st_size

@@ -43,6 +43,7 @@ class Version:
 
     @property
     def ref(self) -> str:
+        """``NAME@N``: the REF that names exactly this version (tags move, this does not)."""
         return f"{self.name}@{self.number}"
 
     @property
@@ -54,6 +55,9 @@ class Version:
         return cached
 
     def to_dict(self, metadata: bool = True) -> dict:
+        """JSON-ready (``show --json``, import reports): every field but the ids, plus ``ref``;
+        ``metadata`` (the decoded header metadata) only when asked for, ``files`` only for a
+        folder whose manifest is attached."""
         d = {
             "ref": self.ref, "name": self.name, "number": self.number, "sha256": self.sha256, "size": self.size,
             "layout": self.layout, "artifact": self.artifact, "filename": self.filename, "format": self.format,
@@ -76,6 +80,9 @@ def json_value(s: str | None, default):
 
 
 def row_to_version(r: sqlite3.Row | dict) -> Version:
+    """A ``Version`` from a ``versions`` row joined with its adapter's ``name`` (``db.SELECT_VERSION``):
+    JSON columns decoded (metadata kept as text until asked for), NULLs as empty values, the
+    hash columns gathered into ``hashes``. Tags and files are attached separately."""
     r = dict(r)
     return Version(
         id=r["id"], adapter_id=r["adapter_id"], name=r["name"], number=r["number"], sha256=r["sha256"], size=r["size"], layout=r["layout"],
