@@ -129,3 +129,19 @@ def test_add_refuses_a_nonfinite_adapter_unless_allowed(tmp_path, capsys, monkey
     assert code == 0 and len(rep["added"]) == 1 and any("NaN/Inf" in s["reason"] for s in rep["skipped"])
     code, _, err = run(capsys, "add", bad_path, "--name", "x", "--allow-nonfinite")
     assert code == 0, err
+
+
+def test_add_refuses_a_nonfinite_peft_folder(tmp_path, monkeypatch):
+    """A PEFT adapter folder is one artifact: its weights are checked like a file's."""
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("LORADEX_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "peft"
+    loradex.save(_lora(float("nan")), folder, "peft")
+    reg = loradex.Registry()
+    with pytest.raises(FormatError, match="NaN/Inf"):
+        reg.add(folder, name="p")
+    assert reg.list() == []
+    assert reg.add(folder, name="p", allow_nonfinite=True).name == "p"
+    # rm --all by a sha prefix removes that version's name, not an adapter called "sha256"
+    v = reg.versions("p")[0]
+    assert [x.ref for x in reg.remove(f"sha256:{v.sha256[:12]}", all_versions=True)] == [v.ref]

@@ -36,7 +36,13 @@ from loradex.registry import db as _db
 from loradex.registry.describe import DescriptionCache, describe_path
 from loradex.registry.faults import DiskFullError, write_error
 from loradex.registry.refs import renamed, sanitize_name, validate_name, validate_tag
-from loradex.registry.scan import check_importable, folder_files, is_folder_artifact, scan_folder
+from loradex.registry.scan import (
+    WEIGHT_SUFFIXES,
+    check_importable,
+    folder_files,
+    is_folder_artifact,
+    scan_folder,
+)
 from loradex.registry.store import BlobStore, Ingested, pause_point
 from loradex.registry.version import HASH_FIELDS, Version
 
@@ -167,7 +173,8 @@ class Ingestor:
             except _BlobVanished:  # a concurrent gc: redo this batch one by one, durably
                 for pe in pending:
                     report.added.append(self.add(pe.info["_path"], pe.name, tags=pe.tags, info={}, arch=arch,
-                                                 base_model=base_model, follow_links=follow_links))
+                                                 base_model=base_model, follow_links=follow_links,
+                                                 progress=progress, allow_nonfinite=allow_nonfinite))
             pending.clear()
 
         def prepare(path: Path):  # runs in a worker thread: bytes, hashes, description; no rows
@@ -249,7 +256,7 @@ class Ingestor:
                follow_links: bool = False, allow_nonfinite: bool = False) -> _Pending | Version:
         """Put the bytes of ``p`` in the store and describe them; no row yet."""
         if p.is_dir():
-            return self._stage_folder(p, name, arch, base_model, durable, progress, follow_links)
+            return self._stage_folder(p, name, arch, base_model, durable, progress, follow_links, allow_nonfinite)
         item, desc = self._prepare_file(p, arch, progress, shortcut=True, name=name, allow_nonfinite=allow_nonfinite)
         return self._stage_prepared(p, name, item, desc, base_model, durable)
 
@@ -268,13 +275,7 @@ class Ingestor:
                 return item, None
             desc = self._describe_ingested(item, p, arch, shortcut=shortcut)
             if not allow_nonfinite and desc.get("artifact") in ("adapter", "embedding"):
-                from loradex.converters.pickle_io import nonfinite_keys
-
-                bad = nonfinite_keys(item.tmp)
-                if bad:
-                    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-                    raise FormatError(f"{p}: holds NaN/Inf values in {len(bad)} tensor(s): {', '.join(bad[:3])}{more} "
-                                      "(add --allow-nonfinite to store it anyway)")
+                check_finite_files(item.tmp, p)
             return item, desc
         except BaseException:
             self.store.discard(item)
@@ -346,7 +347,7 @@ class Ingestor:
             shutil.rmtree(d, ignore_errors=True)
 
     def _stage_folder(self, p: Path, name: str, arch, base_model, durable: bool, progress,
-                      follow_links: bool = False) -> _Pending | Version:
+                      follow_links: bool = False, allow_nonfinite: bool = False) -> _Pending | Version:
         files = folder_files(p, follow_links=follow_links)
         if not files:
             raise RegistryError(f"{p}: empty folder")
@@ -389,6 +390,8 @@ class Ingestor:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     link_or_copy(self.store.path(f["sha256"]), dst, self.scratch.parent)
                 desc = describe_path(view, arch=arch)
+                if not allow_nonfinite and desc.get("artifact") in ("adapter", "embedding"):
+                    check_finite_files(view, p)
             finally:
                 shutil.rmtree(d, ignore_errors=True)
         except BaseException as e:  # not an artifact after all: its new blobs go again
@@ -545,6 +548,21 @@ def manifest_digest(manifest: list[dict]) -> str:
     """The identity of a folder artifact: sha256 of its sorted (path, sha256, size) list."""
     rows = sorted((f["path"], f["sha256"], f["size"]) for f in manifest)
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_finite_files(view: Path, shown: Path) -> None:
+    """FormatError naming ``shown`` (the user's path) when a weights file of the artifact ``view``
+    (a file or a folder: PEFT adapters) holds NaN/Inf values."""
+    from loradex.converters.pickle_io import nonfinite_keys
+
+    files = [view] if view.is_file() else sorted(f for f in view.rglob("*") if f.suffix.lower() in WEIGHT_SUFFIXES)
+    for f in files:
+        bad = nonfinite_keys(f)
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            where = shown if f == view else shown / f.relative_to(view)
+            raise FormatError(f"{where}: holds NaN/Inf values in {len(bad)} tensor(s): {', '.join(bad[:3])}{more} "
+                              "(add --allow-nonfinite to store it anyway)")
 
 
 def _reason(e: Exception, path: Path) -> str:

@@ -446,9 +446,8 @@ class Registry:
         Lineage edges that named a removed version as a parent keep it as text."""
         self._writable(f"remove {ref}")
         with _db.write(self.db) as d:
-            if all_versions:
-                name = ref.split("@", 1)[0].split(":", 1)[0]
-                victims = self.versions(name)
+            if all_versions:  # the name of whatever version the REF names (a sha prefix too)
+                victims = self.versions(self.get(ref).name)
             else:
                 victims = [self.get(ref)]
             for v in victims:
