@@ -43,6 +43,18 @@ CHECKED = (
     "loradex.cli.demo",
     "loradex.cli.merge",
     "loradex.cli.train",
+    "loradex.cli.registry",
+    "loradex.cli.analyze",
+    "loradex.cli.app",
+    "loradex.converters",
+    "loradex.converters.*",
+    "loradex.registry",
+    "loradex.registry.*",
+    "loradex.core.sketch",
+    "loradex.core.quality",
+    "loradex.merge.conflicts",
+    "loradex.api",
+    "loradex.fsutil",
 )
 
 

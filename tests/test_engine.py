@@ -410,6 +410,7 @@ def test_swaps_do_not_recompile():
         assert torch.allclose(model(x, img)[0][1], want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_swaps_do_not_recompile_the_tiny_unet(bench, refs):
     """The whole tiny UNet under dynamo (recompilation is decided by dynamo's guards, whatever the
     backend: the "eager" backend skips inductor's code generation, which takes minutes on 2 cores;

@@ -22,6 +22,8 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="the 'ray' extra (ray[serve]) is not installed")
 serve = pytest.importorskip("ray.serve", reason="the 'ray' extra (ray[serve]) is not installed")
+#: a Ray cluster per module: ~45 s of set-up and routing on 2 cores (run by .ci/run, -m slow)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

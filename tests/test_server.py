@@ -340,6 +340,7 @@ def test_cli_serve_bad_port_is_one_line_error(capsys):
     assert not any("Traceback" in line for line in err)
 
 
+@pytest.mark.slow
 def test_cli_serve_end_to_end(tmp_path, engine, adapters):
     """The installed ``loradex serve`` (tiny embedded pipeline) in a subprocess with a registry:
     a REF with a weight (``alice:0.8``) answers the same pixels as the engine given the file, a

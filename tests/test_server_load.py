@@ -213,6 +213,7 @@ def test_512px_is_refused_with_the_limit_while_small_requests_run(engine):
                 assert "use fewer than 2 steps" in err
 
 
+@pytest.mark.slow
 def test_small_requests_keep_their_latency_while_a_large_one_runs(engine):
     """A large-but-allowed request in flight (24 steps at 80 px, the large lane): small requests sent
     meanwhile are answered in about their own time plus at most a large step, not after the large

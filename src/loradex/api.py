@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loradex import converters as _conv
+from loradex.converters import metadata as _metadata
 from loradex.converters.common import ConversionReport
 from loradex.core.adapter import Adapter
 from loradex.core.kinds.base import Patch, scalar
@@ -78,14 +79,9 @@ def describe(adapter: Adapter) -> dict:
             t: {"vectors": e.num_vectors, "encoders": {c: list(v.shape) for c, v in e.vectors.items()}}
             for t, e in adapter.embeddings.items()
         },
-        "metadata": {
-            "keys": len(meta),
-            "title": meta.get("modelspec.title") or meta.get("ss_output_name"),
-            "network_module": meta.get("ss_network_module"),
-            "base_model": meta.get("ss_base_model_version") or meta.get("modelspec.architecture"),
-            "training_steps": meta.get("ss_steps"),
-            "trigger": meta.get("modelspec.trigger_phrase") or meta.get("ss_tag_frequency", "")[:0] or None,
-        },
+        # keys, title, network module, base model, steps, trigger (ModelSpec's trigger phrase, else
+        # the most used caption tags of ss_tag_frequency)
+        "metadata": _metadata.summary(meta),
         "notes": list(adapter.notes),
         # modules with NaN/Inf values: the whole list (merge, bake and add refuse them by default)
         "nonfinite": adapter.nonfinite(),
@@ -94,16 +90,91 @@ def describe(adapter: Adapter) -> dict:
     }
 
 
-def inspect(path: str | os.PathLike, arch=None, strict: bool = False) -> dict:
-    """``describe`` of the loaded file plus its identities (sha256, Civitai AutoV1/V2/V3)."""
+def inspect(path: str | os.PathLike, arch=None, strict: bool = False, raw: bool = False) -> dict:
+    """``describe`` of the loaded file plus its identities (sha256, Civitai AutoV1/V2/V3) and every
+    metadata field decoded (``metadata_decoded``: ``converters.metadata.decode``).
+
+    A file that holds adapter modules but whose base model cannot be told (no ``arch`` given: SD3
+    keys of another trainer, Wan's ``diffusion_model.blocks.*``, a custom model), or whose keys no
+    format recognises, is still shown: ``raw`` true, ``arch`` None, ``base_model`` ``"unknown"``,
+    and ``module_table`` (its keys grouped by module: kind, rank, alpha, each tensor's shape and
+    dtype; ``other_keys``: keys of no module). ``raw=True`` shows any safetensors file or pickle of
+    tensors that way; ``strict=True`` refuses what no arch explains instead. A PNG holding an
+    embedding is read as one (plus ``generation`` when it also has A1111 generation parameters); a
+    PNG with only generation parameters is described by ``loradex.pnginfo.describe_image``
+    (``format`` ``png``); a PNG with neither is a FormatError."""
+    from loradex.errors import ArchError
     from loradex.registry.hashes import file_hashes
 
-    adapter = load(path, arch=arch, strict=strict)
-    out = {"path": str(path), **describe(adapter)}
     p = Path(path)
-    if p.is_file():
-        out["hashes"] = file_hashes(p)
-        out["size"] = p.stat().st_size
+    params = None
+    if p.is_file() and not raw:
+        from loradex.converters.a1111_png import TEXT_KEY, is_png, read_png_data
+
+        if is_png(p):
+            from loradex import pnginfo
+
+            params = pnginfo.read_parameters(p)
+            if read_png_data(p) is None:
+                if params is None:
+                    raise FormatError(f"{p}: a PNG image with neither an embedding ({TEXT_KEY} text chunk or data in "
+                                      f"its pixels) nor generation parameters ('{pnginfo.PARAMETERS_KEY}' text chunk)")
+                return pnginfo.describe_image(p)
+    why = None
+    if raw:
+        if not p.is_file():
+            raise FormatError(f"{p}: --raw shows one file (a safetensors file or a pickle of tensors)"
+                              + ("; name the one inside the folder" if p.is_dir() else ""))
+        fmt = None
+    else:
+        try:
+            fmt = _conv.detect(p).name
+        except FormatError as e:
+            if strict or not p.is_file():
+                raise
+            fmt, why = None, e
+        if fmt is not None:
+            try:
+                adapter = load(p, arch=arch, strict=strict)
+            except ArchError as e:
+                if arch is not None or strict or not p.is_file():  # asked for an arch, or to refuse
+                    raise
+                why = e
+            else:
+                out = {"path": str(path), **describe(adapter), "metadata_decoded": _metadata.decode(adapter.metadata)}
+                if params is not None:
+                    from loradex import pnginfo
+
+                    out["generation"] = pnginfo.parse(params)
+                if p.is_file():
+                    out["hashes"] = file_hashes(p)
+                    out["size"] = p.stat().st_size
+                return out
+    try:
+        view = _metadata.structure(p)
+    except FormatError:
+        if why is not None:
+            raise why from None  # neither an adapter nor a file of tensors: the reader's error
+        raise
+    if why is not None and not view["adapter_like"]:
+        raise why  # tensors, but no adapter module (a model's state dict...): the reader's error
+    meta = view.pop("metadata")
+    extras = view.pop("pickle_extras")
+    view.pop("adapter_like")
+    if raw:
+        first_note = "shown as the file holds it (--raw): not read against any architecture"
+    elif fmt is None:
+        first_note = f"base model unknown: no format loradex reads recognises these keys ({why})"
+    else:
+        first_note = (f"base model unknown: the {fmt} keys fit no architecture loradex knows; shown as the file "
+                      f"holds them (--base or --arch names the base, when loradex has it)")
+    out = {
+        "path": str(path), "format": fmt or view["container"], "arch": None, "base_model": "unknown", "raw": True,
+        **view, "embeddings": {}, "metadata": _metadata.summary(meta), "metadata_decoded": _metadata.decode(meta),
+        "notes": [first_note, *view["notes"]], "unexplained": dict(extras),
+    }
+    out["hashes"] = file_hashes(p)
+    out["size"] = p.stat().st_size
     return out
 
 

@@ -10,6 +10,7 @@ import click
 from loradex.bases import resolve_base
 from loradex.cli.app import LazyHelpOption, cli, emit, first, format_help
 from loradex.cli.merge import dynamic_rank_options
+from loradex.cli.options import dtype_option
 from loradex.cli.registry import (
     ARCH_HELP,
     force_option,
@@ -41,7 +42,7 @@ def _progress(as_json: bool) -> bool:
               help="skip a module as identical when ||dW|| <= MIN_DIFF ||W|| (0: only exactly equal ones)")
 @click.option("--to", "to", default="kohya", show_default=True, cls=LazyHelpOption,
               help_fn=lambda: format_help("output format: "))
-@click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="fp32", show_default=True, help="dtype of the factors")
+@dtype_option("fp32")
 @click.option("--arch", default=None, help=ARCH_HELP)
 @force_option
 @save_as_option
@@ -66,12 +67,12 @@ def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_d
         bpath, tpath = b.require_path("extract"), t.require_path("extract")
         adapter, report = extract(bpath, tpath, rank=rank, conv_rank=conv_rank, fro=fro, ratio=ratio,
                                   cumulative=cumulative, arch=arch or b.arch, min_diff=min_diff,
-                                  dtype=getattr(torch, _DTYPES[dtype]), progress=_progress(as_json))
+                                  dtype=getattr(torch, _DTYPES[dtype or "fp32"]), progress=_progress(as_json))
         if not adapter.patches:
             raise click.ClickException("the models are identical in every linear/conv layer: nothing to extract")
         adapter.metadata["loradex.base_model"] = b.identity
         params = {k: v for k, v in report.policy.items()}
-        params.update(to=to, **({"min_diff": min_diff} if min_diff else {}))
+        params.update(to=to, **({"min_diff": min_diff} if min_diff else {}), **({"dtype": dtype} if dtype else {}))
         with output_path(dst, save_as, folder=to.lower() == "peft", fmt=to) as out:
             dst = str(out) if dst is not None else None
             wreport = save(adapter, out, to, arch=adapter.arch)

@@ -32,16 +32,33 @@ def _fmt_counts(d: dict) -> str:
 @click.option("--quality", is_flag=True,
               help="per module: singular values from the factors, effective rank, energy at rank r/2, norm "
                    "(relative to --base's weights when it has them), dead / outlier / non-finite flags")
-@click.option("--json", "as_json", is_flag=True, help="print a JSON report")
-def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, quality: bool, as_json: bool) -> None:
+@click.option("--metadata", "show_metadata", is_flag=True,
+              help="every ss_* / ModelSpec field decoded: base model, training settings, datasets, tag frequency "
+                   "table, trigger words, hashes")
+@click.option("--raw", is_flag=True,
+              help="the file as it is, without an architecture: keys grouped by module with kind, rank, alpha, "
+                   "shapes and dtypes (what inspect shows by itself when the base model is unknown)")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON report (everything, --metadata's fields included)")
+def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, quality: bool, show_metadata: bool,
+                raw: bool, as_json: bool) -> None:
     """Format, arch, kinds, modules, ranks, alphas, embeddings, metadata and hashes of PATH (or of a
-    registry REF: NAME, NAME@N, NAME:TAG, sha256 prefix); --quality adds the spectrum and flags."""
+    registry REF: NAME, NAME@N, NAME:TAG, sha256 prefix); --quality adds the spectrum and flags.
+
+    Any safetensors file or pickle of tensors is shown, even when loradex cannot tell its base model
+    (another trainer's SD3 keys, Wan, a custom model): its modules as the file holds them, and
+    "base model: unknown". A PNG: the embedding it holds, else the A1111 generation parameters
+    ("parameters" text chunk) that loradex generate, the server and A1111 write."""
     from loradex.api import inspect
 
+    if raw and (arch or base):
+        raise click.UsageError("--raw reads the file without an architecture; drop --arch/--base")
     with contextlib.ExitStack() as stack:
         p, version = stack.enter_context(input_path(path))
         a, b = chosen_arch(stack, arch, base, version)
-        info = inspect(p, arch=a, strict=strict)
+        info = inspect(p, arch=a, strict=strict, raw=raw)
+        if quality and (info.get("raw") or "modules" not in info):
+            info.setdefault("notes", []).append("--quality needs an adapter read against its base model (--base/--arch)")
+            quality = False
         if quality:
             from loradex.cli.analyze import quality_report
 
@@ -51,10 +68,15 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, qua
     if as_json:
         emit(info, True)
         return
+    if "modules" not in info:  # a PNG with generation parameters
+        emit(info, False, "\n".join(_image_lines(info) + (_notes(info) if info.get("notes") else [])))
+        return
     lines = [
         f"path:        {info['path']}",
         f"format:      {info['format']}",
         f"arch:        {info['arch'] or 'unknown'}",
+        *([f"base model:  unknown (the file is shown as it holds its keys; {info['tensors']} tensors, "
+           f"{info['parameters']:,} parameters, {info['container']})"] if info.get("raw") else []),
         f"modules:     {info['modules']} ({_fmt_counts(info['components'])})",
         f"kinds:       {_fmt_counts(info['kinds'])}" + (f" (+DoRA on {info['dora']})" if info["dora"] else ""),
         f"ranks:       {_fmt_counts(info['ranks'])}",
@@ -70,7 +92,9 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, qua
         h = info["hashes"]
         lines.append(f"sha256:      {h['sha256']}")
         lines.append(f"civitai:     AutoV1 {h['autov1']}  AutoV2 {h['autov2']}  AutoV3 {h['autov3'] or '-'}")
-    lines += first([f"note:        {n}" for n in info["notes"]], 10, indent="note:        ")
+    if "generation" in info:  # an embedding image that also carries generation parameters
+        lines.append(f"generation:  {info['generation']['prompt']!r} (--json has every parameter)")
+    lines += _notes(info)
     if info.get("nonfinite"):
         bad = info["nonfinite"]
         lines.append(f"NaN/Inf:     {len(bad)} modules hold non-finite values: {', '.join(bad[:5])}"
@@ -79,9 +103,105 @@ def inspect_cmd(path: str, arch: str | None, base: str | None, strict: bool, qua
     if info.get("unexplained"):
         lines.append(f"unexplained: {len(info['unexplained'])} keys no kind or module explains (not read)")
         lines += unexplained_lines(info["unexplained"], indent="  ")
+    if info.get("raw"):
+        lines += _module_lines(info)
+    if show_metadata:
+        lines += _metadata_lines(info["metadata_decoded"])
     if quality:
         lines += quality_lines
     emit(info, False, "\n".join(lines))
+
+
+def _notes(info: dict) -> list[str]:
+    return first([f"note:        {n}" for n in info["notes"]], 10, indent="note:        ")
+
+
+def _shape(t: dict) -> str:
+    return f"{'x'.join(map(str, t['shape'])) or 'scalar'} {t['dtype']}"
+
+
+def _module_lines(info: dict, limit: int = 40) -> list[str]:
+    """The raw view: one line per module (kind, rank, alpha, each tensor's shape and dtype), then the
+    keys of no module; each list cut at ``limit`` with how many more (``--json`` has them all)."""
+    rows = []
+    for name, m in info["module_table"].items():
+        kind = (m["kind"] or "-") + ("+dora" if m["dora"] else "")
+        rank = f"r{m['rank']}" if m["rank"] is not None else "-"
+        alpha = f"a{m['alpha']:g}" if m["alpha"] is not None else "-"
+        tensors = ", ".join(f"{suf} {_shape(t)}" for suf, t in m["tensors"].items())
+        rows.append(f"  {name}  {kind} {rank} {alpha}  [{tensors}]" + ("  NaN/Inf" if m.get("nonfinite") else ""))
+    out = [f"modules by name ({len(rows)}): kind, rank, alpha, tensors"] + first(rows, limit)
+    if info["other_keys"]:
+        other = [f"  {k}  {_shape(t)}" for k, t in info["other_keys"].items()]
+        out += [f"other keys ({len(other)}): no module suffix"] + first(other, limit)
+    return out
+
+
+def _value_text(v) -> str:
+    import json
+
+    if isinstance(v, str):
+        if v.startswith("data:") and len(v) > 200:  # ModelSpec thumbnails: a data URI
+            return f"{v[:v.find(',') + 1]}... ({len(v)} characters; --json has it)"
+        return v
+    return json.dumps(v, sort_keys=True, ensure_ascii=False)
+
+
+def _metadata_lines(d: dict, tags: int = 25) -> list[str]:
+    """``--metadata``: every field, decoded, by section; the tag table per dataset dir (each dir's
+    first ``tags`` tags, then how many more: ``--json`` has them all)."""
+    out: list[str] = []
+    titles = {"base_model": "base model", "training": "training", "dataset": "dataset", "hashes": "hashes",
+              "modelspec": "modelspec", "other": "other metadata"}
+    for key, title in titles.items():
+        fields = d[key]
+        if key == "dataset" and isinstance(fields.get("ss_dataset_dirs"), dict):
+            dirs = fields["ss_dataset_dirs"]
+            out.append(f"dataset dirs ({len(dirs)}):")
+            for name, spec in dirs.items():
+                spec = spec if isinstance(spec, dict) else {}
+                out.append(f"  {name}: {spec.get('img_count', '?')} images x {spec.get('n_repeats', '?')} repeats")
+            fields = {k: v for k, v in fields.items() if k != "ss_dataset_dirs"}
+        if not fields:
+            continue
+        width = max(len(k) for k in fields)
+        out.append(f"{title}:")
+        out += [f"  {k:<{width}}  {_value_text(v)}" for k, v in fields.items()]
+    freq = d["tag_frequency"]
+    if freq:
+        out.append(f"tag frequency ({len(freq)} dataset dirs):")
+        for name, counts in freq.items():  # [[tag, count], ...], most used first
+            out.append(f"  {name} ({len(counts)} tags, {sum(c for _, c in counts)} uses)")
+            width = max((len(t) for t, _ in counts[:tags]), default=0)
+            out += first([f"    {t:<{width}}  {c:>6}" for t, c in counts], tags, indent="    ")
+    t = d["triggers"]
+    out.append("trigger words:")
+    out.append(f"  trigger phrase (ModelSpec): {t['trigger_phrase'] or '-'}")
+    out.append("  most used tags: " + (", ".join(f"{tag} ({c})" for tag, c in t["top_tags"]) or "-"))
+    if t["dataset_dir_names"]:
+        out.append("  dataset dir names: " + ", ".join(t["dataset_dir_names"]))
+    return out
+
+
+def _image_lines(info: dict) -> list[str]:
+    """A PNG with A1111 generation parameters: the prompts and every parameter, in order."""
+    g = info["generation"]
+    img = info.get("image") or {}
+    lines = [
+        f"path:        {info['path']}",
+        f"format:      png image {img.get('width', '?')}x{img.get('height', '?')} with A1111 generation parameters",
+        f"prompt:      {g['prompt']}",
+        f"negative:    {g['negative_prompt'] or '-'}",
+    ]
+    hashes = {"Lora hashes": g["lora_hashes"], "TI hashes": g["ti_hashes"]}
+    for k, v in g["params"].items():
+        if hashes.get(k):
+            lines.append(f"{k + ':':<13}{len(hashes[k])} (name: A1111 short hash)")
+            lines += [f"  {name}: {h}" for name, h in hashes[k].items()]
+        else:
+            lines.append(f"{k + ':':<13}{v}")
+    lines.append(f"sha256:      {info['sha256']}")
+    return lines
 
 
 @cli.command("convert")

@@ -16,6 +16,7 @@ import click
 
 from loradex.cli.app import cli, emit
 from loradex.cli.merge import _parse_item
+from loradex.cli.options import device_option
 from loradex.cli.registry import base_pipeline
 
 LABEL_H = 14  # pixels of the label strip above each cell (PIL's default bitmap font is ~11 px)
@@ -55,11 +56,26 @@ def label_grid(cells: list[list[tuple[str, object]]]):
     return grid
 
 
-def _save_png(image, dst: Path) -> None:
-    from loradex.converters.safetensors_io import atomic_path
+def _save_png(image, dst: Path, parameters: str | None = None) -> None:
+    """Write the PNG atomically, with A1111's ``parameters`` text chunk (``loradex.pnginfo``)."""
+    from loradex.pnginfo import save_png
 
-    with atomic_path(dst, suffix=".png") as tmp:
-        image.save(tmp, format="PNG")
+    save_png(image, dst, parameters)
+
+
+def _model_fields(source, base, tiny: bool, engine) -> dict:
+    """A1111's ``Model hash`` / ``Model`` of the base: a stored REF's recorded sha256 (no re-hashing),
+    a Hub id, a checkpoint file's sha256, a folder's name, a tiny model's arch name."""
+    from loradex.pnginfo import model_fields
+
+    if tiny:
+        return model_fields(None, name=engine.arch.name)
+    if base is not None and base.source == "ref":
+        v = base.version
+        return model_fields(source, name=base.identity, sha256=v.sha256 if getattr(v, "layout", "") == "file" else None)
+    if base is not None and base.source == "hub":
+        return model_fields(source, name=base.identity)
+    return model_fields(source)
 
 
 def _label(ref: str) -> str:
@@ -81,7 +97,7 @@ def _label(ref: str) -> str:
 @click.option("--guidance", type=float, default=7.5, show_default=True, help="classifier-free guidance scale")
 @click.option("--grid", is_flag=True, help="a labelled grid: base vs each adapter (or a --weights sweep)")
 @click.option("--weights", default=None, metavar="W,W,...", help="with --grid: weights to sweep for each adapter")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+@device_option
 @click.option("--max-rank", type=int, default=64, show_default=True, help="slot capacity (rank per adapter)")
 @click.option("--exact-batches/--fast-batches", default=None,
               help="grid cells computed as if each were alone (bit-identical to generating it by itself) or the "
@@ -90,7 +106,6 @@ def _label(ref: str) -> str:
 def generate(prompt, base, adapters, output, steps, width, height, seed, negative_prompt, guidance, grid, weights,
              device, max_rank, exact_batches, as_json):
     """Generate PROMPT with adapters (REF[:W]...) swapped into BASE; write a PNG (or a --grid)."""
-    import torch
 
     from loradex.inference.engine import Engine
     from loradex.inference.types import GenerateRequest
@@ -102,7 +117,7 @@ def generate(prompt, base, adapters, output, steps, width, height, seed, negativ
         raise click.BadParameter("--grid needs at least one --adapter", param_hint="--grid")
     items = [_parse_item(a) for a in adapters]
     with contextlib.ExitStack() as stack:
-        source, _, tiny = base_pipeline(stack, base, "generate")
+        source, base_info, tiny = base_pipeline(stack, base, "generate")
         steps = steps if steps is not None else (4 if tiny else 20)
         width = width if width is not None else (64 if tiny else 512)
         height = height if height is not None else (64 if tiny else 512)
@@ -124,7 +139,6 @@ def generate(prompt, base, adapters, output, steps, width, height, seed, negativ
             from loradex.registry import Registry
 
             registry = Registry(readonly=None)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         bar = None
         if not as_json and sys.stderr.isatty():
             from tqdm import tqdm
@@ -142,15 +156,19 @@ def generate(prompt, base, adapters, output, steps, width, height, seed, negativ
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
+        from loradex.pnginfo import request_infotext
+
+        # A1111's infotext of the (first) image: a grid carries its first cell's, as A1111's X/Y plot does
+        parameters = request_infotext(engine, flat[0], model=_model_fields(source, base_info, tiny, engine))
     it = iter(images)
     cells = [[(label, next(it)) for label, _ in row] for row in rows_spec]
     dst = Path(output)
     image = label_grid(cells) if grid else cells[0][0][1]
-    _save_png(image, dst)
+    _save_png(image, dst, parameters)
     stats = engine.stats()
     report = {"output": str(dst), "images": len(flat), "grid": grid, "size": list(image.size), "seed": seed,
               "steps": steps, "adapters": [{"ref": r, "weight": w} for r, w in items],
               "cells": [[label for label, _ in row] for row in rows_spec],
-              "swaps": stats["swaps"], "batches": stats["batches"]}
+              "swaps": stats["swaps"], "batches": stats["batches"], "parameters": parameters}
     emit(report, as_json, f"wrote {dst} ({image.size[0]}x{image.size[1]}, {len(flat)} image(s), "
                           f"{stats['batches']} batch(es))")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loradex.cli.app import cli, emit, first
+from loradex.cli.options import dtype_option
 from loradex.cli.registry import (
     arch_options,
     chosen_arch,
@@ -57,12 +58,12 @@ def _parse_item(arg: str) -> tuple[str, float]:
     return arg, 1.0
 
 
-def _write(adapter, to, dst, save_as, operation, parents, params, arch, base=None):
+def _write(adapter, to, dst, save_as, operation, parents, params, arch, base=None, dtype=None):
     from loradex.api import save
 
     to = to or default_format(adapter)
     with output_path(dst, save_as, folder=to.lower() == "peft", fmt=to) as out:
-        report = save(adapter, out, to, arch=arch)
+        report = save(adapter, out, to, arch=arch, dtype=dtype)
         saved = store_output(out, save_as, operation, parents, params, arch=arch or adapter.arch,
                              base=base) if save_as else None
     return to, report, saved, (str(out) if dst is not None else None)
@@ -99,12 +100,13 @@ def dynamic_rank_options(f):
               help="fixed rank (with --fro/--ratio/--cumulative: a cap)")
 @dynamic_rank_options
 @click.option("--to", "to", default=None, help="output format (default: the input's when it can hold the result, else kohya)")
+@dtype_option("the input's")
 @arch_options
 @strict_option
 @force_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, strict, force, save_as, as_json):
+def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, dtype, arch, base, strict, force, save_as, as_json):
     """Truncate every LoRA / LoHa / LoKr module of IN to a fixed or per-module dynamic rank (SVD from
     the factors; the scale alpha/rank is preserved). Other kinds are kept as they are."""
     from loradex.api import load
@@ -121,9 +123,11 @@ def resize_cmd(src, dst, rank, fro, ratio, cumulative, to, arch, base, strict, f
         a, b = chosen_arch(stack, arch, base, version)
         adapter = load(src_path, arch=a, strict=strict)
         out, report = resize(adapter, rank=rank, fro=fro, ratio=ratio, cumulative=cumulative)
-        params = {"rank": rank, "fro": fro, "ratio": ratio, "cumulative": cumulative, "to": to, "base": base}
+        params = {"rank": rank, "fro": fro, "ratio": ratio, "cumulative": cumulative, "to": to, "base": base,
+                  "dtype": dtype}
         to, wreport, saved, dst = _write(out, to, dst, save_as, "resize", [version or src_path],
-                                    {k: v for k, v in params.items() if v is not None}, a, b or recorded_base(version))
+                                    {k: v for k, v in params.items() if v is not None}, a, b or recorded_base(version),
+                                    dtype=dtype)
     d = {"src": src, **report.to_dict()}
     text = [f"resized {src}: {report.summary()}"]
     text += first([f"  {name}: rank {m['old_rank']} -> {m['new_rank']}, {_kept(m)}"
@@ -176,13 +180,14 @@ _METHOD_HELP = ("concat: the exact weighted sum (ranks add up; one input: only s
                    "or w,w,... (SD1 17/26, SDXL 12/20, FLUX 61 entries; other bases: their own layout)")
 @click.option("--to", "to", default=None,
               help="output format (default: the first input's when it can hold the result, else kohya)")
+@dtype_option("the inputs'")
 @arch_options
 @strict_option
 @click.option("--allow-nonfinite", is_flag=True, help="merge inputs holding NaN/Inf values anyway")
 @force_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, arch, base, strict,
+def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, blocks, to, dtype, arch, base, strict,
               allow_nonfinite, force, save_as, as_json):
     """Merge adapters IN (files or registry REFs), each with an optional weight W (default 1,
     negative allowed) and block weights BLOCKS. concat: the result's update is exactly
@@ -217,10 +222,11 @@ def merge_cmd(inputs, dst, method, rank, fro, ratio, cumulative, density, seed, 
         params = {"method": method, "weights": [w for _, w, _ in parsed], **report.params,
                   **({"blocks": blocks} if blocks else {}),
                   **({"input_blocks": [b for _, _, b in parsed]} if any(b for _, _, b in parsed) else {}),
-                  **({"to": to} if to else {})}
+                  **({"to": to} if to else {}), **({"dtype": dtype} if dtype else {})}
         same = {x.identity for x in bases if x is not None}
         inherited = next(x for x in bases if x is not None) if len(same) == 1 and None not in bases else None
-        to, wreport, saved, dst = _write(out, to, dst, save_as, "merge", parents, params, a, b or inherited)
+        to, wreport, saved, dst = _write(out, to, dst, save_as, "merge", parents, params, a, b or inherited,
+                                         dtype=dtype)
     d = {"inputs": [p for p, _, _ in parsed], **report.to_dict()}
     text = [f"merged: {report.summary()}"]
     if report.method not in ("concat",):

@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from loradex.cli.app import cli, emit
+from loradex.cli.options import device_option
 from loradex.errors import FormatError, LoradexError, RegistryError
 
 REF_HELP = "NAME (newest) | NAME@N | NAME:TAG | sha256 prefix"
@@ -142,6 +143,9 @@ def chosen_arch(stack: contextlib.ExitStack, arch: str | None, base: str | None,
 
 
 def save_as_option(f):
+    """``--save-as NAME``: the decorator that adds it to a command writing an adapter or model
+    (``merge``, ``resize``, ``extract``, ``bake``...). The command passes it to
+    :func:`output_path` and :func:`store_output`, which store the output as NAME with lineage."""
     return click.option("--save-as", "save_as", default=None, metavar="NAME",
                         help="also store the result in the registry as NAME (with its lineage)")(f)
 
@@ -570,17 +574,30 @@ def gc_cmd(dry_run, as_json):
 @click.option("--license", default=None, help="card license (default by architecture)")
 @click.option("--dry-run", is_flag=True, help="write the folder that would be uploaded to -o DIR, upload nothing")
 @click.option("-o", "--output", "out", default=None, type=click.Path(), help="with --dry-run: the folder to write")
+@click.option("--samples", type=click.IntRange(0, 64), default=0, show_default=True, metavar="N",
+              help="render N sample images on the version's recorded base (it must be here) into samples/ and the "
+                   "card's widget")
+@click.option("--sample-prompt", "sample_prompts", multiple=True, metavar="TEXT",
+              help="prompt of the samples (repeatable: cycled) [default: the card's instance prompt]")
+@device_option
 @arch_options
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def push_cmd(ref, repo_id, private, to, license, dry_run, out, arch, base, as_json):
-    """Publish a version on the Hugging Face Hub with a model card. The token comes from
-    huggingface_hub (HF_TOKEN or `hf auth login`) and is never printed or stored."""
+def push_cmd(ref, repo_id, private, to, license, dry_run, out, samples, sample_prompts, device, arch, base, as_json):
+    """Publish a version on the Hugging Face Hub with a model card: base model (the one the registry
+    recorded, or --base, when it is on the Hub), trigger words (or kohya's most frequent tags), a
+    usage snippet for the uploaded format, and --samples rendered on that base. The token comes
+    from huggingface_hub (HF_TOKEN or `hf auth login`) and is never printed or stored."""
+    from loradex.registry import hub
+
     if out is not None and not dry_run:
         raise click.UsageError("-o is for --dry-run (the upload is made from a temporary folder)")
+    if sample_prompts and not samples:
+        raise click.UsageError("--sample-prompt needs --samples N")
     with contextlib.ExitStack() as stack:
-        arch, _ = chosen_arch(stack, arch, base)
-        r = _registry().push(ref, repo_id, private=private, to=to, dry_run=dry_run, out_dir=out, license=license,
-                             arch=arch)
+        arch, b = chosen_arch(stack, arch, base)
+        r = hub.push(_registry(), ref, repo_id, private=private, to=to, dry_run=dry_run, out_dir=out, license=license,
+                     arch=arch, samples=samples, sample_prompts=sample_prompts, device=device,
+                     base_model=b.identity if b is not None else None)
     if dry_run:
         text = f"wrote {r['folder']} (would upload to {repo_id}): {', '.join(r['files'])}"
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loradex.cli.app import cli
+from loradex.cli.options import device_option
 from loradex.cli.registry import base_pipeline
 from loradex.errors import LoradexError
 
@@ -23,7 +24,7 @@ TINY_DEFAULTS = {"steps": 2, "width": 64, "height": 64}
 @click.option("--no-registry", is_flag=True, help="no registry: adapters are file paths (needs --allow-paths)")
 @click.option("--allow-paths", is_flag=True,
               help="also accept adapter file paths in requests (any file the server can read: trusted clients only)")
-@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, cuda:1...)")
+@device_option
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="pipeline dtype (default: fp32 on CPU)")
 @click.option("--slots", default=4, show_default=True, type=click.IntRange(1, 64),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loradex.cli.app import cli, emit
+from loradex.cli.options import device_option, dtype_option
 from loradex.cli.registry import _bar, _registry, base_pipeline, output_path, save_as_option
 
 
@@ -172,9 +173,10 @@ def _kohya_options(f):
 @click.option("--work-dir", default=None, type=click.Path(), help="checkpoints, samples, class images [default: OUT.work]")
 @click.option("--no-curate", is_flag=True, help="train on every readable image (no blur/duplicate/size filtering)")
 @_dataset_options
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when available]")
+@device_option
 @click.option("-o", "--output", "dst", default=None, type=click.Path(), help="output file (dreambooth: folder)")
 @click.option("--to", "to", default=None, help="output format [default: kohya; ti: a1111-ti; dreambooth: diffusers folder]")
+@dtype_option("fp32")
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 def train_cmd(method, **opts):
@@ -185,6 +187,7 @@ def train_cmd(method, **opts):
     import contextlib
     from pathlib import Path
 
+    from loradex.devices import resolve_device
     from loradex.training import TrainConfig, save_trained, train
     from loradex.training.config import DEFAULT_FORMAT
 
@@ -200,6 +203,9 @@ def train_cmd(method, **opts):
     if not Path(data).is_dir():
         raise click.BadParameter(f"{data}: not a folder", param_hint="--data")
     src = click.get_current_context().get_parameter_source
+    if o["dtype"] and method == "dreambooth":
+        raise click.UsageError("--dtype casts adapter and embedding outputs; dreambooth writes a diffusers pipeline "
+                               "folder, which --dtype does not cast yet")
     if o["epochs"] is not None and src("steps") is click.core.ParameterSource.COMMANDLINE \
             and src("epochs") is click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("give --steps or --epochs, not both")
@@ -228,13 +234,15 @@ def train_cmd(method, **opts):
         where = Path(dst) if dst else Path.cwd() / (save_as or "train")
         needs_work = cfg.checkpoint_every or cfg.sample_every or cfg.prior_preservation
         wd = o["work_dir"] or (str(where) + ".work" if needs_work else None)
-        result = train(data, cfg, base=source, work_dir=wd, resume=o["resume"], device=o["device"],
+        result = train(data, cfg, base=source, work_dir=wd, resume=o["resume"], device=resolve_device(o["device"]),
                        progress=not as_json)
         # the run's last checkpoint is marked complete only once the output is written and stored
         written = save_trained(result, out, format=o["to"], base_model=identity, complete=False)
+        if o["dtype"]:
+            _cast_outputs(written["paths"], o["dtype"], result.ctx.arch)
         params = {**{k: v for k, v in cfg.to_dict().items() if v is not None}, "base": base or "tiny",
                   "dataset_sha256": result.dataset.fingerprint() if result.dataset is not None else None,
-                  **result.facts()}
+                  **result.facts(), **({"dtype": o["dtype"]} if o["dtype"] else {})}
         saved = None
         if save_as:
             parents = [b.version or b.path] if b is not None and b.path is not None else []
@@ -264,6 +272,16 @@ def train_cmd(method, **opts):
         text.append(f"stored as {saved.ref} (sha256 {saved.sha256[:12]})")
     text += [f"sample: {s}" for s in result.samples[-3:]]
     emit(d, as_json, "\n".join(text))
+
+
+def _cast_outputs(paths: list[str], dtype: str, arch) -> None:
+    """``--dtype``: rewrite each adapter / embedding file just written with its tensors in ``dtype``
+    (same format and metadata; the kohya/ModelSpec hashes are recomputed; atomic, like every write)."""
+    from loradex.api import load, save
+
+    for p in paths:
+        adapter = load(p, arch=arch)
+        save(adapter, p, adapter.source_format, dtype=dtype)
 
 
 def _apply_config(opts: dict) -> str | None:

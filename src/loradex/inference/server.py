@@ -150,11 +150,33 @@ def parse_generate(body: Any, defaults: dict | None = None) -> tuple[GenerateReq
     return req.validate(), kind
 
 
-def png_bytes(image) -> bytes:
-    """A PIL image as PNG bytes (lossless: clients can compare pixels)."""
+def png_bytes(image, parameters: str | None = None) -> bytes:
+    """A PIL image as PNG bytes (lossless: clients can compare pixels), with ``parameters`` (A1111's
+    generation parameters, ``loradex.pnginfo``) as its ``parameters`` text chunk when given."""
+    from loradex.pnginfo import png_info
+
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", pnginfo=png_info(parameters))
     return buf.getvalue()
+
+
+def encode_png(engine, image, request: GenerateRequest, model: dict) -> tuple[bytes, str | None]:
+    """``(PNG bytes, parameters text)`` of an answer: the PNG carries A1111's infotext of ``request``
+    (``loradex.pnginfo.request_infotext``), as ``loradex generate`` writes it. ``model`` memoizes the
+    base's ``Model hash`` / ``Model`` (hashing a checkpoint once per server). An infotext that
+    cannot be made (an engine without a pipeline...) is logged and left out: the image is the answer."""
+    from loradex import pnginfo
+
+    try:
+        if not model:
+            pipe = getattr(engine, "pipe", None)
+            model.update(pnginfo.model_fields(getattr(pipe, "name_or_path", None)
+                                              or getattr(getattr(engine, "arch", None), "name", None)))
+        text = pnginfo.request_infotext(engine, request, model=model)
+    except Exception as e:  # noqa: BLE001 - never fail a finished image over its caption
+        log.warning("generate: no generation parameters for the PNG (%s: %s)", type(e).__name__, e)
+        text = None
+    return png_bytes(image, text), text
 
 
 def error_status(e: BaseException) -> int:
@@ -438,6 +460,8 @@ def create_app(engine, *, max_queue: int = 64, max_batch: int = 8, window_ms: fl
         if not fut.cancelled():
             fut.exception()
 
+    model_info: dict = {}  # the base's Model hash / Model for the PNGs' parameters (encode_png)
+
     @endpoint("/v1/generate")
     async def generate(request):
         t0 = time.perf_counter()
@@ -465,7 +489,7 @@ def create_app(engine, *, max_queue: int = 64, max_batch: int = 8, window_ms: fl
             raise DeadlineError(f"request timed out after {timeout:g} s (its work was stopped); "
                                 f"this server's backlog is about {batcher.backlog():.1f} s")
         image = fut.result()
-        data = await run_in_threadpool(png_bytes, image)
+        data, parameters = await run_in_threadpool(encode_png, engine, image, req, model_info)
         dt = time.perf_counter() - t0
         metrics.observe_generate(dt)
         headers = {"X-Loradex-Latency-Ms": f"{dt * 1000:.1f}"}
@@ -476,7 +500,7 @@ def create_app(engine, *, max_queue: int = 64, max_batch: int = 8, window_ms: fl
         return JSONResponse({"image": base64.b64encode(data).decode("ascii"), "format": "png",
                              "width": image.width, "height": image.height, "seed": req.seed, "steps": req.steps,
                              "adapters": [{"ref": r, "weight": w} for r, w in req.adapters],
-                             "latency_ms": round(dt * 1000, 1),
+                             "parameters": parameters, "latency_ms": round(dt * 1000, 1),
                              **({"cost_s": round(estimate, 3)} if estimate is not None else {})}, headers=headers)
 
     @endpoint("/v1/adapters")

@@ -510,13 +510,16 @@ class Registry:
     # ---- Hub (registry.hub depends on the Registry; these delegate to it lazily) ----------------
     def push(self, ref: str | Version, repo_id: str, *, private: bool = False, to: str | None = None,
              dry_run: bool = False, out_dir: str | os.PathLike | None = None, license: str | None = None,
-             token: str | None = None, commit_message: str | None = None, arch=None) -> dict:
-        """Publish a version on the Hugging Face Hub with a model card (see ``registry.hub``).
-        ``arch`` reads the stored file against that architecture (default: the recorded one)."""
+             token: str | None = None, commit_message: str | None = None, arch=None, samples: int = 0,
+             sample_prompts: Iterable[str] = (), device: str | None = None, base_model: str | None = None) -> dict:
+        """Publish a version on the Hugging Face Hub with a model card (see ``registry.hub.push``):
+        ``arch`` reads the stored file against that architecture (default: the recorded one),
+        ``samples`` images rendered on the recorded base (or ``base_model``) go to the card's widget."""
         from loradex.registry import hub
 
         return hub.push(self, ref, repo_id, private=private, to=to, dry_run=dry_run, out_dir=out_dir,
-                        license=license, token=token, commit_message=commit_message, arch=arch)
+                        license=license, token=token, commit_message=commit_message, arch=arch, samples=samples,
+                        sample_prompts=sample_prompts, device=device, base_model=base_model)
 
     def pull(self, repo: str, name: str, *, revision: str | None = None, filename: str | None = None,
              tags: Iterable[str] = (), arch: str | None = None, token: str | None = None) -> Version:
