@@ -50,6 +50,8 @@ CHECKED = (
     "loradex.converters.*",
     "loradex.registry",
     "loradex.registry.*",
+    "loradex.inference",
+    "loradex.inference.*",
     "loradex.core.sketch",
     "loradex.core.quality",
     "loradex.merge.conflicts",

@@ -73,6 +73,7 @@ class Ticket(Future):
         self.reason: Exception | None = None
 
     def expired(self, now: float | None = None) -> bool:
+        """True once the request's deadline (monotonic seconds) has passed."""
         return self.deadline is not None and (now if now is not None else time.monotonic()) >= self.deadline
 
     @property
@@ -238,6 +239,8 @@ class Batcher:
             return waiting + running
 
     def stats(self) -> dict:
+        """Counters since start (submitted, rejected, completed, failed, cancelled, expired, batches,
+        retried alone, preemptions...) and the current queue depths, for ``/metrics`` and ``/healthz``."""
         with self._cv:
             s = self._stats
             return {"submitted": s.submitted, "rejected": s.rejected, "completed": s.completed,

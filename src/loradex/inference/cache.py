@@ -47,6 +47,8 @@ class Ready:
     arch: str | None = None
 
     def describe(self) -> dict:
+        """JSON-able summary: id, mode (slots or patch), module count, rank, embeddings, bytes, and why
+        it is in patch mode when it is."""
         return {"id": self.id, "mode": self.mode, "modules": len(self.factors) or len(self.patches),
                 "rank": self.rank, "embeddings": sorted(self.embeddings), "bytes": self.nbytes,
                 **({"reason": self.reason} if self.reason else {})}
@@ -120,6 +122,7 @@ class ReadyCache:
         self.hits = self.misses = self.evictions = 0
 
     def get(self, adapter_id: str) -> Ready:
+        """The prepared adapter ``adapter_id`` (moved to the recent end), or KeyError; counts hits and misses."""
         with self._lock:
             r = self._lru.get(adapter_id)
             if r is not None:
@@ -149,11 +152,13 @@ class ReadyCache:
             return adapter_id in self._lru
 
     def entries(self) -> list[Ready]:
+        """The cached adapters, least recently used first (a copy)."""
         with self._lock:
             return list(self._lru.values())
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the cached adapters' tensors (what the byte budget counts)."""
         return self._bytes
 
     def __len__(self) -> int:

@@ -184,6 +184,8 @@ class CostModel:
         return max(DEFAULT_MAX_REQUEST_SECONDS, DEFAULT_REQUEST_MARGIN * self.estimate(req))
 
     def describe(self) -> dict:
+        """The fitted coefficients (seconds per step per pixel and per pixel^2, decode, head) and how
+        many points and observations the fit rests on: what ``/healthz`` reports."""
         with self._lock:
             return {"step_s_per_px": self.a, "step_s_per_px2": self.b, "decode_s_per_px": self.c,
                     "decode_s_per_px2": self.e, "head_s": self.head, "points": len(self._points),

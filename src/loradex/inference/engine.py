@@ -251,6 +251,7 @@ class Engine:
         return out
 
     def stats(self) -> dict:
+        """Cache hits/misses/evictions, swaps and their p50/p99 latency, cached bytes, slots in use."""
         times = list(self._swap_times)
         return {
             "hits": self.cache.hits, "misses": self.cache.misses, "evictions": self.cache.evictions,

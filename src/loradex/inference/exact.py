@@ -55,6 +55,7 @@ def scope(on: bool, requests: int = 0) -> Iterator[None]:
 
 
 def active() -> bool:
+    """True inside :func:`exact_batches` on this thread: batched layers run row by row."""
     return bool(getattr(_STATE, "on", False))
 
 

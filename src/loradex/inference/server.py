@@ -219,6 +219,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, v: float) -> None:
+        """Count one value in its bucket (Prometheus histogram, cumulative on output)."""
         for i, b in enumerate(self.bounds):
             if v <= b:
                 self.counts[i] += 1
@@ -227,6 +228,7 @@ class Histogram:
         self.count += 1
 
     def lines(self, name: str) -> list[str]:
+        """The histogram in Prometheus text format: cumulative ``_bucket``, ``_sum``, ``_count``."""
         out, acc = [], 0
         for b, c in zip(self.bounds, self.counts):
             acc += c
@@ -247,16 +249,19 @@ class Metrics:
         self.started = time.time()
 
     def count(self, method: str, route: str, status: int) -> None:
+        """Count one HTTP answer by method, route and status."""
         with self._lock:
             key = (method, route, status)
             self.requests[key] = self.requests.get(key, 0) + 1
 
     def observe_generate(self, seconds: float) -> None:
+        """Record one image's end-to-end latency."""
         with self._lock:
             self.latency.observe(seconds)
             self.images += 1
 
     def observe_batch(self, size: int, seconds: float) -> None:
+        """Record one engine batch: its size and how long it ran."""
         with self._lock:
             self.batch_size.observe(size)
             self.batch_latency.observe(seconds)
@@ -648,6 +653,7 @@ class BackgroundServer:
                                         name="loradex-uvicorn", daemon=True)
 
     def start(self, timeout: float = 30.0) -> BackgroundServer:
+        """Start serving in the background thread; LoradexError when it is not up within ``timeout`` s."""
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
@@ -657,6 +663,7 @@ class BackgroundServer:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask uvicorn to exit, wait up to ``timeout`` s for the thread, close the socket."""
         self._server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()

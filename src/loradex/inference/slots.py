@@ -114,6 +114,7 @@ class Routing:
             self.idx, self.coef, self.uniform, self.rank, self.active = saved
 
     def clear(self) -> None:
+        """No adapter rows for the next forward: every slot layer adds nothing."""
         self.active = False
 
     def rows_for(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +177,7 @@ class SlotLinear(nn.Linear, _SlotMixin):
 
     @classmethod
     def wrap(cls, base: nn.Linear, routing: Routing, slots: int, max_rank: int) -> SlotLinear:
+        """Turn ``base`` in place into a slot layer with ``slots`` LoRA slots of rank <= ``max_rank``."""
         m = _adopt(cls, base)
         m._init_slots(routing, slots, max_rank, base.in_features, base.out_features)
         return m  # type: ignore[return-value]
@@ -202,6 +204,7 @@ class SlotConv2d(nn.Conv2d, _SlotMixin):
 
     @classmethod
     def wrap(cls, base: nn.Conv2d, routing: Routing, slots: int, max_rank: int) -> SlotConv2d:
+        """Turn ``base`` in place into a slot layer (kernel flattened: ``in*kh*kw`` columns)."""
         m = _adopt(cls, base)
         kh, kw = base.kernel_size
         m._init_slots(routing, slots, max_rank, base.in_channels * kh * kw, base.out_channels)
@@ -280,6 +283,7 @@ class SlotBank:
         self.ranks: list[dict[str, int]] = [{} for _ in range(slots)]
 
     def nbytes(self) -> int:
+        """Bytes of every slot's factors (allocated once, at the largest rank)."""
         return sum(m.down.numel() * m.down.element_size() + m.up.numel() * m.up.element_size()
                    for m in self.layers.values())
 
