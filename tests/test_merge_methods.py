@@ -21,6 +21,10 @@ from loradex.core.kinds.full import FullPatch
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import rank_for
 from loradex.demo import consume_diffusers, consume_lycoris_kohya, make_lycoris_reference
+
+# the function itself: since ``import loradex`` is lazy (PEP 562), importing the subpackage
+# loradex.merge before the name is first used binds ``loradex.merge`` to the subpackage
+from loradex.merge import merge
 from loradex.merge.blocks import apply_block_weights, block_of
 from loradex.merge.ties import combine, module_seed
 from loradex.tiny import tiny_arch
@@ -70,7 +74,7 @@ def test_svd_merge_is_the_optimal_truncation_of_the_weighted_sum():
     b = Adapter(patches={"unet.x": loha, "unet.conv": _lora(16, 8, 6, 3.0, k=3, seed=6), "unet.big": full})
     items = [(a, 0.8), (b, -0.6)]
     k = 5
-    out, report = loradex.merge(items, "svd", rank=k)
+    out, report = merge(items, "svd", rank=k)
     assert set(out.patches) == {"unet.x", "unet.conv", "unet.big", "unet.only"}
     for name, p in out.patches.items():
         dense = _dense(items, name)
@@ -89,12 +93,12 @@ def test_svd_merge_is_the_optimal_truncation_of_the_weighted_sum():
     assert report.modules["unet.big"]["how"] == "randomized svd"
     assert tuple(out.patches["unet.conv"].shape) == (16, 8, 3, 3)
     # dynamic policy: the rank rank_for picks on the true spectrum
-    out, report = loradex.merge(items, "svd", fro=0.9)
+    out, report = merge(items, "svd", fro=0.9)
     for name, p in out.patches.items():
         want = rank_for(torch.linalg.svdvals(_dense(items, name)), fro=0.9)
         assert p.rank == want, name
     # full rank: the exact sum (any kinds)
-    out, _ = loradex.merge(items, "svd", rank=HUGE)
+    out, _ = merge(items, "svd", rank=HUGE)
     for name, p in out.patches.items():
         dense = _dense(items, name)
         assert rel(p.delta().double().reshape(dense.shape), dense) <= 1e-6, name
@@ -109,7 +113,7 @@ def test_svd_merge_1d_modules_and_refusals():
     a = Adapter(patches={"unet.x": _lora(8, 8, 2, seed=1), "unet.norm": n1})
     b = Adapter(patches={"unet.x": _lora(8, 8, 2, seed=2), "unet.norm": n2})
     for method, kw in (("svd", {}), ("magnitude", {"density": 1.0})):
-        out, report = loradex.merge([(a, 2.0), (b, -1.0)], method, rank=2, **kw)
+        out, report = merge([(a, 2.0), (b, -1.0)], method, rank=2, **kw)
         p = out.patches["unet.norm"]
         assert p.kind == "norm" and report.modules["unet.norm"]["exact"]
         assert torch.equal(p.w_norm, 2 * torch.arange(4.0) - 1) and torch.equal(p.b_norm, torch.full((4,), 2.0))
@@ -119,11 +123,11 @@ def test_svd_merge_1d_modules_and_refusals():
     for bad_patch, needle in ((dora, "DoRA"), (ia3, "base weight")):
         for method, kw in (("svd", {}), ("ties", {"density": 0.5})):
             with pytest.raises(loradex.LoradexError, match=needle):
-                loradex.merge([(a, 1.0), (Adapter(patches={"unet.x": bad_patch}), 1.0)], method, rank=2, **kw)
+                merge([(a, 1.0), (Adapter(patches={"unet.x": bad_patch}), 1.0)], method, rank=2, **kw)
     with pytest.raises(loradex.LoradexError, match="rank policy"):
-        loradex.merge([(a, 1.0)], "svd")
+        merge([(a, 1.0)], "svd")
     with pytest.raises(loradex.LoradexError, match="density"):
-        loradex.merge([(a, 1.0)], "dare", rank=2, density=0.0)
+        merge([(a, 1.0)], "dare", rank=2, density=0.0)
 
 
 # ---- ties / dare / magnitude vs peft -----------------------------------------------------------------
@@ -145,7 +149,7 @@ def test_sparse_methods_equal_peft(bench, refs, tmp_path):
     items = [(loradex.load(refs["lora"], arch=bench.arch), 0.7), (loradex.load(refs["loha"], arch=bench.arch), 0.5)]
     density, seed = 0.4, 11
     for method in PEFT:
-        merged, report = loradex.merge(items, method, rank=HUGE, density=density, seed=seed)
+        merged, report = merge(items, method, rank=HUGE, density=density, seed=seed)
         assert report.params["density"] == density and report.max_error == 0.0
         back = merged
         if method in ("ties", "dare"):  # the saved float32 file at full rank reproduces the result
@@ -173,11 +177,11 @@ def test_sparse_methods_equal_peft(bench, refs, tmp_path):
 def test_dare_is_seeded_and_deterministic():
     a = Adapter(patches={"unet.x": _lora(32, 24, 4, seed=1), "unet.y": _lora(16, 16, 2, seed=2)})
     b = Adapter(patches={"unet.x": _lora(32, 24, 4, seed=3), "unet.y": _lora(16, 16, 2, seed=4)})
-    one, _ = loradex.merge([(a, 1.0), (b, 1.0)], "dare", rank=HUGE, density=0.5, seed=3)
-    two, _ = loradex.merge([(a, 1.0), (b, 1.0)], "dare", rank=HUGE, density=0.5, seed=3)
-    other, _ = loradex.merge([(a, 1.0), (b, 1.0)], "dare", rank=HUGE, density=0.5, seed=4)
+    one, _ = merge([(a, 1.0), (b, 1.0)], "dare", rank=HUGE, density=0.5, seed=3)
+    two, _ = merge([(a, 1.0), (b, 1.0)], "dare", rank=HUGE, density=0.5, seed=3)
+    other, _ = merge([(a, 1.0), (b, 1.0)], "dare", rank=HUGE, density=0.5, seed=4)
     # the masks of a module do not depend on which other modules exist
-    alone, _ = loradex.merge([(Adapter(patches={"unet.y": a.patches["unet.y"]}), 1.0),
+    alone, _ = merge([(Adapter(patches={"unet.y": a.patches["unet.y"]}), 1.0),
                               (Adapter(patches={"unet.y": b.patches["unet.y"]}), 1.0)], "dare", rank=HUGE,
                              density=0.5, seed=3)
     for name in ("unet.x", "unet.y"):
@@ -185,8 +189,200 @@ def test_dare_is_seeded_and_deterministic():
         assert not torch.allclose(one.patches[name].delta(), other.patches[name].delta())
     assert torch.equal(alone.patches["unet.y"].delta(), one.patches["unet.y"].delta())
     # density 1: no drop; dare is then the weighted sum, ties the disjoint mean
-    full, _ = loradex.merge([(a, 1.0), (b, 1.0)], "dare", rank=HUGE, density=1.0)
+    full, _ = merge([(a, 1.0), (b, 1.0)], "dare", rank=HUGE, density=1.0)
     assert rel(full.patches["unet.x"].delta(), a.patches["unet.x"].delta() + b.patches["unet.x"].delta()) <= 1e-6
+
+
+# ---- the float32 path of ties / dare / magnitude (issue 14) -------------------------------------------
+def _loha(out, inp, r1, r2, seed):
+    from loradex.core.kinds.loha import LohaPatch
+
+    g = torch.Generator().manual_seed(seed)
+    return LohaPatch(hada_w1_a=torch.randn(out, r1, generator=g), hada_w1_b=torch.randn(r1, inp, generator=g),
+                     hada_w2_a=torch.randn(out, r2, generator=g), hada_w2_b=torch.randn(r2, inp, generator=g),
+                     alpha=torch.tensor(2.0))
+
+
+def _inputs(n_inputs: int, shapes: dict, seed: int, mixed: bool = True) -> list[tuple[Adapter, float]]:
+    """``n_inputs`` adapters on ``shapes`` (name -> (out, in)): LoRAs (fp32, one fp16), and with
+    ``mixed`` a LoHa and a full diff in the mix; weights of both signs."""
+    items = []
+    for i in range(n_inputs):
+        patches = {}
+        for j, (name, (out, inp)) in enumerate(shapes.items()):
+            sd = seed + 100 * i + j
+            if mixed and i == 1:
+                patches[name] = _loha(out, inp, 3, 4, sd)
+            elif mixed and i == 2:
+                g = torch.Generator().manual_seed(sd)
+                patches[name] = FullPatch(diff=torch.randn(out, 6, generator=g) @ torch.randn(6, inp, generator=g))
+            else:
+                p = _lora(out, inp, 8, alpha=4.0, seed=sd)
+                patches[name] = p.to(torch.float16) if i == 3 else p
+        items.append((Adapter(patches=patches), (0.9, -0.6, 0.7, 1.2, 0.5)[i % 5]))
+    return items
+
+
+def _parts(items, name):
+    return [(i, a.patches[name], w) for i, (a, w) in enumerate(items) if name in a.patches]
+
+
+def _cut_ties(d: torch.Tensor, density: float) -> bool:
+    """Whether entries of equal magnitude straddle the trim's cut (where topk's pick is its own)."""
+    a = d.reshape(-1).abs()
+    k = int(density * a.numel())
+    t = torch.topk(a, k).values.min()
+    return int((a >= t).sum()) > k
+
+
+def test_float32_merged_update_equals_peft_bit_for_bit():
+    from loradex.merge.ties import dense_updates, merged_update
+
+    # "big" has more entries than sparsify.SMALL_SELECT: sampled bracket, block sweep, chunked combine
+    shapes = {"unet.small": (24, 40), "unet.big": (384, 448)}
+    density, seed = 0.3, 9
+    for n_inputs in (2, 3, 5):
+        items = _inputs(n_inputs, shapes, seed=10 * n_inputs)
+        for name, (m, n) in shapes.items():
+            parts = _parts(items, name)
+            deltas = [r.view(m, n).clone() for r in dense_updates(parts, m)]
+            for d, (_, p, _) in zip(deltas, parts):
+                assert d.dtype == torch.float32 and torch.equal(d, p.delta().reshape(m, n)), name
+            w32 = torch.tensor([w for _, _, w in parts], dtype=torch.float32)  # as peft's torch.tensor(weights)
+            w64 = w32.double()
+            for method in PEFT:
+                got = merged_update(name, parts, method, density, seed)
+                if method in ("ties", "magnitude"):
+                    assert not any(_cut_ties(d, density) for d in deltas)  # else topk's pick is arbitrary
+                    want = PEFT[method](deltas, w32, density)
+                else:
+                    # peft's random_pruning draws torch.bernoulli(full_like(d, density)) from the global
+                    # RNG; on float64 updates those are loradex's masks (module_seed): the same masks,
+                    # then peft's own steps on the float32 updates
+                    torch.manual_seed(module_seed(seed, name))
+                    masks = [torch.bernoulli(torch.full_like(d.double(), density)).float() for d in deltas]
+                    pruned = [d * mk / density for d, mk in zip(deltas, masks)]
+                    if method == "dare":
+                        want = merge_utils.task_arithmetic(pruned, w32)
+                    else:
+                        stack = torch.stack(pruned)
+                        want = merge_utils.disjoint_merge(stack * w32.view(-1, 1, 1),
+                                                          merge_utils.calculate_majority_sign_mask(stack, "total"))
+                    torch.manual_seed(module_seed(seed, name))
+                    ref64 = PEFT[method]([d.double() for d in deltas], w64, density)  # peft itself, float64
+                    assert rel(got, ref64) <= 1e-6, (method, name)
+                assert got.dtype == torch.float32 and torch.equal(got, want), (method, name, n_inputs)
+                assert want.abs().max() > 0
+
+
+def test_float32_truncation_is_within_one_percent_of_optimal():
+    from loradex.merge.ties import merged_update
+
+    shapes = {"unet.a": (320, 448), "unet.b": (256, 640)}  # randomized path: rank 24 is a small share
+    rank = 24
+    for n_inputs in (2, 5):
+        items = _inputs(n_inputs, shapes, seed=7 * n_inputs, mixed=n_inputs > 2)
+        for method in PEFT:
+            out, report = merge(items, method, rank=rank, density=0.3, seed=5)
+            for name, (m, n) in shapes.items():
+                mat = merged_update(name, _parts(items, name), method, 0.3, 5).double()
+                s = torch.linalg.svdvals(mat)
+                optimal = float((s[rank:] ** 2).sum().sqrt() / (s**2).sum().sqrt())
+                p = out.patches[name]
+                err = rel(p.delta().double().reshape(m, n), mat)
+                info = report.modules[name]
+                assert p.rank == rank and "randomized svd" in info["how"], info
+                assert err <= 1.01 * optimal, (method, n_inputs, name, err / optimal)
+                assert info["error"] == pytest.approx(err, rel=1e-3), (method, name)
+                # the same update as the float64 path of before (combine + reduce_dense), to rounding
+                gen = torch.Generator().manual_seed(module_seed(5, name)) if method.startswith("dare") else None
+                old = combine(method, [q.delta().double().reshape(m, n) for _, q, _ in _parts(items, name)],
+                              [w for _, _, w in _parts(items, name)], 0.3, gen)
+                assert rel(mat, old) <= 1e-6, (method, name)
+
+
+def test_trim_is_topk_with_ties_at_the_cut_resolved_in_row_order(monkeypatch):
+    from loradex.core import sparsify
+
+    g = torch.Generator().manual_seed(3)
+    for n in (1000, 300_000):  # sorted selection / sampled bracket
+        d = torch.randn(n, generator=g) * torch.rand(n, generator=g)
+        for density in (0.01, 0.2, 0.9):
+            k = int(density * n)
+            want = torch.zeros(n, dtype=torch.bool)
+            want[torch.topk(d.abs(), k).indices] = True
+            assert not _cut_ties(d, density)
+            assert torch.equal(sparsify.trim_mask(d, density), want), (n, density)
+            row = d.clone()
+            assert torch.equal(sparsify.trim_(row, density), d * want)
+            t, c = sparsify.magnitude_threshold(d, k)
+            assert float(t) == float(torch.kthvalue(d.abs(), n - k + 1).values) and c == k
+        # a useless sample (all zeros) only costs speed: the threshold is still exact
+        with monkeypatch.context() as mp:
+            mp.setattr(sparsify, "_sample_abs", lambda row, s: torch.zeros(s))
+            k = int(0.2 * n)
+            assert float(sparsify.magnitude_threshold(d, k)[0]) == float(torch.kthvalue(d.abs(), n - k + 1).values)
+    # many equal magnitudes: all above the cut kept, then the first tied ones in row-major order
+    for n in (5000, 200_000):
+        q = torch.randint(-5, 6, (n,), generator=g).float()
+        k = int(0.3 * n)
+        mask = sparsify.trim_mask(q, 0.3)
+        t = float(torch.kthvalue(q.abs(), n - k + 1).values)
+        above = q.abs() > t
+        tied = torch.nonzero(q.abs() == t).view(-1)
+        want = above.clone()
+        want[tied[: k - int(above.sum())]] = True
+        assert int(mask.sum()) == k and torch.equal(mask, want), n
+    # NaN ranks first, as in topk; density 1 keeps all, a zero count keeps none
+    d = torch.randn(300_000, generator=g)
+    d[::997] = float("nan")
+    want = torch.zeros(d.numel(), dtype=torch.bool)
+    want[torch.topk(d.abs(), int(0.2 * d.numel())).indices] = True
+    assert torch.equal(sparsify.trim_mask(d, 0.2), want)
+    assert sparsify.trim_mask(d, 1.0).all() and not sparsify.trim_mask(d[:3], 0.2).any()
+
+
+def test_sparse_merge_threads_do_not_change_results():
+    from loradex.merge.ties import merge_sparse
+
+    shapes = {f"unet.m{i}": (48 + 16 * i, 40 + 8 * i) for i in range(5)}
+    items = _inputs(3, shapes, seed=1)
+    by_module = {name: _parts(items, name) for name in shapes}
+    for method in PEFT:
+        one = merge_sparse(by_module, method, {"rank": 6}, 0.4, seed=2, workers=1)
+        three = merge_sparse(by_module, method, {"rank": 6}, 0.4, seed=2, workers=3)
+        assert list(one[0]) == list(three[0]) == list(shapes)  # the inputs' order, whatever ran first
+        for name in shapes:
+            assert torch.equal(one[0][name].up, three[0][name].up) and torch.equal(one[0][name].down, three[0][name].down)
+            assert one[1][name] == three[1][name]
+    assert torch.get_num_threads() == 1  # the caller's setting is restored
+
+
+def test_subspace_svd():
+    from loradex.core.linalg import subspace_svd
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 40, generator=g) @ torch.randn(40, 500, generator=g) + 2.0 * torch.randn(300, 500, generator=g)
+    s = torch.linalg.svdvals(a.double())
+    optimal = float((s[32:] ** 2).sum().sqrt() / (s**2).sum().sqrt())
+    for lowp in (False, True):
+        for start in (None, torch.randn(300, 48, generator=g)):
+            info: dict = {}
+            u, sv, vh = subspace_svd(a, 32, start=start, width=48, lowp=lowp, info=info)
+            assert u.shape == (300, 32) and vh.shape == (32, 500) and info["lowp"] is lowp
+            err = rel((u * sv) @ vh, a)
+            assert err <= 1.01 * optimal, (lowp, start is None, err / optimal)
+            assert torch.allclose(u.T @ u, torch.eye(32), atol=1e-4)
+            assert torch.allclose(sv.double(), s[:32], rtol=2e-2)
+    # an exactly low-rank matrix is reproduced to float32 rounding (the exact finish takes over)
+    low = torch.randn(300, 8, generator=g) @ torch.randn(8, 500, generator=g)
+    for lowp in (False, True):
+        u, sv, vh = subspace_svd(low, 16, width=32, lowp=lowp)
+        assert rel((u * sv) @ vh, low) <= 1e-5, lowp
+        u, sv, vh = subspace_svd(low, 8, width=32, lowp=lowp)
+        assert rel((u * sv) @ vh, low) <= 1e-5, lowp
+    with pytest.raises(ValueError, match="rows"):
+        subspace_svd(a, 8, start=torch.randn(5, 16))
 
 
 # ---- block weights -----------------------------------------------------------------------------------
@@ -305,7 +501,7 @@ def test_merged_file_with_blocks_loads_in_diffusers_and_lycoris(bench, refs, tmp
     a = loradex.load(refs["lora"], arch=bench.arch)
     b = loradex.load(refs["loha"], arch=bench.arch)
     vec = ",".join(["1"] * 8 + ["0.5"] * 18)  # 26 entries: OUT blocks at half
-    merged, report = loradex.merge([(a, 0.8, vec), (b, 0.5)], "svd", rank=HUGE)
+    merged, report = merge([(a, 0.8, vec), (b, 0.5)], "svd", rank=HUGE)
     a_w, _ = apply_block_weights(a, vec)
     items = [(a_w, 0.8), (b, 0.5)]
     unet = bench.fresh_unet()
@@ -347,7 +543,7 @@ def test_cli_merge_methods_and_blocks(bench, refs, tmp_path, monkeypatch, capsys
                             "--method", "dare", "--density", 0.5, "--seed", 7, "--rank", HUGE, "--arch", arch,
                             "--to", "kohya", "--save-as", "dared")
     assert code == 0 and "dare" in stdout and "stored as dared" in stdout, err
-    lib, _ = loradex.merge([(loradex.load(lora, arch=arch), 0.8), (loradex.load(loha, arch=arch), 0.5)], "dare", rank=HUGE,
+    lib, _ = merge([(loradex.load(lora, arch=arch), 0.8), (loradex.load(loha, arch=arch), 0.5)], "dare", rank=HUGE,
                            density=0.5, seed=7)
     got = loradex.load(tmp_path / "dare.safetensors", arch=arch)
     for name, p in lib.patches.items():
