@@ -83,6 +83,7 @@ class Workspace:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the reusable buffers this workspace holds."""
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 

@@ -109,6 +109,7 @@ def module_seed(seed: int, name: str) -> int:
 
 
 def check_density(density) -> float:
+    """``density`` (the kept fraction of each input's entries) as a float in (0, 1], or LoradexError."""
     if density is None:
         raise LoradexError("this merge method needs a density in (0, 1] (--density D: the kept fraction)")
     d = float(density)
