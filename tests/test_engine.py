@@ -351,6 +351,7 @@ def test_200_swaps_leave_the_base_bit_identical(bench, refs, small, tmp_path):
         assert torch.allclose(bench.unet_out(small.pipe.unet), y_first, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_swaps_do_not_recompile():
     """torch.compile a small model of slot layers (a Linear and a 3x3 Conv2d) once; swap different
     adapters into the same slots in place: dynamo's error_on_recompile stays silent and the compiled

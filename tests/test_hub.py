@@ -308,6 +308,7 @@ def hub_base(reg, bench, tmp_path, monkeypatch):
     return cache
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_push_samples_on_the_recorded_base_and_the_snippet_runs_as_written(reg, adapters, hub_base, tmp_path, capsys):
     from PIL import Image

@@ -141,6 +141,7 @@ def test_concat_merge_is_the_weighted_sum(bench, refs):
     assert report.modules and not report.warnings
 
 
+@pytest.mark.slow
 def test_merged_kohya_file_loads_in_the_real_consumers(bench, refs, tmp_path):
     items = [(loradex.load(refs[k], arch=bench.arch), w) for k, w in WEIGHTS.items()]
     merged, _ = loradex.merge(items)

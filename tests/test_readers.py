@@ -176,6 +176,7 @@ def old_layout(arch, g):
     return old, new, want
 
 
+@pytest.mark.slow
 def test_old_diffusers_layouts(bench, tmp_path):
     old, new, want = old_layout(bench.arch, torch.Generator().manual_seed(2))
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight" in old
@@ -289,6 +290,7 @@ def _peft_config(kind: str):
                       init_weights=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "lokr-full"])
 def test_peft_folder_made_by_peft(bench, tmp_path, kind):
     from peft import PeftModel, get_peft_model
