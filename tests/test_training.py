@@ -401,71 +401,16 @@ def test_killed_run_resumes_to_its_output(data, tmp_path, kill_at):
     assert completion(work / "checkpoint-4") == {"step": 4, "outputs": [str(out)]}
 
 
-def import_graph(root: Path, package: str) -> dict[str, set[str]]:
-    """module -> the modules of ``package`` (a folder ``root``) it imports, at the top or inside a
-    function alike (a lazy import closes a circle just the same). ``from a import b`` names module
-    ``a.b`` when that is a module, else ``a``; importing ``a.b`` is not counted as importing the
-    package ``a`` (Python runs ``a/__init__`` first, but that is no dependency of the code)."""
-    mods = {}
-    for f in sorted(root.rglob("*.py")):
-        parts = [package, *f.relative_to(root).with_suffix("").parts]
-        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
-    graph: dict[str, set[str]] = {m: set() for m in mods}
-    for m, f in mods.items():
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.Import):
-                graph[m] |= {a.name for a in node.names if a.name in mods}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    pkg = m.split(".") if f.name == "__init__.py" else m.split(".")[:-1]
-                    base = ".".join(pkg[:len(pkg) - node.level + 1] + ([base] if base else []))
-                for a in node.names:
-                    target = f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
-                    if target in mods and target != m:
-                        graph[m].add(target)
-    return graph
-
-
-def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components with more than one module (Tarjan): each is a circle."""
-    index, low, stack, on, out = {}, {}, [], set(), []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in sorted(graph[v]):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
-
-
 def test_training_package_has_no_import_circle_and_small_modules():
     """Issue 11: the training rooms import one way (config <- context <- objective, checkpoint,
     methods <- output <- loop), with lazy imports counted too, and no module grows past ~600 lines."""
     import loradex.training
+    from test_layout import cycles, import_graph  # the package-wide checker, on the training rooms
 
     root = Path(loradex.training.__file__).parent
-    graph = import_graph(root, "loradex.training")
-    assert import_cycles(graph) == [], import_cycles(graph)
+    graph = {m: {d for d in deps if d.startswith("loradex.training")}
+             for m, deps in import_graph(lazy=True).items() if m.startswith("loradex.training")}
+    assert cycles(graph) == [], cycles(graph)
     assert "loradex.training.loop" not in set().union(*(graph[m] for m in graph if m != "loradex.training"))
     sizes = {f.name: len(f.read_text().splitlines()) for f in root.rglob("*.py")}
     assert max(sizes.values()) <= 600, sizes
