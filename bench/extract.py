@@ -88,7 +88,7 @@ def _tensors(i: int, shape: tuple[int, ...], rank: int, noise: float, tuned: boo
 
 def make_models(d: Path, small: bool, rank: int, noise: float) -> tuple[Path, Path, int]:
     """Write base.safetensors and tuned.safetensors (streamed, one tensor at a time)."""
-    from loradex.converters.checkpoint import stream_safetensors
+    from loradex.converters.streaming import stream_safetensors
     from loradex.core.archs import get_arch
 
     arch = get_arch("sd1")

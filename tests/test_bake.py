@@ -109,6 +109,14 @@ def test_single_file_base_keeps_layout(bench, base_dir, tmp_path):
             assert torch.equal(single.weight(name, p), t), name
     y = bench.unet_out(baked_unet(tmp_path / "baked"))
     assert rel_out(y, ref.y_ref) <= TOL
+    # dtype: the whole file cast (VAE and text encoder too), the same numbers as the default bake cast
+    loradex.bake(tmp_path / "base.safetensors", [(adapter, 1.0)], tmp_path / "bf16.safetensors", arch=bench.arch,
+                 dtype="bf16")
+    cast = load_file(str(tmp_path / "bf16.safetensors"))
+    assert set(cast) == set(out)
+    for k, t in cast.items():
+        want = out[k].to(torch.bfloat16) if out[k].is_floating_point() else out[k]
+        assert t.dtype == want.dtype and torch.equal(t, want), k
 
 
 def test_with_embeddings_appends_tokens(bench, base_dir, tmp_path):

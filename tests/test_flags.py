@@ -62,9 +62,7 @@ def tensor_dtypes(path: Path) -> set[str]:
 # ---- the option tables ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="bake has no dtype in the library yet: merge/bake.py + CheckpointReader.rewrite must "
-                        "cast what they write (files outside this change)")) if n == "bake" else n for n in WRITING])
+@pytest.mark.parametrize("name", WRITING)
 def test_every_writing_command_takes_converts_dtype(name):
     opt = option(commands()[name], "--dtype")
     assert opt is not None, f"{name} has no --dtype"
@@ -169,12 +167,33 @@ def test_extract_writes_the_dtype(models, tmp_path, capsys):
         assert tensor_dtypes(out) == {want}
 
 
-@pytest.mark.xfail(strict=True, reason="bake has no --dtype yet (library: merge/bake.py, converters/checkpoint.py)")
 def test_bake_writes_the_dtype(models, refs, tmp_path, capsys):
-    out = tmp_path / "baked"
+    """Every floating tensor of the folder is cast, the untouched ones too, and the values are the
+    default (base dtype, fp32 here) bake's cast: the sums are made in fp32 either way."""
+    from safetensors.torch import load_file
+
+    from loradex.errors import LoradexError
+    from loradex.merge import bake
+
+    out, ref = tmp_path / "baked", tmp_path / "baked32"
     code, _, err = run(capsys, "bake", "--base", models / "base", refs[0], "-o", out, "--dtype", "fp16")
     assert code == 0, err
     assert tensor_dtypes(out) == {"F16"}
+    code, _, err = run(capsys, "bake", "--base", models / "base", refs[0], "-o", ref)
+    assert code == 0, err
+    assert tensor_dtypes(ref) == {"F32"}
+    files = sorted(p.relative_to(ref) for p in ref.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*.safetensors")) and len(files) >= 3
+    for rel in files:
+        a, b = load_file(out / rel), load_file(ref / rel)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k].half()), (rel, k)
+    import loradex
+
+    with pytest.raises(LoradexError, match="dtype 'fp8'"):
+        bake(models / "base", [(loradex.load(refs[0]), 1.0)], tmp_path / "bad", dtype="fp8")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_train_writes_the_dtype(tmp_path, capsys):

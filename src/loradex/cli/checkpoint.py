@@ -100,10 +100,11 @@ def extract_cmd(base, tuned, dst, rank, conv_rank, fro, ratio, cumulative, min_d
 @click.option("--with-embeddings", is_flag=True, help="append the adapters' TI tokens to the tokenizer(s) and embedding table(s)")
 @click.option("--arch", default=None, help=ARCH_HELP)
 @click.option("--allow-nonfinite", is_flag=True, help="bake adapters holding NaN/Inf values anyway")
+@dtype_option("the base's, tensor by tensor")
 @force_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def bake_cmd(base, adapters, dst, with_embeddings, arch, allow_nonfinite, force, save_as, as_json):
+def bake_cmd(base, adapters, dst, with_embeddings, arch, allow_nonfinite, dtype, force, save_as, as_json):
     """Merge ADAPTERs (files or registry REFs, each with an optional weight W, default 1) into BASE,
     with every kind's exact math, streaming tensor by tensor; the output has the base's layout
     (diffusers folder or single file)."""
@@ -124,10 +125,11 @@ def bake_cmd(base, adapters, dst, with_embeddings, arch, allow_nonfinite, force,
             parents.append(version or p)
         out = stack.enter_context(output_path(dst, save_as, folder=reader.layout == "folder"))
         report = bake(reader, items, out, with_embeddings=with_embeddings, progress=_progress(as_json),
-                      allow_nonfinite=allow_nonfinite)
+                      allow_nonfinite=allow_nonfinite, dtype=dtype)
         saved = None
         if save_as:
-            params = {"weights": [w for _, w in parsed], "with_embeddings": with_embeddings}
+            params = {"weights": [w for _, w in parsed], "with_embeddings": with_embeddings,
+                      **({"dtype": dtype} if dtype else {})}
             saved = store_output(out, save_as, "bake", parents, params, arch=reader.arch, base=b)
     d = {"base": base, "adapters": [p for p, _ in parsed], "dst": dst, **report.to_dict()}
     text = [f"baked into {dst or save_as}: {report.summary()}"]

@@ -51,6 +51,7 @@ import torch
 
 from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
+from loradex.converters.streaming import FLOAT_NAMES, cast_copy, casting, dtype_name, stream_safetensors
 from loradex.core.archs import Part
 from loradex.errors import ArchError, FormatError
 
@@ -242,13 +243,6 @@ class _File:
     component: str | None  # folder layout: the component directory
 
 
-def _dtype_name(dt: torch.dtype) -> str:
-    for name, (d, _) in sio.DTYPES.items():
-        if d == dt:
-            return name
-    raise FormatError(f"dtype {dt} has no safetensors name")
-
-
 class CheckpointReader:
     """A full model opened lazily: a diffusers pipeline folder or a single-file checkpoint.
 
@@ -259,6 +253,8 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike, arch=None) -> None:
         self.path = Path(path)
+        self._new_shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._out_dtype: str | None = None  # rewrite(dtype=...): the safetensors name written
         info = describe_checkpoint(self.path, derive=arch is None)
         if info is None:
             if not self.path.exists():
@@ -325,7 +321,7 @@ class CheckpointReader:
             sd = self._load_pickle(path)
             f = _File(path, "pickle", None, list(sd), component)
             for k, t in sd.items():
-                self.stored.append(Stored(path, k, _dtype_name(t.dtype), tuple(t.shape)))
+                self.stored.append(Stored(path, k, dtype_name(t.dtype), tuple(t.shape)))
         self.files.append(f)
         return f
 
@@ -497,14 +493,19 @@ class CheckpointReader:
         progress: Callable[[int], None] | None = None,
         extra_files: dict[str, bytes] | None = None,
         new_shapes: dict[tuple[str, str], tuple[int, ...]] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> list[str]:
         """Write the model to ``out`` in this reader's layout with the canonical parameters in
         ``changed`` (``(module, param)``) replaced by ``update(module, param, current)`` (None:
         keep). Everything else is copied. ``metadata`` is merged into the (single file's or
         changed files') safetensors metadata. ``extra_files`` (folder layout only): relative path
         -> bytes written instead of the source's file (tokenizer files). ``new_shapes``: parameters
-        whose shape ``update`` changes (appended embedding rows; unfused tensors only). Returns notes."""
+        whose shape ``update`` changes (appended embedding rows; unfused tensors only). ``dtype``:
+        every floating tensor (F64/F32/F16/BF16) is written in this dtype, the untouched ones too
+        (then they are decoded and cast instead of copied byte for byte, and every weight file of a
+        folder is rewritten); integer tensors (position ids) keep theirs. Returns notes."""
         self._new_shapes = dict(new_shapes or {})
+        self._out_dtype = None if dtype is None else dtype_name(dtype)
         missing = sorted(n for n, p in changed if (n, p) not in self._index)
         if missing:
             raise ArchError(f"{self.path}: has no module {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
@@ -547,17 +548,23 @@ class CheckpointReader:
 
     def _write_file(self, f: _File, dst: Path, changed, update, metadata, progress) -> None:
         entries = []
+        want = self._out_dtype
         for st in self.stored:
             if st.file != f.path:
                 continue
-            if any((n, st.param) in changed for n, _ in st.parts) or f.kind == "pickle":
+            cast = want is not None and st.dtype != want and st.dtype in FLOAT_NAMES
+            dtype = want if cast else st.dtype
+            if any((n, st.param) in changed for n, _ in st.parts) or f.kind == "pickle" or cast:
                 if any((n, st.param) in changed for n, _ in st.parts):
                     shape = st.shape
                     if len(st.parts) == 1 and (st.parts[0][0], st.param) in self._new_shapes:
                         shape = tuple(self._new_shapes[(st.parts[0][0], st.param)])
-                    entries.append((st.key, st.dtype, shape, self._producer(st, changed, update)))
+                    produce = self._producer(st, changed, update)
                 else:
-                    entries.append((st.key, st.dtype, st.shape, (lambda st=st: self._load(st))))
+                    shape, produce = st.shape, (lambda st=st: self._load(st))
+                if cast:
+                    produce = casting(produce, sio.DTYPES[want][0])
+                entries.append((st.key, dtype, shape, produce))
             else:
                 info = f.header.tensors[st.key]
                 entries.append((st.key, st.dtype, st.shape, (f.path, f.header.data_offset + info.start, info.nbytes)))
@@ -586,12 +593,14 @@ class CheckpointReader:
                 if str(rel) in extra_files:
                     continue
                 f = by_path.get(src.resolve())
-                if f is not None and f.path in touched:
+                if f is not None and (f.path in touched or self._out_dtype is not None):
                     if f.kind == "pickle":
                         dst = dst.with_name(("model" if f.path.name == "pytorch_model.bin" else "diffusion_pytorch_model")
                                             + ".safetensors")
                         notes.append(f"{rel}: a pickle; written as {dst.name}")
                     self._write_file(f, dst, changed, update, metadata, progress)
+                elif self._out_dtype is not None and src.suffix == ".safetensors":
+                    cast_copy(src, dst, self._out_dtype)  # the VAE and other parts loradex does not map
                 else:
                     shutil.copy2(src, dst)
             for rel, data in extra_files.items():
@@ -610,61 +619,3 @@ class CheckpointReader:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return notes
-
-
-def stream_safetensors(
-    dst: str | os.PathLike,
-    entries: list[tuple[str, str, tuple[int, ...], object]],
-    metadata: dict[str, str] | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> None:
-    """Write a safetensors file from ``(key, dtype, shape, source)`` entries without holding more
-    than one tensor: ``source`` is ``(file, offset, nbytes)`` (copied file-to-file) or a callable
-    returning the tensor when its turn comes. The layout is the safetensors serializer's (dtype,
-    widest first, then name; compact header padded to 8 bytes), as ``safetensors_io.save`` writes
-    it, so the data-section hashes match other tools'. Atomic (``safetensors_io.atomic_path``)."""
-    import json
-
-    order = sio._serializer_dtype_order()
-    names = sorted(range(len(entries)), key=lambda i: (order.get(entries[i][1], len(order)), entries[i][0]))
-    head: dict[str, object] = {}
-    if metadata:
-        head["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    off = 0
-    for i in names:
-        key, dtype, shape, _ = entries[i]
-        if dtype not in sio.DTYPES:
-            raise FormatError(f"{dst}: {key}: unknown dtype {dtype}")
-        n = sio.DTYPES[dtype][1]
-        for s in shape:
-            n *= s
-        head[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * ((8 - len(raw) % 8) % 8)
-    with sio.atomic_path(dst) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o644)
-        sources: dict[str, int] = {}
-        try:
-            sio._write_all(fd, len(raw).to_bytes(8, "little") + raw)
-            for i in names:
-                key, dtype, shape, src = entries[i]
-                if isinstance(src, tuple):
-                    path, offset, nbytes = src
-                    if str(path) not in sources:
-                        sources[str(path)] = os.open(path, os.O_RDONLY)
-                    sio._copy_range(sources[str(path)], fd, offset, nbytes)
-                else:
-                    t = src()
-                    if tuple(t.shape) != tuple(shape) or _dtype_name(t.dtype) != dtype:
-                        raise FormatError(f"{dst}: {key}: produced {tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
-                    flat = t.detach().reshape(-1).contiguous()
-                    if flat.numel():
-                        sio._write_all(fd, flat.view(torch.uint8).numpy())
-                    del t, flat
-                if progress is not None:
-                    progress(1)
-        finally:
-            os.close(fd)
-            for sfd in sources.values():
-                os.close(sfd)

@@ -129,14 +129,23 @@ def _embedding_plan(reader, adapters, report: BakeReport):
 
 def bake(
     base, adapters: list[tuple[Adapter, float]], out, with_embeddings: bool = False, arch=None,
-    progress: bool = False, allow_nonfinite: bool = False,
+    progress: bool = False, allow_nonfinite: bool = False, dtype: torch.dtype | str | None = None,
 ) -> BakeReport:
     """Merge ``adapters`` (``(adapter, weight)`` pairs) into ``base`` (a path of a diffusers folder
     or single-file checkpoint, or a ``CheckpointReader``) and write the result to ``out`` in the
     base's layout. Every patched module must exist in the base (else ConversionError: wrong base
     model?). An adapter holding NaN/Inf values is refused (FormatError) unless ``allow_nonfinite``:
-    it would write a checkpoint full of NaN. Returns a ``BakeReport``."""
+    it would write a checkpoint full of NaN. ``dtype`` (``torch.float16`` or ``"fp16"``/``"bf16"``/
+    ``"fp32"``): every floating tensor of the output in that dtype, the untouched ones too (default:
+    each tensor keeps the base's dtype; the sums are computed in fp32 either way). Returns a
+    ``BakeReport``."""
+    from loradex.converters import DTYPES
     from loradex.converters.checkpoint import CheckpointReader
+
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise LoradexError(f"dtype {dtype!r}: use one of {', '.join(sorted(DTYPES))}")
+        dtype = DTYPES[dtype]
 
     t0 = time.perf_counter()
     if not adapters:
@@ -203,6 +212,7 @@ def bake(
             metadata={"loradex.bake": json.dumps({"adapters": len(adapters), "modules": len(report.modules),
                                                   "with_embeddings": bool(with_embeddings)})},
             progress=bar.update if bar is not None else None, extra_files=extra, new_shapes=new_shapes,
+            dtype=dtype,
         )
     finally:
         if bar is not None:
