@@ -238,7 +238,7 @@ def build_pipe(kind: str):
 
         return tiny_pipeline(kind)
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpu_train import sd15_pipeline
+    from gpu import sd15_pipeline
 
     return sd15_pipeline()
 

@@ -10,11 +10,14 @@ device copy is asynchronous). A swap is then only ``copy_`` into the slot buffer
 An adapter goes into the slots only when all its patches can: every module is a slot layer, the
 kind has an exact LoRA form (no DoRA, no bias, not (IA)^3/OFT/GLoRA/norm...) and the exact rank
 fits ``max_rank``. Otherwise it is a *patch-mode* adapter: the engine adds ``m * delta(W)`` to the
-weights for the batch and restores them from a pristine copy after (see engine.py).
+weights for the batch and restores them from a pristine copy after (see engine.py). Its patches stay
+in CPU memory here; :class:`DevicePatches` keeps copies of them on the engine's device (another LRU),
+so that the deltas are computed where the weights are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections import OrderedDict
@@ -159,6 +162,63 @@ class ReadyCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the cached adapters' tensors (what the byte budget counts)."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
+def patch_to_device(patch: Patch, device: torch.device | str) -> Patch:
+    """A copy of ``patch`` whose floating-point tensors of one or more dimensions are on ``device``
+    (the factors). Scalars (``alpha``, ``on_input``) and integer tensors (sparse indices and sizes)
+    stay where they are: the kinds read them as Python numbers or move them themselves, and a
+    number read from a device tensor would synchronise the device. The patch itself when nothing
+    moves."""
+    device = torch.device(device)
+    changes = {}
+    for f in dataclasses.fields(patch):
+        v = getattr(patch, f.name)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim > 0 and v.device != device:
+            changes[f.name] = v.to(device, non_blocking=True)
+    return dataclasses.replace(patch, **changes) if changes else patch
+
+
+class DevicePatches:
+    """The patches of patch-mode adapters on the engine's device, LRU bounded in bytes: moved there
+    once (the first batch that uses an adapter), not per batch. On the CPU the ready patches are
+    used as they are (nothing is copied or cached). An adapter larger than the whole budget is
+    moved for its batch and not kept. Thread-safe."""
+
+    def __init__(self, device: torch.device | str, capacity_bytes: int) -> None:
+        self.device = torch.device(device)
+        self.capacity = int(capacity_bytes)
+        self._lru: OrderedDict[str, tuple[int, dict[str, Patch]]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, ready: Ready) -> dict[str, Patch]:
+        """``ready.patches`` with their factors on the device."""
+        if self.device.type == "cpu":
+            return ready.patches
+        with self._lock:
+            hit = self._lru.get(ready.id)
+            if hit is not None:
+                self._lru.move_to_end(ready.id)
+                return hit[1]
+        moved = {name: patch_to_device(p, self.device) for name, p in ready.patches.items()}
+        size = sum(p.nbytes() for p in moved.values())
+        with self._lock:
+            if size <= self.capacity and ready.id not in self._lru:
+                self._lru[ready.id] = (size, moved)
+                self._bytes += size
+                while self._bytes > self.capacity:
+                    _, (old, _) = self._lru.popitem(last=False)
+                    self._bytes -= old
+        return moved
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the patches held on the device."""
         return self._bytes
 
     def __len__(self) -> int:

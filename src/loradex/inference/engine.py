@@ -9,7 +9,12 @@ What cannot go into the slots (DoRA, (IA)^3, OFT, GLoRA, norms, LoHa/LoKr whose 
 above ``max_rank``...) is applied by in-place weight patching ``W += delta(W, m)`` for the batch and
 restored after by copying back a pristine copy of the touched weights kept on the CPU: no
 fuse/unfuse arithmetic, so the base weights come back bit-identical. Such requests run in their own
-batches (the patch is shared by every sample of a batch).
+batches (the patch is shared by every sample of a batch). The deltas are computed on the weights'
+device in float32 (the kinds' float64 where they need it), from the adapter's factors moved there
+once (cache.DevicePatches): no weight makes a round trip through the CPU. The pristine copies stay
+in CPU memory (pinned on CUDA, so the restore is an asynchronous host-to-device copy): a patch-mode
+adapter may touch every weight of the denoiser, and a second copy of it on the device would cost as
+much device memory as the model, to save a copy that runs at host-to-device bandwidth.
 
 Exact batches (exact.py, on by default on the CPU): inside a batch each request runs through the
 denoiser, the text encoders and the VAE on its own rows, as if alone, so a batched request's image
@@ -51,7 +56,7 @@ from torch import nn
 from loradex.converters.pipeline import load_pipeline, pipeline_components
 from loradex.errors import FormatError, LoradexError, RegistryError
 from loradex.inference import exact
-from loradex.inference.cache import Ready, ReadyCache, percentile, prepare
+from loradex.inference.cache import DevicePatches, Ready, ReadyCache, percentile, prepare
 from loradex.inference.slots import SlotBank, live_modules
 from loradex.inference.types import BadRequestError, GenerateRequest, RequestCancelled, UnknownAdapterError
 
@@ -64,6 +69,13 @@ TI_PLACEHOLDER = "<loradex-ti-{}>"
 def _defuse(text: str) -> str:
     """Break any reserved placeholder spelled in user text so the tokenizer cannot match it."""
     return text.replace("<loradex-ti-", "<loradex ti-")
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in CPU memory (pinned when ``t`` is on CUDA: restores copy it back asynchronously)."""
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
+    out.copy_(t.detach())
+    return out
 
 
 class _TIRows:
@@ -116,13 +128,14 @@ class Engine:
     accept file paths as adapter refs. ``max_batch``: most requests per forward pass.
     ``compile``: ``torch.compile`` the denoiser (the slot rank is then fixed at ``max_rank``).
     ``exact_batches``: run each request of a batch as if alone (exact.py; default: on the CPU only;
-    off under ``compile``).
+    off under ``compile``). ``patch_device_bytes``: budget of the patch-mode adapters' factors kept
+    on a GPU (cache.DevicePatches).
     """
 
     def __init__(self, base, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  max_rank: int = 64, slots: int = 4, registry=None, cache_bytes: int = 2**30, ti_tokens: int = 16,
                  targets: Sequence[str] | None = None, allow_paths: bool = True, max_batch: int = 16,
-                 compile: bool = False, exact_batches: bool | None = None) -> None:
+                 compile: bool = False, exact_batches: bool | None = None, patch_device_bytes: int = 2**30) -> None:
         from loradex.core.archs import arch_from_models
 
         self.device = torch.device(device)
@@ -148,6 +161,7 @@ class Engine:
         self.registry = registry
         self.allow_paths = allow_paths
         self.cache = ReadyCache(cache_bytes, self._load_ready)
+        self.on_device = DevicePatches(self.device, patch_device_bytes)
         self._lock = threading.RLock()
         self._sources: dict[str, tuple[str, object]] = {}
         self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -251,7 +265,8 @@ class Engine:
         return out
 
     def stats(self) -> dict:
-        """Cache hits/misses/evictions, swaps and their p50/p99 latency, cached bytes, slots in use."""
+        """Cache hits/misses/evictions, swaps and their p50/p99 latency, cached bytes, slots in use,
+        bytes of patch-mode factors held on the device."""
         times = list(self._swap_times)
         return {
             "hits": self.cache.hits, "misses": self.cache.misses, "evictions": self.cache.evictions,
@@ -261,7 +276,7 @@ class Engine:
             "slot_occupants": list(self.bank.occupant), "batches": self.batches, "images": self.images,
             "patched_batches": self.patched_batches, "steps": self.steps,
             "cancelled_batches": self.cancelled_batches, "suspensions": self.suspensions,
-            "exact_batches": self.exact_batches,
+            "exact_batches": self.exact_batches, "patch_bytes_on_device": self.on_device.nbytes,
         }
 
     # ---- cost ------------------------------------------------------------------------------------
@@ -410,28 +425,28 @@ class Engine:
 
     @torch.no_grad()
     def _apply_patches(self, patches: list[tuple[Ready, float]]) -> list[str]:
-        """``W += delta(W, m)`` for each patch-mode adapter in order; returns the touched modules."""
+        """``W += delta(W, m)`` for each patch-mode adapter in order, on the weights' device in
+        float32; returns the touched modules."""
         touched: list[str] = []
         try:
             for rd, w in patches:
-                for name, patch in rd.patches.items():
+                for name, patch in self.on_device.get(rd).items():
                     mod = self.modules[name]
                     weight = mod.weight
                     bias = getattr(mod, "bias", None)
                     if name not in self._pristine:
-                        self._pristine[name] = (weight.detach().to("cpu", copy=True),
-                                                None if bias is None else bias.detach().to("cpu", copy=True))
+                        self._pristine[name] = (_host_copy(weight), None if bias is None else _host_copy(bias))
                     if name not in touched:
                         touched.append(name)
-                    cur = weight.detach().float().cpu()
+                    cur = weight.detach().float()
                     try:
                         d = patch.delta(cur, multiplier=w)
-                        bd = patch.bias_delta(None if bias is None else bias.detach().float().cpu(), multiplier=w)
+                        bd = patch.bias_delta(None if bias is None else bias.detach().float(), multiplier=w)
                     except ValueError as e:
                         raise BadRequestError(f"adapter {rd.id}: {name}: {e}") from None
-                    weight.copy_((cur + d.reshape(cur.shape)).to(weight.device, weight.dtype))
+                    weight.copy_((cur + d.reshape(cur.shape)).to(weight.dtype))
                     if bd is not None and bias is not None:
-                        bias.copy_((bias.detach().float().cpu() + bd.reshape(bias.shape)).to(bias.device, bias.dtype))
+                        bias.copy_((bias.detach().float() + bd.reshape(bias.shape)).to(bias.dtype))
         except BaseException:
             self._restore(touched)
             raise
@@ -442,9 +457,9 @@ class Engine:
         for name in touched:
             mod = self.modules[name]
             w, b = self._pristine[name]
-            mod.weight.copy_(w)
+            mod.weight.copy_(w, non_blocking=True)
             if b is not None:
-                mod.bias.copy_(b)
+                mod.bias.copy_(b, non_blocking=True)
 
     @staticmethod
     def _rewrite(text: str, mapping: list[tuple[str, str]]) -> str:

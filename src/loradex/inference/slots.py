@@ -76,7 +76,10 @@ class Routing:
         coef = [[float(w) for _, w in r] + [0.0] * (k - len(r)) for r in rows]
         idx_t = torch.tensor(idx, dtype=torch.long)
         coef_t = torch.tensor(coef, dtype=self.dtype)
-        if tuple(self.idx.shape) == tuple(idx_t.shape):
+        # in place when the shape is unchanged (compiled graphs keep their inputs), unless the tensors
+        # were made under torch.inference_mode and this call is outside it (they cannot be written then)
+        stale = self.idx.is_inference() and not torch.is_inference_mode_enabled()
+        if tuple(self.idx.shape) == tuple(idx_t.shape) and not stale:
             self.idx.copy_(idx_t, non_blocking=True)
             self.coef.copy_(coef_t, non_blocking=True)
         else:

@@ -63,7 +63,7 @@ class BoftPatch(OrthogonalPatch):
         x = w
         for i in range(m):
             bi = multiplier * r[i] + (1 - multiplier) * eye
-            perm = butterfly_perm(out, i, b)
+            perm = butterfly_perm(out, i, b).to(w.device)
             y = torch.einsum("nij,nj...->ni...", bi, x[perm].reshape(n, b, *rest)).reshape(out, *rest)
             x = torch.empty_like(y)
             x[perm] = y
