@@ -14,6 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from loradex.converters import bundles as B
 from loradex.converters import embeddings as E
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import ConversionReport
@@ -430,33 +431,33 @@ def test_bundle_round_trip():
     sd = emb_adapter("face", n=2, dim=768).embeddings
     xl = sdxl_adapter("style", n=4, dims=(768, 1280)).embeddings
     embs = {**sd, **xl}
-    t = E.bundle_tensors(embs)
+    t = B.bundle_tensors(embs)
     assert set(t) == {
         "bundle_emb.face.string_to_param.*",
         "bundle_emb.style.clip_l",
         "bundle_emb.style.clip_g",
     }
     lora = {"lora_unet_x.lora_down.weight": torch.randn(4, 8), **t}
-    back = E.parse_bundle(lora)
+    back = B.parse_bundle(lora)
     assert back.keys() == embs.keys()
     for k in embs:
         assert back[k].token == k
         assert_same_embedding(back[k], embs[k])
-    assert E.bundle_tensors(back).keys() == t.keys()
+    assert B.bundle_tensors(back).keys() == t.keys()
 
 
 def test_parse_bundle_other_spellings_and_errors():
     v = torch.randn(2, 768)
-    got = E.parse_bundle({"bundle_emb.k.emb_params": v, "bundle_emb.d.<d>": v[0]})
+    got = B.parse_bundle({"bundle_emb.k.emb_params": v, "bundle_emb.d.<d>": v[0]})
     assert torch.equal(got["k"].vectors["text_encoder"], v) and got["d"].vectors["text_encoder"].shape == (
         1,
         768,
     )
     with pytest.raises(FormatError, match="cannot tell"):
-        E.parse_bundle({"bundle_emb.a.x": v, "bundle_emb.a.y": v})
+        B.parse_bundle({"bundle_emb.a.x": v, "bundle_emb.a.y": v})
     with pytest.raises(FormatError, match="disagree"):
-        E.parse_bundle({"bundle_emb.a.clip_l": v, "bundle_emb.a.clip_g": torch.randn(3, 1280)})
+        B.parse_bundle({"bundle_emb.a.clip_l": v, "bundle_emb.a.clip_g": torch.randn(3, 1280)})
     with pytest.raises(FormatError, match="bundle_emb.<name>"):
-        E.parse_bundle({"bundle_emb.lonely": v})
+        B.parse_bundle({"bundle_emb.lonely": v})
     with pytest.raises(ConversionError, match="cannot contain"):
-        E.bundle_tensors({"a.b": Embedding("a.b", {"text_encoder": v})})
+        B.bundle_tensors({"a.b": Embedding("a.b", {"text_encoder": v})})

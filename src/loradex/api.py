@@ -1,8 +1,9 @@
 """The public Python API (re-exported by ``loradex``): load, save, convert, describe, inspect, and
 for apps that already hold a diffusers pipeline: to_diffusers, apply, remove.
 
-Nothing here imports diffusers, transformers or peft at import time (``import loradex`` stays
-fast and prints nothing): the pipeline functions import them when called, inside
+Nothing here imports torch, diffusers, transformers or peft at import time (``import loradex``
+stays fast and prints nothing; torch comes with the first tensor, see ``core/lazy.py``, and
+``inspect`` of a safetensors adapter needs none): the pipeline functions import them when called, inside
 ``loradex.log.quiet()`` so their import-time notices (transformers' torchvision warnings and the
 like) are silenced through their own loggers and warning filters, never by redirecting stderr.
 """
@@ -13,8 +14,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex import converters as _conv
 from loradex.converters import metadata as _metadata
@@ -22,6 +22,11 @@ from loradex.converters.common import ConversionReport
 from loradex.core.adapter import Adapter
 from loradex.core.kinds.base import Patch, scalar
 from loradex.errors import ConversionError, FormatError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 def load(path: str | os.PathLike, format: str | None = None, arch=None, strict: bool = False) -> Adapter:
@@ -102,7 +107,9 @@ def inspect(path: str | os.PathLike, arch=None, strict: bool = False, raw: bool 
     tensors that way; ``strict=True`` refuses what no arch explains instead. A PNG holding an
     embedding is read as one (plus ``generation`` when it also has A1111 generation parameters); a
     PNG with only generation parameters is described by ``loradex.pnginfo.describe_image``
-    (``format`` ``png``); a PNG with neither is a FormatError."""
+    (``format`` ``png``); a PNG with neither is a FormatError. A safetensors adapter is described
+    without torch where its shapes, dtypes and one-element tensors tell everything (the same report
+    as a full read; see :func:`_describe_file`)."""
     from loradex.errors import ArchError
     from loradex.registry.hashes import file_hashes
 
@@ -135,13 +142,13 @@ def inspect(path: str | os.PathLike, arch=None, strict: bool = False, raw: bool 
             fmt, why = None, e
         if fmt is not None:
             try:
-                adapter = load(p, arch=arch, strict=strict)
+                desc, meta = _describe_file(p, arch, strict)
             except ArchError as e:
                 if arch is not None or strict or not p.is_file():  # asked for an arch, or to refuse
                     raise
                 why = e
             else:
-                out = {"path": str(path), **describe(adapter), "metadata_decoded": _metadata.decode(adapter.metadata)}
+                out = {"path": str(path), **desc, "metadata_decoded": _metadata.decode(meta)}
                 if params is not None:
                     from loradex import pnginfo
 
@@ -176,6 +183,27 @@ def inspect(path: str | os.PathLike, arch=None, strict: bool = False, raw: bool 
     out["hashes"] = file_hashes(p)
     out["size"] = p.stat().st_size
     return out
+
+
+def _describe_file(p: Path, arch, strict: bool) -> tuple[dict, dict[str, str]]:
+    """``(describe(adapter), adapter.metadata)`` of the adapter file ``p``. A safetensors file is
+    first read as tensor descriptions (``converters.described``: the same readers, kinds and arch
+    detection on shapes, dtypes and the one-element tensors, NaN/Inf from the bytes; no torch):
+    what ``loradex inspect`` of a LoRA needs in well under a second. Anything that read cannot
+    tell (math on a fused projection, the values of a larger tensor) or any error it meets sends
+    the file through the full read, which then decides -- the report, or the error, is the same."""
+    if p.is_file():
+        from loradex.converters import described, pickle_io
+
+        if not pickle_io.looks_like_pickle(p):
+            try:
+                with described.described():
+                    adapter = load(p, arch=arch, strict=strict)
+                    return describe(adapter), adapter.metadata
+            except Exception:  # noqa: BLE001 - whatever it was, the full read below answers (or raises it)
+                pass
+    adapter = load(p, arch=arch, strict=strict)
+    return describe(adapter), adapter.metadata
 
 
 # ---- diffusers pipelines in memory ----------------------------------------------------------------

@@ -18,8 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.converters.common import (
     COMMON_OPTIONS,
@@ -31,9 +30,16 @@ from loradex.converters.common import (
     unregister_format,
 )
 from loradex.core.adapter import Adapter
+from loradex.core.lazy import LazyMapping
 from loradex.errors import ConversionError, FormatError
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
+
+#: ``--dtype`` name -> torch dtype (torch is imported when it is first read)
+DTYPES = LazyMapping(lambda: {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32})
 
 #: The format modules shipped with loradex (each registers its converters when imported). A new
 #: format is one module plus its name here.

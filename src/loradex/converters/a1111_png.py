@@ -44,8 +44,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import ConversionReport, register_format
@@ -63,6 +62,11 @@ from loradex.converters.embeddings import (
 )
 from loradex.core.adapter import Adapter, Embedding
 from loradex.errors import ConversionError, FormatError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: the text chunk keyword A1111 writes and reads

@@ -13,8 +13,7 @@ named in ``Adapter.unexplained`` (see ``kohya.read_patches``).
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.converters import pickle_io
 from loradex.converters.common import (
@@ -28,6 +27,11 @@ from loradex.converters.common import (
 from loradex.converters.kohya import nothing_read, read_patches
 from loradex.core.adapter import Adapter
 from loradex.errors import ArchError, FormatError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 PREFIXES = ("diffusion_model.", "text_encoders.", "lora_transformer_")
 _CLIP = {

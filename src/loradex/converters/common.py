@@ -10,14 +10,17 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from loradex.core.adapter import Adapter
 from loradex.core.kinds import kind_suffixes
 from loradex.core.kinds.base import Patch, scalar
 from loradex.errors import ArchError, ConversionError, FormatError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 #: PEFT / diffusers LoRA suffixes -> the kohya/LyCORIS suffix of the same tensor.
 PEFT_TO_LYCORIS = {

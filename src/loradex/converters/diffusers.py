@@ -31,8 +31,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
@@ -52,7 +51,13 @@ from loradex.core.adapter import COMPONENTS, Adapter, component_of
 from loradex.core.kinds.base import check_fits
 from loradex.core.kinds.dora import dora_scale_from_magnitude, magnitude_from_dora_scale
 from loradex.core.kinds.lora import LoraPatch
+from loradex.core.tensorspec import scalar_tensor
 from loradex.errors import ArchError, FormatError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 METADATA_KEY = "lora_adapter_metadata"
 
@@ -190,7 +195,7 @@ class Diffusers(Converter):
                 r = sd["lora_down.weight"].shape[0]
                 if "alpha" not in sd:
                     alpha = self._alpha_for(cfg, mod.partition(".")[2], r, common)
-                    sd["alpha"] = torch.tensor(float(alpha))
+                    sd["alpha"] = scalar_tensor(alpha, like=sd["lora_down.weight"])
                 bias = sd.pop("lora_B.bias", None)
                 mag = sd.pop("dora_scale", None)
                 patch = LoraPatch(up=sd["lora_up.weight"], down=sd["lora_down.weight"], alpha=sd["alpha"], bias=bias)

@@ -56,15 +56,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
 from loradex.converters.common import ConversionReport, Converter, cast, register_format
 from loradex.core.adapter import Adapter, Embedding
 from loradex.core.kinds import kind_suffixes
+from loradex.core.tensorspec import is_tensor
 from loradex.errors import ArchError, ConversionError, FormatError, LoradexError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 BUNDLE_PREFIX = "bundle_emb."
 
@@ -89,6 +94,10 @@ IMPLEMENTATION = {
     "kohya-ti": "https://github.com/Stability-AI/generative-models",
     "diffusers-ti": "diffusers",
 }
+
+#: Names ``diffusers-ti`` writes as a pickle: the readers that pick the container by name (kohya
+#: sd-scripts' ``model_util.is_safetensors``, A1111, ComfyUI) ``torch.load`` all of these.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 #: A1111 ``.pt`` fields kept in ``Adapter.metadata`` under ``a1111.<field>``.
 A1111_FIELDS = ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
@@ -183,10 +192,9 @@ def check_vectors(vectors: Mapping[str, object], where: str) -> dict[str, torch.
     for comp, t in vectors.items():
         # name the encoder by its file key where there are several (clip_l / clip_g)
         label = COMPONENT_KEYS.get(comp, comp) if len(vectors) > 1 else "the embedding"
-        if isinstance(t, torch.nn.Parameter):
-            t = t.detach()
-        if not isinstance(t, torch.Tensor):
+        if not is_tensor(t):  # (a described file's tensors too, without importing torch)
             raise FormatError(f"{where}: {label} is a {type(t).__name__}, not a tensor")
+        t = t.detach()  # a Parameter (a trainer's live embedding) as a plain tensor
         if not t.is_floating_point():
             raise FormatError(f"{where}: {label} has dtype {t.dtype}; embeddings are floating point")
         if t.dim() == 1:
@@ -252,7 +260,7 @@ def _a1111_metadata(obj: Mapping) -> dict[str, str]:
 
 def _extract(obj: object, layout: str, where: str) -> tuple[dict[str, object], str | None, dict[str, str]]:
     """(component -> raw tensor, the token the file names itself or None, extra metadata)."""
-    if isinstance(obj, torch.Tensor):  # a bare tensor (diffusers accepts it with token=)
+    if is_tensor(obj):  # a bare tensor (diffusers accepts it with token=)
         return {"text_encoder": obj}, None, {}
     assert isinstance(obj, Mapping)
     if layout == "kohya-ti":
@@ -296,7 +304,7 @@ def read_embedding(path: str | Path, token: str | None = None, arch: str | None 
         h = sio.read_header(p)
         layout = _layout(set(h.tensors))
         if layout is not None:
-            obj = sio.load(p, header=h)
+            obj = pickle_io.load_tensors(p, header=h)  # sio.load (descriptions in converters.described)
             meta.update(h.metadata)
     if layout is None:
         raise FormatError(
@@ -345,91 +353,6 @@ def _join_pair(
     return {"text_encoder": vectors["text_encoder"], "text_encoder_2": emb.vectors["text_encoder"]}, (
         f"joined {sib.name} as the second text encoder (diffusers' SDXL pair)"
     )
-
-
-# ---- bundles inside LoRA files -------------------------------------------------------------
-#: Entries of a bundled embedding that *are* the embedding, by layout (A1111 ``string_to_param.*``,
-#: kohya ``emb_params``; ``clip_l``/``clip_g`` are handled as a pair).
-_BUNDLE_VECTORS = ("string_to_param.", "emb_params")
-
-
-def read_bundle(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, Embedding], dict[str, str]]:
-    """Embeddings from the ``bundle_emb.<name>.<...>`` keys of a LoRA file (pivotal tuning), and
-    the bundle keys that hold none (file key -> reason, for ``Adapter.unexplained``).
-
-    Convention (A1111 ``extensions-builtin/Lora/networks.py``, kohya/LyCORIS bundling tools): the
-    name is the second dot-separated part (so it cannot contain a dot) and becomes the token; the
-    rest is the embedding's own file layout flattened: ``string_to_param.*`` (A1111), ``emb_params``
-    (kohya), ``clip_l``/``clip_g`` (SDXL), or any single tensor (A1111 treats a lone tensor as the
-    embedding). ``string_to_token.*`` entries are A1111's informational token ids (265, CLIP's
-    ``*``), which nothing reads: they are understood and skipped. Everything else is reported, not
-    dropped: a key without ``<name>.<tensor>``, entries next to a recognised embedding, and the
-    entries of a bundle where no single embedding can be told apart. Vectors of the wrong shape
-    are a malformed file: FormatError."""
-    groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    unexplained: dict[str, str] = {}
-    for key, t in tensors.items():
-        if not key.startswith(BUNDLE_PREFIX):
-            continue
-        parts = key.split(".", 2)
-        if len(parts) < 3 or not parts[1] or not parts[2]:
-            unexplained[key] = "bad bundled embedding key: expected bundle_emb.<name>.<tensor>"
-            continue
-        if parts[2].startswith("string_to_token."):
-            continue
-        groups.setdefault(parts[1], {})[parts[2]] = (key, t)
-    out: dict[str, Embedding] = {}
-    for name, entries in groups.items():
-        where = f"bundled embedding {name!r}"
-        if set(CLIP_KEYS) <= set(entries):
-            used = list(CLIP_KEYS)
-        else:
-            used = [e for e in entries if e.startswith(_BUNDLE_VECTORS)]
-            if not used and len(entries) == 1:
-                used = list(entries)
-            if len(used) != 1:
-                why = f"{where}: cannot tell the embedding among {sorted(entries)}"
-                unexplained.update({k: why for k, _ in entries.values()})
-                continue
-        for e, (k, _) in entries.items():
-            if e not in used:
-                unexplained[k] = f"{where}: '{e}' is not part of the embedding (read from {', '.join(used)})"
-        if used == list(CLIP_KEYS):
-            raw = {CLIP_KEYS[e]: entries[e][1] for e in used}
-        else:
-            raw = {"text_encoder": entries[used[0]][1]}
-        out[name] = Embedding(name, check_vectors(raw, where))
-    return out, unexplained
-
-
-def parse_bundle(tensors: Mapping[str, torch.Tensor]) -> dict[str, Embedding]:
-    """:func:`read_bundle` that refuses (FormatError) any bundle key it cannot explain."""
-    out, unexplained = read_bundle(tensors)
-    if unexplained:
-        key, why = next(iter(unexplained.items()))
-        raise FormatError(f"{why} ({key})")
-    return out
-
-
-def bundle_tensors(embeddings: Mapping[str, Embedding]) -> dict[str, torch.Tensor]:
-    """The inverse of ``parse_bundle``: ``bundle_emb.<token>.string_to_param.*`` for one-encoder
-    embeddings (what A1111 and kohya bundle), ``bundle_emb.<token>.clip_l``/``.clip_g`` for SDXL."""
-    out: dict[str, torch.Tensor] = {}
-    for emb in embeddings.values():
-        tok = emb.token
-        if not tok or "." in tok:
-            raise ConversionError(
-                f"embedding token {tok!r} cannot be bundled: bundle_emb names cannot contain '.'"
-            )
-        vectors = check_vectors(emb.vectors, f"embedding {tok!r}")
-        if set(vectors) == {"text_encoder"}:
-            out[f"{BUNDLE_PREFIX}{tok}.string_to_param.*"] = vectors["text_encoder"]
-        elif set(vectors) == set(COMPONENT_KEYS):
-            for comp, t in vectors.items():
-                out[f"{BUNDLE_PREFIX}{tok}.{COMPONENT_KEYS[comp]}"] = t
-        else:
-            raise ConversionError(f"embedding {tok!r}: components {sorted(vectors)} have no bundle layout")
-    return out
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -633,8 +556,8 @@ class KohyaEmbedding(_TIConverter):
 
 @register_format
 class DiffusersEmbedding(_TIConverter):
-    """diffusers' ``learned_embeds``: ``{token: [n, d]}`` (``.bin`` names get a pickle, anything
-    else safetensors with ModelSpec metadata). SDXL, ``sdxl_layout``: ``"clip"`` (default) one file
+    """diffusers' ``learned_embeds``: ``{token: [n, d]}`` (pickle names, :data:`PICKLE_SUFFIXES`,
+    get a pickle, anything else safetensors with ModelSpec metadata). SDXL, ``sdxl_layout``: ``"clip"`` (default) one file
     ``{clip_l, clip_g}``, loaded per encoder from the state dict; ``"split"`` the training script's
     pair ``<stem>`` (CLIP-L) + ``<stem>_2`` (bigG), each ``{token: tensor}`` and loadable by path
     (see the module docstring)."""
@@ -649,8 +572,10 @@ class DiffusersEmbedding(_TIConverter):
     def write(
         self, adapter, path, report, dtype=None, title=None, token=None, arch=None, sdxl_layout="clip", rank=None
     ):
-        """Write the one embedding ``token`` picks as ``{token: [n, d]}``: a pickle for a ``.bin``
-        name, safetensors with ModelSpec metadata otherwise. SDXL by ``sdxl_layout``: ``"clip"``
+        """Write the one embedding ``token`` picks as ``{token: [n, d]}``: a pickle for a pickle
+        name (``.bin``, ``.pt``, ``.pth``, ``.ckpt``: kohya sd-scripts, A1111 and ComfyUI
+        ``torch.load`` every name but ``.safetensors``; diffusers reads either container under any
+        name), safetensors with ModelSpec metadata otherwise. SDXL by ``sdxl_layout``: ``"clip"``
         one ``{clip_l, clip_g}`` file; ``"split"`` ``<stem>_2`` (bigG, written first so a reader that
         finds the first file finds its partner) then ``path`` (CLIP-L). ``rank`` is ignored."""
         path = Path(path)
@@ -673,7 +598,7 @@ class DiffusersEmbedding(_TIConverter):
         else:
             raise ConversionError(f"sdxl_layout must be 'clip' or 'split', not {sdxl_layout!r}")
         for p, out in files:
-            if p.suffix.lower() == ".bin":
+            if p.suffix.lower() in PICKLE_SUFFIXES:
                 _write_pickle({k: _owned(v) for k, v in out.items()}, p)
             else:
                 sio.save(out, p, _metadata(adapter, emb, a, self.name, title, out))
@@ -688,12 +613,9 @@ __all__ = [
     "A1111Embedding",
     "DiffusersEmbedding",
     "KohyaEmbedding",
-    "bundle_tensors",
     "check_vectors",
     "detect_embedding_format",
     "guess_arch",
-    "parse_bundle",
-    "read_bundle",
     "read_embedding",
     "token_notes",
 ]

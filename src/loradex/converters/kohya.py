@@ -25,8 +25,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
@@ -47,6 +46,11 @@ from loradex.core.kinds import patch_from_tensors, split_kind
 from loradex.core.kinds.base import Patch
 from loradex.core.kinds.lora import LoraPatch
 from loradex.errors import ArchError, ConversionError, FormatError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 def kohya_key():
@@ -172,8 +176,8 @@ class Kohya(Converter):
     def read(self, path: Path, arch=None) -> Adapter:
         """Every key is read or named in ``Adapter.unexplained``: module keys are grouped at their
         first ``.`` (kohya module names hold none), ``bundle_emb.*`` keys are the bundled
-        embeddings (``embeddings.read_bundle``), and a key with no ``.`` at all is no kohya key."""
-        from loradex.converters.embeddings import read_bundle
+        embeddings (``bundles.read_bundle``), and a key with no ``.`` at all is no kohya key."""
+        from loradex.converters.bundles import read_bundle
 
         h = pickle_io.read_tensor_header(path)
         unexplained: dict[str, str] = pickle_io.pickled_extras(path)  # a pickle's non-tensor entries
@@ -217,7 +221,7 @@ class Kohya(Converter):
         ``sshs_model_hash``/``sshs_legacy_hash`` kohya computes. ``uniform_alpha``: give every LoRA
         the most common alpha, folding the ratio into ``lora_up`` (exact), for diffusers' kohya
         loader, which keeps only one alpha for the UNet."""
-        from loradex.converters.embeddings import bundle_tensors
+        from loradex.converters.bundles import bundle_tensors
 
         a = resolve_arch(arch or adapter.arch, {}, required=bool(adapter.patches), path=path)
         adapter = fit_kinds(adapter, self.kinds, rank, report)

@@ -12,8 +12,7 @@ for CLIPTextModel, kept for CLIPTextModelWithProjection), which is what
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.converters import pickle_io
 from loradex.converters import safetensors_io as sio
@@ -30,6 +29,11 @@ from loradex.converters.kohya import nothing_read, read_patches
 from loradex.converters.metadata import modelspec
 from loradex.core.adapter import Adapter, component_of
 from loradex.errors import ArchError, ConversionError, FormatError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 PREFIX = "lycoris_"
 

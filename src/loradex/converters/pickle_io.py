@@ -9,9 +9,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from loradex.converters import described
 from loradex.converters.safetensors_io import (
     _DTYPE_NAMES,
     Header,
@@ -22,6 +22,11 @@ from loradex.converters.safetensors_io import (
     read_header,
 )
 from loradex.errors import FormatError, UnsafeFileError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 
@@ -194,11 +199,14 @@ def read_tensor_header(path: str | os.PathLike) -> Header:
 
 
 def load_tensors(path: str | os.PathLike, header: Header | None = None) -> dict[str, torch.Tensor]:
-    """:func:`load` for a safetensors file; the tensors of a pickle (a new dict, same tensors)."""
+    """:func:`load` for a safetensors file; the tensors of a pickle (a new dict, same tensors).
+    Inside ``described.described()`` a safetensors file's tensors come as descriptions (no torch)."""
     if looks_like_pickle(path):
         out = dict(read_pickled_tensors(path).tensors)
         _PICKLE_CACHE.pop(_pickle_stamp(path), None)
         return out
+    if described.active():
+        return described.load_specs(header or read_header(path))
     return load(path, header=header)
 
 

@@ -27,12 +27,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
-
+from loradex.core.lazy import LazyMapping
 from loradex.errors import DiskFullError, FormatError, LoradexError
 from loradex.fsutil import fsync_path, write_all  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 #: Largest header we accept. Real headers are a few hundred KiB even for FLUX checkpoints.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -41,23 +45,18 @@ MAX_TENSORS = 100_000
 #: Largest JSON side file (adapter_config.json, model_index.json...).
 MAX_JSON_BYTES = 16 * 1024 * 1024
 
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
+#: safetensors dtype name -> (torch dtype name, bytes per element): what reading and validating a
+#: header needs, without torch
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
 }
-for _name, _attr, _size in (("U16", "uint16", 2), ("U32", "uint32", 4), ("U64", "uint64", 8)):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = (getattr(torch, _attr), _size)
+#: safetensors dtype name -> (torch dtype, bytes per element), built (importing torch) on first use
+DTYPES: Mapping[str, tuple[torch.dtype, int]] = LazyMapping(lambda: {
+    name: (getattr(torch, attr), size) for name, (attr, size) in SAFETENSORS_DTYPES.items()
+    if hasattr(torch, attr)})
 
 
 class TensorInfo(NamedTuple):
@@ -184,7 +183,7 @@ def parse_header(raw: bytes, size: int, p: Path) -> Header:
         if type(info) is not dict:
             raise FormatError(f"{p}: tensor {name!r}: header entry is not an object")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        item = DTYPES.get(dtype) if type(dtype) is str else None
+        item = SAFETENSORS_DTYPES.get(dtype) if type(dtype) is str else None
         if item is None:
             raise FormatError(f"{p}: tensor {name!r}: unknown dtype {dtype!r}")
         if type(shape) is not list:
@@ -255,8 +254,9 @@ def load(path: str | os.PathLike, keys: list[str] | None = None, header: Header 
                 t = out[k] = f.get_tensor(k)
                 info = h.tensors[k]
                 # provenance: where these bytes sit in the file, so that ``save`` can copy them
-                # file-to-file (copy_file_range) instead of serializing them again, as long as the
-                # tensor was not modified in place (torch bumps ``_version``) or replaced
+                # file-to-file (``direct_io``: preadv into its O_DIRECT buffer, or copy_file_range)
+                # instead of serializing them again, as long as the tensor was not modified in
+                # place (torch bumps ``_version``) or replaced
                 t._loradex_src = (str(h.path), h.data_offset + info.start, info.nbytes, t._version, t.data_ptr(), stamp)
     except Exception as e:  # safetensors' own checks (e.g. a file changed underneath)
         raise FormatError(f"{h.path}: cannot read tensors: {e}") from None
@@ -301,17 +301,20 @@ def umask() -> int:
     return mask
 
 
-_DTYPE_NAMES = {dt: name for name, (dt, _) in DTYPES.items()}
+_DTYPE_NAMES: Mapping = LazyMapping(lambda: {dt: name for name, (dt, _) in DTYPES.items()})
 
 
 def _source_range(t: torch.Tensor, stamps: dict[str, tuple[int, int] | None]) -> tuple[str, int, int] | None:
     """(file, offset, length) when ``t`` still holds exactly the bytes ``load`` read from a file
-    that has not changed since (same size and mtime). ``stamps`` caches each file's stat for one write."""
+    that has not changed since (same size and mtime): not modified in place, the same memory, all
+    of it, in order (a transposed or otherwise non-contiguous view of the same memory holds the same
+    bytes in another order). ``stamps`` caches each file's stat for one write."""
     src = getattr(t, "_loradex_src", None)
     if src is None:
         return None
     path, offset, nbytes, version, ptr, stamp = src
-    if t._version != version or t.data_ptr() != ptr or t.numel() * t.element_size() != nbytes:
+    if t._version != version or t.data_ptr() != ptr or t.numel() * t.element_size() != nbytes \
+            or not t.is_contiguous():
         return None
     if path not in stamps:
         try:
@@ -323,8 +326,8 @@ def _source_range(t: torch.Tensor, stamps: dict[str, tuple[int, int] | None]) ->
 
 
 def _write_all(fd: int, data) -> None:
-    """``fsutil.write_all`` (the serializer calls it under this name so that tests can inject a
-    fault there)."""
+    """``fsutil.write_all`` (every write of the serializer goes through this name, so that tests
+    can inject a fault there)."""
     write_all(fd, data)
 
 
@@ -339,76 +342,96 @@ def write_failure(e: OSError, path: str | os.PathLike) -> LoradexError:
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
     """Copy ``count`` bytes at ``offset`` of ``src_fd`` to ``dst_fd``'s position, in the kernel
-    where it can (copy_file_range: no user-space copy, a reflink on CoW file systems)."""
-    try:
-        while count > 0:
-            n = os.copy_file_range(src_fd, dst_fd, count, offset)
-            if n <= 0:
-                break
-            offset += n
-            count -= n
-    except (OSError, AttributeError):
-        pass
-    while count > 0:  # fallback (other OS, cross-device on old kernels, special files)
-        chunk = os.pread(src_fd, min(count, 1 << 22), offset)
-        if not chunk:
-            raise FormatError("source file shrank while being copied")
-        _write_all(dst_fd, chunk)
-        offset += len(chunk)
-        count -= len(chunk)
+    where it can (``direct_io.copy_range``: copy_file_range, else pread + ``_write_all``)."""
+    from loradex.converters import direct_io
+
+    direct_io.copy_range(src_fd, dst_fd, offset, count, lambda fd, data: _write_all(fd, data))
+
+
+class _Layout(NamedTuple):
+    """A planned safetensors file: ``names`` in data order, each tensor's ``entries`` for the
+    header, and ``data``: the data section as ``direct_io`` pieces (a source file's byte range for a
+    tensor ``load`` read and nobody changed, the tensor's bytes in memory otherwise)."""
+
+    names: list[str]
+    entries: dict[str, dict]
+    data: list
+
+
+def _layout(tensors: Mapping[str, torch.Tensor], path: Path) -> _Layout:
+    """Plan the file ``_serialize`` writes: tensors by dtype, widest first, then by name, as the
+    safetensors serializer orders them. FormatError for anything that is not a dense tensor with
+    data and a safetensors dtype."""
+    from loradex.converters.direct_io import FileRange
+
+    order = _serializer_dtype_order()
+    dtype_names = dict(_DTYPE_NAMES)  # plain dicts and locals: this runs for every tensor of every write
+    tensor_type, strided, uint8 = torch.Tensor, torch.strided, torch.uint8
+    for k, t in tensors.items():
+        if not isinstance(t, tensor_type) or t.layout != strided or t.device.type == "meta":
+            raise FormatError(f"{path}: cannot write {k!r}: not a dense tensor with data")
+        if t.dtype not in dtype_names:
+            raise FormatError(f"{path}: cannot write {k!r}: dtype {t.dtype} has no safetensors name")
+    names = sorted(tensors, key=lambda k: (order.get(dtype_names[tensors[k].dtype], len(order)), k))
+    entries: dict[str, dict] = {}
+    data: list = []
+    stamps: dict[str, tuple[int, int] | None] = {}
+    off = 0
+    for k in names:
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        entries[k] = {"dtype": dtype_names[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
+        off += n
+        if not n:
+            continue
+        src = _source_range(t, stamps)
+        if src is not None:
+            data.append(FileRange(*src))
+        else:
+            if t.device.type != "cpu":
+                t = t.cpu()
+            flat = t.detach().reshape(-1)
+            if not flat.is_contiguous():
+                flat = flat.contiguous()
+            data.append(memoryview(flat.view(uint8).numpy()))
+    return _Layout(names, entries, data)
+
+
+def _header(layout: _Layout, metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length and the compact JSON header (``__metadata__`` first, then the tensors in
+    data order), padded with spaces to a multiple of 8 bytes, as the safetensors serializer writes it."""
+    entries: dict[str, object] = {}
+    if metadata:
+        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    entries.update(layout.entries)
+    head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head += b" " * ((8 - len(head) % 8) % 8)
+    return len(head).to_bytes(8, "little") + head
+
+
+def _write_layout(path: Path, head: bytes, layout: _Layout) -> str:
+    """One pass of ``head`` and the layout's data into ``path`` (``direct_io.write_pieces``: O_DIRECT
+    for large files, else through the page cache with kernel copies of file ranges); every byte
+    written from memory goes through ``_write_all``. Returns the path taken."""
+    from loradex.converters import direct_io
+
+    return direct_io.write_pieces(path, [head, *layout.data], write=lambda fd, data: _write_all(fd, data),
+                                  copy=lambda s, d, o, n: _copy_range(s, d, o, n))
 
 
 def _serialize(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None) -> None:
     """Write a safetensors file exactly as the safetensors serializer lays it out (tensors by dtype,
     widest first, then by name; compact JSON header padded with spaces to 8 bytes), so hashes of
     the data section (AutoV3, kohya's sshs_model_hash) match other tools'. Tensors that ``load``
-    read and nobody changed are copied file-to-file; the others are written from memory."""
-    order = _serializer_dtype_order()
-    for k, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type == "meta":
-            raise FormatError(f"{path}: cannot write {k!r}: not a dense tensor with data")
-        if t.dtype not in _DTYPE_NAMES:
-            raise FormatError(f"{path}: cannot write {k!r}: dtype {t.dtype} has no safetensors name")
-    names = sorted(tensors, key=lambda k: (order.get(_DTYPE_NAMES[tensors[k].dtype], len(order)), k))
-    entries: dict[str, object] = {}
-    if metadata:
-        entries["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    off = 0
-    for k in names:
-        t = tensors[k]
-        n = t.numel() * t.element_size()
-        entries[k] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
-        off += n
-    head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    head += b" " * ((8 - len(head) % 8) % 8)
-    sources: dict[str, int] = {}
-    stamps: dict[str, tuple[int, int] | None] = {}
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o644)
-    try:
-        _write_all(fd, len(head).to_bytes(8, "little") + head)
-        for k in names:
-            t = tensors[k]
-            if t.numel() == 0:
-                continue
-            src = _source_range(t, stamps)
-            if src is not None:
-                if src[0] not in sources:
-                    sources[src[0]] = os.open(src[0], os.O_RDONLY)
-                _copy_range(sources[src[0]], fd, src[1], src[2])
-            else:
-                flat = t.detach().reshape(-1)
-                if not flat.is_contiguous():
-                    flat = flat.contiguous()
-                _write_all(fd, flat.view(torch.uint8).numpy())
-    finally:
-        os.close(fd)
-        for sfd in sources.values():
-            os.close(sfd)
+    read and nobody changed are copied file-to-file as raw byte ranges (a rename-only conversion
+    decodes and re-encodes nothing); the others are written from memory, in the same pass."""
+    layout = _layout(tensors, path)
+    _write_layout(path, _header(layout, metadata), layout)
 
 
 def save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file atomically (see ``_serialize``; views and tensors sharing storage
-    are fine: each is written as its own bytes)."""
+    are fine: each is written as its own bytes). One write pass, one fsync, one rename."""
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     try:
         with atomic_path(path) as tmp:
@@ -503,16 +526,28 @@ def save_with_kohya_hashes(
 ) -> dict[str, str]:
     """Write like ``save`` and add ``sshs_model_hash``/``sshs_legacy_hash`` computed as kohya does:
     on the file serialized with only the ``ss_*`` keys. The tensor bytes (and so the model hash,
-    which equals Civitai's AutoV3) do not depend on the metadata. Returns the final metadata."""
+    which equals Civitai's AutoV3) do not depend on the metadata. Both hashes are computed from the
+    planned file before it is written (the data read once from memory or the sources' page cache),
+    so the file is written once. Returns the final metadata."""
+    import hashlib
+
+    from loradex.converters import direct_io
+
     meta = {str(k): str(v) for k, v in metadata.items() if k not in ("sshs_model_hash", "sshs_legacy_hash")}
     ss_only = {k: v for k, v in meta.items() if k.startswith("ss_")}
     try:
         with atomic_path(path) as tmp:
             try:
-                _serialize(tensors, tmp, ss_only or None)
-                model_hash, legacy = data_section_hashes(tmp)
-                meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hash, legacy
-                _serialize(tensors, tmp, meta)
+                layout = _layout(tensors, Path(path))
+                model = hashlib.sha256()
+                for chunk in direct_io.chunks(layout.data):
+                    model.update(chunk)
+                # the legacy hash: bytes 0x100000..0x110000 of the ss_*-only file, header included
+                window = direct_io.span([_header(layout, ss_only or None), *layout.data], 0x100000, 0x110000)
+                meta["sshs_model_hash"] = model.hexdigest()
+                meta["sshs_legacy_hash"] = hashlib.sha256(window).hexdigest()[:8]
+                del layout, window
+                _serialize(tensors, tmp, meta)  # the one write (it plans the same layout again: cheap)
             except (FormatError, OSError):
                 raise
             except Exception as e:
@@ -627,3 +662,20 @@ def canonicalize_header(path: str | os.PathLike) -> None:
         src.seek(h.data_offset)
         while chunk := src.read(1 << 22):
             out.write(chunk)
+
+
+def tensor_bytes(header: Header, keys: list[str]) -> dict[str, bytes]:
+    """The stored (little-endian) bytes of the tensors ``keys`` of a file whose ``header`` was
+    validated, without torch: what describing a file reads of its data (``converters.described``:
+    one-element tensors, and the bytes a NaN/Inf check scans). FormatError when the file was cut
+    short since its header was read."""
+    out: dict[str, bytes] = {}
+    with open(header.path, "rb") as f:
+        for k in keys:
+            info = header.tensors[k]
+            f.seek(header.data_offset + info.start)
+            data = f.read(info.nbytes)
+            if len(data) != info.nbytes:
+                raise FormatError(f"{header.path}: tensor {k!r} is cut short (the file changed while it was read)")
+            out[k] = data
+    return out

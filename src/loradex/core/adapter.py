@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import Patch
+from loradex.core.tensorspec import all_finite
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -108,11 +113,9 @@ class Adapter:
         everywhere and then turns every image it touches into noise (or a black frame), so merge,
         bake and the registry refuse it unless told otherwise (``allow_nonfinite``)."""
         bad = [n for n, p in self.patches.items()
-               if any(t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())
-                      for t in p.tensors().values())]
+               if any(t.is_floating_point() and not all_finite(t) for t in p.tensors().values())]
         bad += [f"embedding {tok}" for tok, e in self.embeddings.items()
-                if any(v.is_floating_point() and v.device.type != "meta" and not bool(torch.isfinite(v).all())
-                       for v in e.vectors.values())]
+                if any(v.is_floating_point() and not all_finite(v) for v in e.vectors.values())]
         return sorted(bad)
 
     def check_finite(self, what: str = "adapter") -> None:

@@ -12,11 +12,16 @@ separate Linears). Both directions are exact:
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import Patch, alpha_scale
 from loradex.core.kinds.full import FullPatch
 from loradex.core.kinds.lora import LoraPatch
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 def split_rows(patch: Patch, groups: list[list[tuple[int, int]]], rank: int | None = None) -> tuple[list[Patch], float]:

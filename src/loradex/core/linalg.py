@@ -29,8 +29,12 @@ from __future__ import annotations
 import functools
 import math
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 #: Largest matrix (in entries) whose exact SVD runs in float64.
 EXACT_F64_MAX = 1 << 22

@@ -30,12 +30,16 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.archs.family import Family, get_family
 from loradex.core.archs.tables import ModuleInfo, Table, text_kind
 from loradex.errors import ArchError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 Part = tuple[str, "tuple[int, int] | None"]
 #: A component's table source: returns ``(kind, table)``; kind is ``clip`` | ``t5`` | ``other``.

@@ -25,8 +25,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.archs.arch import Arch, Part
 from loradex.core.archs.family import families
@@ -39,6 +38,11 @@ from loradex.core.archs.lookup import (
 )
 from loradex.core.kinds import factor_roles
 from loradex.errors import ArchError, LoradexError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 _COMPONENT_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.")
 _TI_KEYS = ("emb_params", "clip_l", "clip_g")
@@ -176,20 +180,30 @@ def _kind_verdict(arch: Arch, parts: list[Part], tensors: Mapping[str, tuple[int
 @functools.lru_cache(maxsize=8192)
 def _kind_fits(tensors: tuple[tuple[str, tuple[int, ...]], ...], weight_shape: tuple[int, ...]) -> int:
     """:func:`_kind_verdict` for a module's ``(suffix, shape)`` pairs and its weight shape. The
-    patch is built from **meta tensors** of the stored shapes (integer ones -- ``on_input``, the
-    sparse residual's indices and size -- with an integer dtype), first without the weight shape
-    (a FormatError there is the module's own fault: 0), then with it (a FormatError now is a real
-    shape mismatch: -1). Kinds run their shape checks before anything that reads values and skip
-    value checks on meta tensors; anything else a kind cannot do on meta tensors gives 0, never a
-    false contradiction. Cached: the answer depends only on these shapes, and a file repeats a
-    few module signatures many times over every candidate arch."""
-    from loradex.core.kinds import INTEGER_SUFFIXES, KINDS, split_kind
+    patch is built from **tensor descriptions** of the stored shapes (``core.tensorspec``, meta-like,
+    no torch; integer ones -- ``on_input``, the sparse residual's indices and size -- with an
+    integer dtype; torch meta tensors where a kind asks more of them than a description tells),
+    first without the weight shape (a FormatError there is the module's own fault: 0), then with it
+    (a FormatError now is a real shape mismatch: -1). Kinds run their shape checks before anything
+    that reads values and skip value checks on meta tensors; anything else a kind cannot do on them
+    gives 0, never a false contradiction. Cached: the answer depends only on these shapes, and a
+    file repeats a few module signatures many times over every candidate arch."""
+    from loradex.core.kinds import INTEGER_SUFFIXES
+    from loradex.core.tensorspec import NeedsTorch, TensorSpec
+
+    try:
+        return _patch_fits({s: TensorSpec(t, "int64" if s in INTEGER_SUFFIXES else "float32", meta=True)
+                            for s, t in tensors}, weight_shape)
+    except NeedsTorch:
+        return _patch_fits({s: torch.empty(t, device="meta", dtype=torch.int64 if s in INTEGER_SUFFIXES else
+                                           torch.float32) for s, t in tensors}, weight_shape)
+
+
+def _patch_fits(sd: dict, weight_shape: tuple[int, ...]) -> int:
+    """:func:`_kind_fits` on a module's suffix dictionary of meta tensors or meta-like descriptions."""
+    from loradex.core.kinds import KINDS, split_kind
     from loradex.errors import FormatError
 
-    sd = {
-        s: torch.empty(t, device="meta", dtype=torch.int64 if s in INTEGER_SUFFIXES else torch.float32)
-        for s, t in tensors
-    }
     try:
         kind, own, _ = split_kind(sd)
     except FormatError:

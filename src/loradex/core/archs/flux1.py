@@ -18,8 +18,7 @@ guidance_in; ``D``/``S``: double/single blocks; ``OUT``: final_layer), 61 entrie
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.archs.family import (
     ComponentSpec,
@@ -30,6 +29,11 @@ from loradex.core.archs.family import (
 )
 from loradex.core.archs.text import text_config_from_checkpoint
 from loradex.errors import ArchError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 # diffusers sub-path inside transformer_blocks.N -> (BFL sub-path inside double_blocks.N, fused index)
 _FLUX_DOUBLE = {

@@ -24,8 +24,7 @@ import re
 import threading
 from collections.abc import Mapping
 from functools import cache
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.archs.arch import Arch, config_loader
 from loradex.core.archs.family import TINY_PREFIX, Family, families, get_family
@@ -39,6 +38,11 @@ from loradex.core.archs.tables import (
     write_json_atomic,
 )
 from loradex.errors import ArchError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 ALIASES = {"tiny": "tiny-sd1"}
 _DERIVED_NAME = re.compile(r"^([a-z0-9.]+)-([0-9a-f]{10})$")

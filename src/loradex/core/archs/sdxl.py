@@ -12,10 +12,15 @@ Textual-inversion files hold ``clip_l`` and ``clip_g``. Trained at 1024 px.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.archs.family import ComponentSpec, register_family
 from loradex.core.archs.unet import UNetFamily
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 #: The extension's SDXL layouts: 20 entries (every block) and 12 (the blocks holding attention).
 SDXL20 = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))

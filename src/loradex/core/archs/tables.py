@@ -27,11 +27,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.errors import ArchError
 from loradex.log import quiet
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import (
     INTEGER_SUFFIXES,
@@ -25,6 +24,11 @@ from loradex.core.kinds.base import (
     unregister_kind,
 )
 from loradex.errors import FormatError, LoradexError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 #: The kinds shipped with loradex, one module each (``core/kinds/<name>.py``, registering itself
 #: with ``@register_kind``). A new kind is one file plus its name here; a kind defined elsewhere

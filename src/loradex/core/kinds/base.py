@@ -24,11 +24,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
+from loradex.core.tensorspec import TensorSpec, is_tensor
 from loradex.errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 Shape = tuple[int, ...]
 
@@ -216,6 +220,10 @@ def scalar(t: torch.Tensor | float | None) -> float | None:
     """A 0-dim (or 1-element) tensor or number as a Python float; None stays None."""
     if t is None:
         return None
+    if isinstance(t, TensorSpec):  # a file being described: its stored number, rounded as .float() does
+        return t.float32_value()
+    if isinstance(t, (int, float)):
+        return float(t)
     if isinstance(t, torch.Tensor):
         return float(t.detach().float().reshape(-1)[0])
     return float(t)
@@ -296,7 +304,7 @@ def fields_from(
     require(not missing, f"{kind} patch: missing tensors {missing}")
     out = {}
     for key, t in tensors.items():
-        require(isinstance(t, torch.Tensor), f"{kind} patch: {key} is not a tensor")
+        require(is_tensor(t), f"{kind} patch: {key} is not a tensor")
         if key in own_checks:
             pass
         elif key in ("alpha", "on_input"):
@@ -310,7 +318,7 @@ def fields_from(
 
 def as_alpha(alpha: torch.Tensor | float | None) -> torch.Tensor | None:
     """An alpha given as a number becomes a 0-dim float32 tensor (None stays None)."""
-    if alpha is None or isinstance(alpha, torch.Tensor):
+    if alpha is None or is_tensor(alpha):
         return alpha
     return torch.tensor(float(alpha), dtype=torch.float32)
 

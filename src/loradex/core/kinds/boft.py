@@ -18,11 +18,15 @@ The multiplier interpolates each stage toward the identity, not the product. No 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import fit_to, register_kind, require
 from loradex.core.kinds.oft import OrthogonalPatch, cayley
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 def butterfly_perm(out: int, stage: int, block: int) -> torch.Tensor:

@@ -28,14 +28,18 @@ loradex's ``delta(multiplier=m)`` follows lycoris (the format that defines ``dor
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import KINDS, Patch, Shape, compute_dtype, fit_to, require
 from loradex.errors import FormatError
 
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
+
 #: The eps lycoris adds to every norm (its dora_scale parameters are float32).
-DORA_EPS = float(torch.finfo(torch.float32).eps)
+DORA_EPS = 2.0**-23  # float(torch.finfo(torch.float32).eps)
 
 
 def dora_on_output(dora_scale: torch.Tensor, weight_shape: Shape) -> bool:

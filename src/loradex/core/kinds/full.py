@@ -9,14 +9,18 @@ LoRA's ``bias`` (exact).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import (
     DensePatch,
     register_kind,
     require,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 @register_kind

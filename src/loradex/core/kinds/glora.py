@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import (
     Patch,
@@ -46,6 +45,11 @@ from loradex.core.kinds.base import (
     require,
 )
 from loradex.core.linalg import truncate_factors
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 def _mat(t: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,7 @@ and on the output side it also scales the bias.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import (
     Patch,
@@ -29,6 +28,12 @@ from loradex.core.kinds.base import (
     require,
     scalar,
 )
+from loradex.core.tensorspec import is_tensor
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 @register_kind
@@ -49,7 +54,7 @@ class IA3Patch(Patch):
     def __post_init__(self) -> None:
         if self.on_input is None:
             self.on_input = torch.tensor(0)
-        elif not isinstance(self.on_input, torch.Tensor):
+        elif not is_tensor(self.on_input):
             self.on_input = torch.tensor(int(bool(self.on_input)))
         self.weight_shape = as_shape(self.weight_shape)
         w = self.weight

@@ -29,8 +29,7 @@ w_ib)`` flattened to ``(r, in*kh*kw)``, so Tucker LoHa converts exactly too (no 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import (
     Shape,
@@ -45,6 +44,11 @@ from loradex.core.kinds.base import (
 from loradex.core.kinds.dora import AdditivePatch, dora_on_output
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import truncate_factors
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 def _shp(t: torch.Tensor) -> tuple[int, ...]:

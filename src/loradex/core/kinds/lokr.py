@@ -35,8 +35,7 @@ i q h w', t2, w2_b)`` flattened. The LoRA rank is the product of the two halves'
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import (
     Shape,
@@ -51,6 +50,11 @@ from loradex.core.kinds.base import (
 from loradex.core.kinds.dora import AdditivePatch, dora_on_output
 from loradex.core.kinds.lora import LoraPatch
 from loradex.core.linalg import truncate_factors
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 def _shp(t: torch.Tensor | None) -> tuple[int, ...] | None:
@@ -190,14 +194,16 @@ class LokrPatch(AdditivePatch):
             h2 = (self.lokr_w2_a.to(dtype), self.lokr_w2_b.to(dtype).reshape(self.lokr_w2_b.shape[0], -1))
         return [h1, h2]
 
-    def w1(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The first half ``(a, c)``."""
+    def w1(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The first half ``(a, c)`` (float32 unless ``dtype`` says otherwise)."""
+        dtype = dtype or torch.float32
         if self.lokr_w1 is not None:
             return self.lokr_w1.to(dtype)
         return self.lokr_w1_a.to(dtype) @ self.lokr_w1_b.to(dtype)
 
-    def w2(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The second half, flattened to ``(b, d*kh*kw)``."""
+    def w2(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The second half, flattened to ``(b, d*kh*kw)`` (float32 unless ``dtype`` says otherwise)."""
+        dtype = dtype or torch.float32
         if self.lokr_w2 is not None:
             return self.lokr_w2.to(dtype).reshape(self.lokr_w2.shape[0], -1)
         a2, b2 = self.halves(dtype)[1]

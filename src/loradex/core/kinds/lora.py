@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import (
     Shape,
@@ -46,6 +45,11 @@ from loradex.core.kinds.base import (
 from loradex.core.kinds.dora import AdditivePatch, dora_on_output
 from loradex.core.kinds.sparse import SPARSE_SUFFIXES, check_sparse, dense_residual, residual_factors
 from loradex.core.linalg import svd_truncate, truncate_factors
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 @register_kind

@@ -8,14 +8,18 @@ against LyCORIS' forward). A 1-D update has no LoRA form: ``to_lora`` raises Val
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import (
     DensePatch,
     register_kind,
     require,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 @register_kind

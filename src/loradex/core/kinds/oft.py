@@ -18,9 +18,7 @@ There is no low-rank form: ``to_lora(rank)`` is a truncated SVD of ``dW`` (base 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from loradex.core.kinds.base import (
     Patch,
@@ -34,6 +32,11 @@ from loradex.core.kinds.base import (
     scalar,
 )
 from loradex.errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 
 def cayley(blocks: torch.Tensor, constraint: float = 0.0) -> torch.Tensor:

@@ -42,10 +42,14 @@ architecture detection can build the patch from shapes alone (``core.archs.detec
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from loradex.core.kinds.base import Shape, require
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from loradex.core.lazy import torch  # imported on first use (see core/lazy.py)
 
 #: on-disk suffixes, in the order a file lists them
 SPARSE_SUFFIXES = ("bias_indices", "bias_values", "bias_size")
