@@ -277,23 +277,32 @@ def store_output(path: Path, save_as: str, operation: str, parents: list, params
 @click.option("--follow-links", is_flag=True,
               help="in a folder, follow symlinks that lead out of it too (loops are still detected)")
 @click.option("--allow-nonfinite", is_flag=True, help="store adapters holding NaN/Inf values anyway")
+@click.option("--link", is_flag=True,
+              help="store without copying when the registry is on the same file system (still hashed): a reflink "
+                   "where the file system clones (btrfs, XFS: a copy-on-write copy, your file stays yours), else a "
+                   "hard link -- then the blob IS your file, made read-only (chmod 0444) like every blob. Do not "
+                   "edit a hard-linked file in place afterwards: that changes the stored version (every read of "
+                   "it, and `loradex verify`, report the damage); tools that save to a new file and rename it are "
+                   "safe. On another file system it is copied as usual, with a warning")
 @strict_option
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
 def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, allow_nonfinite,
-            strict, as_json):
+            link, strict, as_json):
     """Store PATH in the registry: an adapter, embedding or checkpoint file, a PEFT adapter folder, a
     diffusers pipeline folder, or a folder of such files (e.g. A1111's models/Lora: every file
-    loradex recognises is imported, the rest reported). With --base, every file is read against
-    that base's architecture and the base is recorded, so later commands on the REF need no --base.
-    Only regular files are read (a FIFO, device or socket is refused, or skipped in a folder);
-    symlinks in a folder are followed only inside it, unless --follow-links."""
+    loradex recognises is imported -- A1111 embedding images (.png) too -- the rest reported, preview
+    images included). With --base, every file is read against that base's architecture and the base
+    is recorded, so later commands on the REF need no --base. Only regular files are read (a FIFO,
+    device or socket is refused, or skipped in a folder); symlinks in a folder are followed only
+    inside it, unless --follow-links. With --link, files are linked into the registry instead of
+    copied (see --link; hashed all the same)."""
     with contextlib.ExitStack() as stack:
         _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict,
-             as_json, allow_nonfinite)
+             as_json, allow_nonfinite, link)
 
 
 def _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict,
-         as_json, allow_nonfinite=False):
+         as_json, allow_nonfinite=False, link=False):
     from loradex.registry.scan import check_importable, is_folder_artifact
 
     check_importable(Path(path))  # before anything opens it: a FIFO would block, a device never end
@@ -314,11 +323,13 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
 
         try:
             report = reg.add_many(p, prefix=name, tags=tags, arch=arch, base_model=base_model,
-                                  follow_links=follow_links, on_file=on_file, allow_nonfinite=allow_nonfinite)
+                                  follow_links=follow_links, on_file=on_file, allow_nonfinite=allow_nonfinite,
+                                  link=link)
         finally:
             if files is not None:
                 files.close()
-        text = [f"added {len(report.added)}, already stored {len(report.existing)}, skipped {len(report.skipped)}"]
+        text = [f"added {len(report.added)}, already stored {len(report.existing)}, skipped {len(report.skipped)}"
+                + (f"; {report.linked} linked, not copied (now read-only)" if link else "")]
         text += [f"  added    {_one_line(v)}" for v in report.added]
         text += [f"  stored   {_one_line(v)}" for v in report.existing]
         text += [f"  skipped  {rel}: {why}" for rel, why in report.skipped]
@@ -339,12 +350,16 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
     try:
         v = reg.add(p, name, tags=tags, description=description, trigger_words=list(triggers) or None,
                     labels=list(labels) or None, arch=arch, base_model=base_model, follow_links=follow_links,
-                    progress=bar.update if bar is not None else None, allow_nonfinite=allow_nonfinite)
+                    progress=bar.update if bar is not None else None, allow_nonfinite=allow_nonfinite, link=link)
     finally:
         if bar is not None:
             bar.close()
     out = reg.show(v)
     lines = [f"stored {_one_line(v)}"]
+    if link and p.is_file() and v.layout == "file":
+        blob, here = reg.store.path(v.sha256).stat(), p.stat()
+        if (blob.st_dev, blob.st_ino) == (here.st_dev, here.st_ino):
+            lines.append(f"  linked: the blob is {p} itself (a hard link, now read-only; do not edit it in place)")
     lines += [f"  {n}" for n in out["identity_notes"]]
     lines += [f"  note: {n}" for n in v.notes[:10]]
     if len(v.notes) > 10:

@@ -62,7 +62,7 @@ def describe_path(path: Path, arch=None, cache: DescriptionCache | None = None) 
         return {"format": ck["format"], "arch": getattr(arch, "name", arch) or ck["arch"], "kinds": {}, "ranks": {},
                 "modules": 0, "embeddings": [], "metadata": meta, "notes": notes, "artifact": "checkpoint",
                 "base_model": _base_model(meta)}
-    key = structure_key(path, conv.name, arch) if cache is not None else None
+    key, digest = _structure_key(path, conv.name, arch) if cache is not None else (None, None)
     memo = cache.get(key) if key is not None else None
     if memo is not None:
         from loradex.converters import safetensors_io as sio
@@ -70,6 +70,7 @@ def describe_path(path: Path, arch=None, cache: DescriptionCache | None = None) 
         d = dict(memo)
         d["metadata"] = dict(sio.read_header(path).metadata)
         d["base_model"] = _base_model(d["metadata"])
+        d["_structure_digest"] = digest
         return d
     try:
         adapter, d = _load_structure(path, conv.name, arch)
@@ -92,6 +93,7 @@ def describe_path(path: Path, arch=None, cache: DescriptionCache | None = None) 
            "notes": notes, "artifact": artifact, "base_model": _base_model(adapter.metadata)}
     if key is not None:
         cache.put(key, out)
+        out = {**out, "_structure_digest": digest}
     return out
 
 
@@ -99,15 +101,23 @@ def structure_key(path: Path, fmt: str, arch) -> str | None:
     """sha256 of what a description depends on: the format, the ``arch`` asked for, every tensor's
     name, dtype and shape, and the bytes of the one-element tensors (alphas). None where the
     description may depend on more (embeddings, folders, pickles)."""
+    return _structure_key(path, fmt, arch)[0]
+
+
+def _structure_key(path: Path, fmt: str, arch) -> tuple[str | None, str | None]:
+    """``(structure_key, safetensors_io.structure_digest)`` of the file (Nones where there is no
+    key); the digest travels with the description (``_structure_digest``) so that the similarity
+    sketch of the same bytes keys its plans by it without reading the file again."""
     from loradex.converters import safetensors_io as sio
 
     if fmt not in STRUCTURAL_FORMATS or not path.is_file():
-        return None
+        return None, None
     h = sio.read_header(path)
-    m = hashlib.sha256(f"{fmt}|{getattr(arch, 'name', arch)}|{sio.structure_digest(path, h)}|".encode())
+    digest = sio.structure_digest(path, h)
+    m = hashlib.sha256(f"{fmt}|{getattr(arch, 'name', arch)}|{digest}|".encode())
     # the diffusers reader takes alphas from this metadata key
     m.update(h.metadata.get("lora_adapter_metadata", "").encode())
-    return m.hexdigest()
+    return m.hexdigest(), digest
 
 
 def _load_structure(path: Path, fmt: str, arch):

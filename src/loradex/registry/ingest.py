@@ -1,19 +1,25 @@
 """Ingestion: files and folders into the store, described, then recorded in the catalogue.
 
-Order of an import (crash safety): the bytes are streamed into a temporary file of the store while
-they are hashed, described through ``loradex.api`` (the only parsing, done on a hard-link view of
-the stored bytes, never on the source that may change meanwhile), renamed into place and made
-durable, and only then is the catalogue row written, in one ``BEGIN IMMEDIATE`` transaction that
-first checks the blob is still there (a concurrent ``gc`` deletes only under the same lock). A
-process killed anywhere leaves at most an unreferenced blob or a temporary file; ``gc`` removes
-both, ``verify`` finds nothing wrong with the rows. A full disk (``DiskFullError``) stops the
-import: temporaries are removed, no row is written, and blobs this import created that no row
-names are removed again.
+Order of an import (crash safety): the bytes are read once into a temporary file of the store
+that keeps the file's own name (``linking.Slots``; ``link=True``: a reflink or hard link of the
+source, not a copy) while every identity is computed from that read (both SHA-256, CRC32, AutoV1);
+they are described where they lie through ``loradex.api`` (the only parsing, on the stored bytes,
+never on the source that may change meanwhile; a safetensors file from its header, the kohya
+hashes and the NaN/Inf check from the same parse and the bytes already in memory), renamed into
+place and made durable, and only then is the catalogue row written, in one ``BEGIN IMMEDIATE``
+transaction that first checks the blob is still there (a concurrent ``gc`` deletes only under the
+same lock). A process killed anywhere leaves at most an unreferenced blob or a temporary file;
+``gc`` removes both, ``verify`` finds nothing wrong with the rows. A full disk
+(``DiskFullError``) stops the import: temporaries are removed, no row is written, and blobs this
+import created that no row names are removed again.
 
-Descriptions are memoized by structure (``DescriptionCache``, one per ``Ingestor``, so per
-``Registry``): a folder of LoRAs trained on one base at one rank shares a structure, and each
-structure is read through the converters once. Error messages name the user's file, never the
-temporary view it was read from.
+A folder import (``add_many``) runs that on worker threads, a window ahead of the main thread,
+which alone touches the catalogue, sketches each new file for ``similar`` (the registry's hook)
+while the workers go on, and writes rows in batches of ``BATCH_FILES`` files or ``BATCH_BYTES``
+bytes after one ``syncfs``. Descriptions are memoized by structure (``DescriptionCache``, one per
+``Ingestor``, so per ``Registry``): a folder of LoRAs trained on one base at one rank shares a
+structure, and each structure is read through the converters once. Error messages name the
+user's file, never the temporary one it was read from.
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from loradex.errors import ArchError, FormatError, LoradexError, RegistryError
 from loradex.registry import db as _db
 from loradex.registry.describe import DescriptionCache, describe_path
 from loradex.registry.faults import DiskFullError, write_error
+from loradex.registry.finite import check_embedding_image, check_finite, check_finite_files  # noqa: F401
+from loradex.registry.linking import Slots
 from loradex.registry.refs import renamed, sanitize_name, validate_name, validate_tag
 from loradex.registry.scan import (
-    WEIGHT_SUFFIXES,
     check_importable,
     folder_files,
     is_folder_artifact,
@@ -49,6 +56,16 @@ from loradex.registry.version import HASH_FIELDS, Version
 log = logging.getLogger(__name__)
 
 OPERATIONS = ("import", "convert", "merge", "resize", "extract", "bake", "train", "pull")
+#: a folder import writes its rows (after one sync of the store) once this many files ...
+BATCH_FILES = 1000
+#: ... or this many bytes are waiting: a sync costs tens of milliseconds whatever it flushes
+BATCH_BYTES = 2 << 30
+#: a staged file's bytes up to this size travel in memory to the main thread (its sketch)
+KEEP_BYTES = 4 << 20
+#: staged files sketched together (those of one structure in one batch of products), at most
+#: this many or this many bytes of them (a big file is sketched as soon as it is staged)
+SKETCH_BATCH = 32
+SKETCH_BYTES = 64 << 20
 
 
 @dataclass
@@ -58,6 +75,7 @@ class ImportReport:
     added: list[Version] = field(default_factory=list)
     existing: list[Version] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    linked: int = 0  # with ``link=True``: files stored as a reflink or hard link, not copied
 
     def same_tensors(self) -> list[list[str]]:
         """Groups of imported versions whose tensors are identical (same AutoV3), bytes differing or not."""
@@ -75,6 +93,7 @@ class ImportReport:
             "existing": [v.to_dict(metadata=False) for v in self.existing],
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
             "same_tensors": self.same_tensors(),
+            "linked": self.linked,
         }
 
 
@@ -90,6 +109,8 @@ class _Pending:
     edges: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)  # adapter-level: description, trigger_words, labels
     created: list[str] = field(default_factory=list)  # blobs this import put in place
+    sketch: object = None  # what the registry's sketch_files hook made of it (stored with the row)
+    extra: dict | None = None  # the staged file's parsed header and (small files) bytes, for the hook
 
 
 class _BlobVanished(Exception):
@@ -103,11 +124,16 @@ class Ingestor:
     def __init__(self, db, store: BlobStore, scratch: Path, resolve: Callable[[str], Version]) -> None:
         self.db, self.store, self.scratch, self.resolve = db, store, scratch, resolve
         self.descriptions = DescriptionCache()
+        #: set by the registry: ``sketch_files([(blob_path, record, extra)]) -> [sketch]`` for a
+        #: folder import's new files (main thread, a few dozen at a time), ``store_sketches(versions,
+        #: sketches)`` after their rows
+        self.sketch_files: Callable | None = None
+        self.store_sketches: Callable | None = None
 
     # ---- one artifact --------------------------------------------------------------------------
     def add(self, path, name: str, *, tags: Iterable[str] = (), info: dict, arch=None, base_model=None,
             parents: Iterable = (), operation: str = "import", params: dict | None = None, source: str | None = None,
-            follow_links: bool = False, progress=None, allow_nonfinite: bool = False) -> Version:
+            follow_links: bool = False, progress=None, allow_nonfinite: bool = False, link: bool = False) -> Version:
         """Store one artifact as the next version of ``name`` and return it; the engine of
         ``Registry.add`` (see there for the arguments; ``info`` holds the adapter-level
         ``description``/``trigger_words``/``labels``, None = unchanged). The blob is made durable
@@ -125,8 +151,12 @@ class Ingestor:
                                 "with add_many (CLI: loradex add DIR)")
         edges = self._edges(parents, operation, params, source or str(p.resolve()))
         for _attempt in range(3):
-            pend = self._stage(p, name, arch, base_model, durable=True, progress=progress, follow_links=follow_links,
-                               allow_nonfinite=allow_nonfinite)
+            slots = Slots(self.store.tmp_dir)
+            try:
+                pend = self._stage(p, name, arch, base_model, durable=True, progress=progress,
+                                   follow_links=follow_links, allow_nonfinite=allow_nonfinite, slots=slots, link=link)
+            finally:
+                slots.close()
             if isinstance(pend, Version):  # the same bytes are already this name's
                 self.apply(name, tags, info, pend)
                 return self.resolve(pend.ref)
@@ -143,14 +173,17 @@ class Ingestor:
 
     # ---- a folder of artifacts -------------------------------------------------------------------
     def add_many(self, root, *, prefix: str | None = None, tags: Iterable[str] = (), arch=None, base_model=None,
-                 batch: int = 64, workers: int | None = None, follow_links: bool = False, on_file=None,
-                 progress=None, allow_nonfinite: bool = False) -> ImportReport:
+                 batch: int = BATCH_FILES, workers: int | None = None, follow_links: bool = False, on_file=None,
+                 progress=None, allow_nonfinite: bool = False, link: bool = False) -> ImportReport:
         """Import every artifact under ``root``; the engine of ``Registry.add_many`` (see there).
-        Worker threads copy, hash and describe files in a window of ``4 * workers`` ahead of the
-        main thread, which alone reads and writes the catalogue, in the folder's order; rows are
-        written per ``batch`` after one sync of the store. ``on_file(rel_path, "ok"|"skipped")`` is
-        called per candidate. A full disk stops the import and removes this import's unreferenced
-        blobs; other errors of one file skip it (``ImportReport.skipped``)."""
+        Worker threads copy (``link``: reflink or hard link), hash, describe and check files in a
+        window of ``8 * workers`` ahead of the main thread, which alone reads and writes the
+        catalogue, in the folder's order, and sketches new files (``sketch_files``) while the
+        workers go on. Rows are written once ``batch`` files or ``BATCH_BYTES`` bytes are pending,
+        after one sync of the store, in one transaction (then ``store_sketches``).
+        ``on_file(rel_path, "ok"|"skipped")`` is called per candidate. A full disk stops the
+        import and removes this import's unreferenced blobs; other errors of one file skip it
+        (``ImportReport.skipped``)."""
         root = Path(root)
         if not root.is_dir():
             check_importable(root)
@@ -162,129 +195,192 @@ class Ingestor:
         candidates, skipped = scan_folder(root, follow_links=follow_links)
         report.skipped.extend(skipped)
         pending: list[_Pending] = []
+        slots = Slots(self.store.tmp_dir)
+
+        unsketched: list[_Pending] = []
 
         def flush() -> None:
             if not pending:
                 return
+            self._sketch_pending(unsketched)
             self.store.sync()
             pause_point("blob-stored")
             try:
-                report.added.extend(self._record(pending))
+                added = self._record(pending)
+                sketched = [pe.sketch for pe in pending]
             except _BlobVanished:  # a concurrent gc: redo this batch one by one, durably
-                for pe in pending:
-                    report.added.append(self.add(pe.info["_path"], pe.name, tags=pe.tags, info={}, arch=arch,
-                                                 base_model=base_model, follow_links=follow_links,
-                                                 progress=progress, allow_nonfinite=allow_nonfinite))
+                added = [self.add(pe.info["_path"], pe.name, tags=pe.tags, info={}, arch=arch, base_model=base_model,
+                                  follow_links=follow_links, progress=progress, allow_nonfinite=allow_nonfinite,
+                                  link=link) for pe in pending]
+                sketched = [None] * len(added)
+            report.added.extend(added)
             pending.clear()
+            if self.store_sketches is not None:
+                self.store_sketches(added, sketched)
 
-        def prepare(path: Path):  # runs in a worker thread: bytes, hashes, description; no rows
-            return None if path.is_dir() else self._prepare_file(path, arch, progress, shortcut=False,
-                                                                 allow_nonfinite=allow_nonfinite)
-
-        # Files are read, hashed and described by ``workers`` threads (hashing and file I/O run
-        # outside the GIL), in a bounded window ahead of the main thread, which alone touches the
-        # catalogue and decides, in the folder's order, what each staged file becomes.
-        workers = max(1, min(workers if workers is not None else (os.cpu_count() or 1), 8))
-        window = 4 * workers
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loradex-import") as pool:
-            futures: deque = deque()
-            todo = iter(candidates)
-            for path in todo:
-                futures.append((path, pool.submit(prepare, path)))
-                if len(futures) >= window:
-                    break
-            try:
-                while futures:
-                    path, fut = futures.popleft()
-                    nxt = next(todo, None)
-                    if nxt is not None:
-                        futures.append((nxt, pool.submit(prepare, nxt)))
-                    rel = path.relative_to(root).as_posix()
-                    stem = rel[: -len(path.suffix)] if path.is_file() and path.suffix else rel
-                    name = sanitize_name(f"{prefix}-{stem}" if prefix else stem)
-                    try:
-                        staged = fut.result()
-                        if staged is None:
-                            pend = self._stage(path, name, arch, base_model, durable=False, progress=progress,
-                                               follow_links=follow_links, allow_nonfinite=allow_nonfinite)
-                        else:
-                            pend = self._stage_prepared(path, name, staged[0], staged[1], base_model, durable=False)
-                    except DiskFullError:
-                        raise
-                    except (LoradexError, OSError) as e:
-                        report.skipped.append((rel, _reason(e, path)))
-                        if on_file:
-                            on_file(rel, "skipped")
-                        continue
-                    if isinstance(pend, Version):
-                        self.apply(name, tags, {}, pend)
-                        report.existing.append(pend)
-                    else:
-                        pend.tags = tags
-                        pend.edges = self._edges((), "import", None, str(path.resolve()))
-                        pend.info = {"_path": str(path)}
-                        pending.append(pend)
-                        if len(pending) >= batch:
-                            flush()
-                    if on_file:
-                        on_file(rel, "ok")
-            except BaseException as e:
-                for _path, fut in futures:  # staged temporaries of files not reached: drop them
-                    fut.cancel()
-                    with contextlib.suppress(Exception):
-                        got = fut.result()
-                        if got is not None:
-                            self.store.discard(got[0])
-                self._drop_created(pending)
-                if isinstance(e, DiskFullError):
-                    done = len(report.added)
-                    before = f"; {done} artifacts of {root} were stored before it filled" if done else ""
-                    raise DiskFullError(f"{e}{before}; import it again after freeing space (what is stored is "
-                                        "found, not stored twice)") from None
+        def prepare(path: Path):  # a worker thread: bytes in place, hashes, description; no rows
+            if path.is_dir():
+                return None
+            if path.suffix.lower() == ".png":
+                check_embedding_image(path)
+            item, desc = self._prepare_file(path, arch, progress, shortcut=False, allow_nonfinite=allow_nonfinite,
+                                            slots=slots, link=link)
+            try:  # renamed into place here (not durable yet: one sync per batch, before its rows)
+                self.store.commit(item, durable=False)
+            except BaseException:
+                self.store.discard(item)
                 raise
+            return item, desc, str(path.resolve())
+
+        def dropped(got) -> None:  # a staged file that will get no row
+            if got is not None and got[0].created:
+                self._drop_created([_Pending("", {}, [], created=[got[0].sha256])])
+
+        # Files are read, hashed, described and put in place by ``workers`` threads (hashing and
+        # file I/O run outside the GIL), in a bounded window ahead of the main thread, which alone
+        # touches the catalogue and decides, in the folder's order, what each staged file becomes.
+        workers = max(1, min(workers if workers is not None else (os.cpu_count() or 1), 8))
+        window = 8 * workers
+        waiting = [0]  # bytes of the pending files
+
         try:
-            flush()
-        except DiskFullError:
-            self._drop_created(pending)
-            raise
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loradex-import") as pool:
+                futures: deque = deque()
+                todo = iter(candidates)
+                for path in todo:
+                    futures.append((path, pool.submit(prepare, path)))
+                    if len(futures) >= window:
+                        break
+                try:
+                    while futures:
+                        path, fut = futures.popleft()
+                        nxt = next(todo, None)
+                        if nxt is not None:
+                            futures.append((nxt, pool.submit(prepare, nxt)))
+                        rel = path.relative_to(root).as_posix()
+                        staged = None
+                        try:
+                            staged = fut.result()
+                            stem = rel[: -len(path.suffix)] if staged is not None and path.suffix else rel
+                            name = sanitize_name(f"{prefix}-{stem}" if prefix else stem)
+                            if staged is None:
+                                pend = self._stage(path, name, arch, base_model, durable=False, progress=progress,
+                                                   follow_links=follow_links, allow_nonfinite=allow_nonfinite,
+                                                   slots=slots, link=link)
+                            else:
+                                pend = self._stage_prepared(path, name, staged[0], staged[1], base_model,
+                                                            durable=False, committed=True)
+                        except DiskFullError:
+                            raise
+                        except (LoradexError, OSError) as e:
+                            dropped(staged)
+                            report.skipped.append((rel, _reason(e, path)))
+                            if on_file:
+                                on_file(rel, "skipped")
+                            continue
+                        if isinstance(pend, Version):
+                            self.apply(name, tags, {}, pend)
+                            report.existing.append(pend)
+                        else:
+                            pend.tags = tags
+                            pend.edges = self._edges((), "import", None, staged[2] if staged else str(path.resolve()))
+                            pend.info = {"_path": str(path)}
+                            if staged is not None and staged[0].how != "copy":
+                                report.linked += 1
+                            pending.append(pend)
+                            unsketched.append(pend)
+                            waiting[0] += pend.record["size"]
+                            if len(pending) >= batch or waiting[0] >= BATCH_BYTES:
+                                flush()
+                                waiting[0] = 0
+                            elif len(unsketched) >= SKETCH_BATCH or \
+                                    sum(pe.record["size"] for pe in unsketched) >= SKETCH_BYTES:
+                                self._sketch_pending(unsketched)
+                        if on_file:
+                            on_file(rel, "ok")
+                except BaseException as e:
+                    for _path, fut in futures:  # files staged but not reached: their blobs go again
+                        fut.cancel()
+                        with contextlib.suppress(Exception):
+                            dropped(fut.result())
+                    self._drop_created(pending)
+                    if isinstance(e, DiskFullError):
+                        done = len(report.added)
+                        before = f"; {done} artifacts of {root} were stored before it filled" if done else ""
+                        raise DiskFullError(f"{e}{before}; import it again after freeing space (what is stored is "
+                                            "found, not stored twice)") from None
+                    raise
+            try:
+                flush()
+            except BaseException:
+                self._drop_created(pending)
+                raise
+        finally:
+            slots.close()
         if not report.added and not report.existing:
             raise _nothing_imported(root, report)
         return report
 
+    def _sketch_pending(self, todo: list[_Pending]) -> None:
+        """The similarity sketches of staged files (their blobs are in place), made together by
+        the registry's ``sketch_files`` hook while the workers go on (files of one structure are
+        sketched in one batch of products); their rows wait for the versions'. Empties ``todo``."""
+        items = [pe for pe in todo if pe.files is None]
+        extras = [pe.extra or {} for pe in items]
+        for pe in todo:
+            pe.extra = None
+        todo.clear()
+        if self.sketch_files is None or not items:
+            return
+        made = self.sketch_files([(self.store.path(pe.record["sha256"]), pe.record, x) for pe, x in zip(items, extras)])
+        for pe, m in zip(items, made):
+            pe.sketch = m
+
     # ---- staging ---------------------------------------------------------------------------------
     def _stage(self, p: Path, name: str, arch, base_model, durable: bool, progress,
-               follow_links: bool = False, allow_nonfinite: bool = False) -> _Pending | Version:
+               follow_links: bool = False, allow_nonfinite: bool = False, slots: Slots | None = None,
+               link: bool = False) -> _Pending | Version:
         """Put the bytes of ``p`` in the store and describe them; no row yet."""
         if p.is_dir():
-            return self._stage_folder(p, name, arch, base_model, durable, progress, follow_links, allow_nonfinite)
-        item, desc = self._prepare_file(p, arch, progress, shortcut=True, name=name, allow_nonfinite=allow_nonfinite)
+            return self._stage_folder(p, name, arch, base_model, durable, progress, follow_links, allow_nonfinite,
+                                      link=link)
+        item, desc = self._prepare_file(p, arch, progress, shortcut=True, name=name, allow_nonfinite=allow_nonfinite,
+                                        slots=slots, link=link)
         return self._stage_prepared(p, name, item, desc, base_model, durable)
 
     def _prepare_file(self, p: Path, arch, progress, shortcut: bool, name: str | None = None,
-                      allow_nonfinite: bool = False) -> tuple[Ingested, dict | None]:
-        """Stream ``p`` into a temporary file of the store and describe those bytes. Without
+                      allow_nonfinite: bool = False, slots: Slots | None = None,
+                      link: bool = False) -> tuple[Ingested, dict | None]:
+        """Stream ``p`` into a temporary file of the store (``slots``: under its own name; ``link``:
+        reflinked or hard-linked, not copied) and describe those bytes where they lie. Without
         ``shortcut`` the catalogue is not consulted (safe in a worker thread); with it, bytes that
         ``name`` already has are not described (desc None) and a description is copied from
         another version with the same bytes and file name. An adapter or embedding holding NaN/Inf
         values is refused (FormatError naming ``p``) unless ``allow_nonfinite``: it would load
         everywhere and turn every image it touches into noise."""
-        item = self.store.ingest(p, progress)
+        item = self.store.ingest(p, progress, slots=slots, keep=True, link=link)
         try:
             if shortcut and name is not None and _db.version_of_name_with_sha(self.db, name, item.sha256,
                                                                                 with_tags=False):
                 return item, None
             desc = self._describe_ingested(item, p, arch, shortcut=shortcut)
+            header = desc.pop("_header", None)
             if not allow_nonfinite and desc.get("artifact") in ("adapter", "embedding"):
-                check_finite_files(item.tmp, p)
+                check_finite(item, header, p)
+            if header is not None and desc.get("artifact") == "adapter":
+                desc["_extra"] = {"header": header, "data": item.data if item.size <= KEEP_BYTES else None,
+                                  "digest": desc.get("_structure_digest")}
             return item, desc
         except BaseException:
             self.store.discard(item)
             raise
+        finally:
+            item.release()
 
     def _stage_prepared(self, p: Path, name: str, item: Ingested, desc: dict | None, base_model,
-                        durable: bool) -> _Pending | Version:
-        """Commit a prepared file's blob and build its row, or return ``name``'s version that has
-        these bytes already (the temporary is then dropped)."""
+                        durable: bool, committed: bool = False) -> _Pending | Version:
+        """Commit a prepared file's blob (unless ``committed`` already) and build its row, or return
+        ``name``'s version that has these bytes already (the temporary is then dropped)."""
         try:
             same = _db.version_of_name_with_sha(self.db, name, item.sha256)
             if same is not None or desc is None:
@@ -295,7 +391,8 @@ class Ingestor:
         except BaseException:
             self.store.discard(item)
             raise
-        self.store.commit(item, durable=durable)
+        if not committed:
+            self.store.commit(item, durable=durable)
         record = {k: v for k, v in desc.items() if not k.startswith("_")}
         record.update({k: item.hashes.get(k, "") for k in HASH_FIELDS})
         record.update(sha256=item.sha256, size=item.size, layout="file", filename=p.name,
@@ -304,7 +401,8 @@ class Ingestor:
             record["sshs_model_hash"] = desc["_sshs_model_hash"]
         if base_model:
             record["base_model"] = base_model
-        return _Pending(name, record, [(item.sha256, item.size)], created=[item.sha256] if item.created else [])
+        return _Pending(name, record, [(item.sha256, item.size)], created=[item.sha256] if item.created else [],
+                        extra=desc.get("_extra"))
 
     def _view(self):
         """A fresh folder under the scratch folder for a description view (removed by the caller)."""
@@ -315,8 +413,10 @@ class Ingestor:
 
     def _describe_ingested(self, item: Ingested, src: Path, arch, shortcut: bool = True) -> dict:
         """The description of freshly ingested bytes: copied from a version with the same bytes
-        and file name when there is one, else read through ``loradex.api`` from a hard link of
-        the temporary file under the original name (readers may use the name, e.g. a TI token)."""
+        and file name when there is one, else read through ``loradex.api`` from the temporary file
+        itself when it carries the original name (ingested into a slot), else from a hard link of
+        it under that name (readers may use the name, e.g. a TI token). A safetensors file's
+        parsed header comes back as ``_header`` (for the NaN check and the sketch)."""
         filename = src.name
         if arch is None and shortcut:
             v = _db.version_with_sha_and_filename(self.db, item.sha256, filename)
@@ -326,35 +426,54 @@ class Ingestor:
                         "base_model": v.base_model, "artifact": v.artifact,
                         "_sshs_legacy_hash": v.hashes.get("sshs_legacy_hash", ""),
                         "_sshs_model_hash": v.hashes.get("sshs_model_hash", "")}
-        d = self._view()
+        d = None
+        view = item.tmp
         try:
-            view = d / filename
-            link_or_copy(item.tmp, view, self.scratch.parent)
+            if view.name != filename:
+                d = self._view()
+                view = d / filename
+                link_or_copy(item.tmp, view, self.scratch.parent)
             try:
                 desc = describe_path(view, arch=arch, cache=self.descriptions)
-            except LoradexError as e:  # name the user's file, not the temporary view
-                raise renamed(e, {str(view): str(src), str(d): str(src.parent)}) from None
+            except LoradexError as e:  # name the user's file, not the temporary one
+                raise renamed(e, {str(view): str(src), str(view.parent): str(src.parent)}) from None
             if desc["format"] != "ckpt":
                 with contextlib.suppress(FormatError, OSError):
                     from loradex.converters import safetensors_io as sio
 
                     if sio.is_safetensors(view):
-                        kh = sio.kohya_hashes(view, data_sha256=item.hashes.get("sshs_model_hash") or None)
+                        header = sio.read_header(view)
+                        kh = sio.kohya_hashes(view, header=header,
+                                              data_sha256=item.hashes.get("sshs_model_hash") or None)
                         desc["_sshs_legacy_hash"] = kh["sshs_legacy_hash"]
                         desc["_sshs_model_hash"] = kh["sshs_model_hash"]
+                        desc["_header"] = header if d is None else None
             return desc
         finally:
-            shutil.rmtree(d, ignore_errors=True)
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
 
     def _stage_folder(self, p: Path, name: str, arch, base_model, durable: bool, progress,
-                      follow_links: bool = False, allow_nonfinite: bool = False) -> _Pending | Version:
+                      follow_links: bool = False, allow_nonfinite: bool = False, link: bool = False) -> _Pending | Version:
+        """Store every file of a folder artifact (``link``: each reflinked or hard-linked) and
+        describe the folder from a view of hard links to the stored blobs; no row yet."""
+        slots = Slots(self.store.tmp_dir) if link else None
+        try:
+            return self._stage_folder_files(p, name, arch, base_model, durable, progress, follow_links,
+                                            allow_nonfinite, slots)
+        finally:
+            if slots is not None:
+                slots.close()
+
+    def _stage_folder_files(self, p: Path, name: str, arch, base_model, durable: bool, progress,
+                            follow_links: bool, allow_nonfinite: bool, slots: Slots | None) -> _Pending | Version:
         files = folder_files(p, follow_links=follow_links)
         if not files:
             raise RegistryError(f"{p}: empty folder")
         items: list[tuple[str, Ingested]] = []
         try:
             for rel, fp in files:
-                items.append((rel, self.store.ingest(fp, progress)))
+                items.append((rel, self.store.ingest(fp, progress, slots=slots, link=slots is not None)))
         except BaseException:
             for _, it in items:
                 self.store.discard(it)
@@ -548,21 +667,6 @@ def manifest_digest(manifest: list[dict]) -> str:
     """The identity of a folder artifact: sha256 of its sorted (path, sha256, size) list."""
     rows = sorted((f["path"], f["sha256"], f["size"]) for f in manifest)
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
-
-
-def check_finite_files(view: Path, shown: Path) -> None:
-    """FormatError naming ``shown`` (the user's path) when a weights file of the artifact ``view``
-    (a file or a folder: PEFT adapters) holds NaN/Inf values."""
-    from loradex.converters.pickle_io import nonfinite_keys
-
-    files = [view] if view.is_file() else sorted(f for f in view.rglob("*") if f.suffix.lower() in WEIGHT_SUFFIXES)
-    for f in files:
-        bad = nonfinite_keys(f)
-        if bad:
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            where = shown if f == view else shown / f.relative_to(view)
-            raise FormatError(f"{where}: holds NaN/Inf values in {len(bad)} tensor(s): {', '.join(bad[:3])}{more} "
-                              "(add --allow-nonfinite to store it anyway)")
 
 
 def _reason(e: Exception, path: Path) -> str:

@@ -32,10 +32,13 @@ def verify(db, store: BlobStore, scratch: Path, quick: bool = False,
         if not p.is_file():
             problems.append({"versions": names, "sha256": sha, "problem": "blob missing"})
             continue
-        actual = p.stat().st_size
-        if actual != size:
+        st = p.stat()
+        # a blob stored by `add --link` is the user's file (a hard link): say so, it is the likely culprit
+        linked = " (the blob is hard-linked to a file outside the registry, stored by add --link: was that file " \
+                 "edited in place?)" if st.st_nlink > 1 else ""
+        if st.st_size != size:
             problems.append({"versions": names, "sha256": sha,
-                             "problem": f"blob is {actual} bytes, the catalogue says {size}"})
+                             "problem": f"blob is {st.st_size} bytes, the catalogue says {size}{linked}"})
             continue
         checked += 1
         nbytes += size
@@ -44,7 +47,7 @@ def verify(db, store: BlobStore, scratch: Path, quick: bool = False,
             if got != sha:
                 VERIFIED.discard(key)
                 problems.append({"versions": names, "sha256": sha,
-                                 "problem": f"content changed: its bytes now hash to {got[:16]}..."})
+                                 "problem": f"content changed: its bytes now hash to {got[:16]}...{linked}"})
             else:
                 VERIFIED.add(key)
     integrity = _db.quick_check(db)

@@ -40,6 +40,7 @@ from loradex.registry import maintenance
 from loradex.registry.describe import describe_path, structure_key  # noqa: F401  (re-exported)
 from loradex.registry.faults import DiskFullError, is_disk_full, write_error
 from loradex.registry.ingest import (  # noqa: F401  (re-exported: their home was this module)
+    BATCH_FILES,
     OPERATIONS,
     ImportReport,
     Ingestor,
@@ -141,6 +142,9 @@ class Registry:
                                     f"({e})") from None
             raise RegistryError(f"cannot open the registry in {self.home}: {e}") from None
         self._ingest = Ingestor(self.db, self.store, self.tmp, self.get)
+        if not self.readonly:
+            self._ingest.sketch_files = self._sketch_staged
+            self._ingest.store_sketches = self._store_sketches
 
     def close(self) -> None:
         """Close the catalogue's connection (also on leaving ``with Registry() as reg:``)."""
@@ -339,7 +343,8 @@ class Registry:
             trigger_words: Iterable[str] | None = None, labels: Iterable[str] | None = None, arch=None,
             base_model: str | None = None, parents: Iterable = (), operation: str = "import",
             params: dict | None = None, source: str | None = None, follow_links: bool = False,
-            progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False) -> Version:
+            progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False,
+            link: bool = False) -> Version:
         """Store one artifact (a file, a PEFT adapter folder or a diffusers pipeline folder) as the
         next version of ``name``. Adding bytes that ``name`` already has returns that version (its
         tags updated). ``parents``/``operation``/``params`` record lineage (REFs, Versions or paths);
@@ -347,56 +352,70 @@ class Registry:
         the file against that architecture; ``base_model`` records the base it is for (the
         identity of a ``--base``: REF, Hub id or path). Only regular files are read;
         ``follow_links`` lets a folder's symlinks leave it (see ``registry.scan``). An adapter or
-        embedding holding NaN/Inf values is refused (FormatError) unless ``allow_nonfinite``."""
+        embedding holding NaN/Inf values is refused (FormatError) unless ``allow_nonfinite``.
+
+        ``link=True`` stores the file without copying its bytes when the registry is on its file
+        system: a reflink (a copy-on-write clone: btrfs, XFS...) where the file system can make
+        one, else a hard link -- the blob *is* the source file then, and is made read-only (0444),
+        so the source becomes read-only too. It is hashed (from the link itself) and
+        content-addressed like any blob. Editing a hard-linked source in place (after making it
+        writable again) changes the stored bytes: every later read of the blob notices it
+        (``path``/``load``/``export`` refuse it, naming ``loradex verify``), ``verify`` reports it;
+        editors that save by writing a new file and renaming it leave the blob intact. Where no
+        link can be made (another file system, ``EXDEV``; links refused), the file is copied as
+        without ``link`` and a warning is logged."""
         self._writable(f"add {path}")
         info = {"description": description, "trigger_words": as_list(trigger_words), "labels": as_list(labels)}
         v = self._ingest.add(path, name, tags=tags, info=info, arch=arch, base_model=base_model, parents=parents,
                              operation=operation, params=params, source=source, follow_links=follow_links,
-                             progress=progress, allow_nonfinite=allow_nonfinite)
+                             progress=progress, allow_nonfinite=allow_nonfinite, link=link)
         self._sketch([v])
         return v
 
     def _sketch(self, versions: Iterable[Version]) -> None:
         """Store the similarity sketch of each new version (``registry.sketches``; never raises: a
         version it cannot sketch is recorded with the reason). A read-only registry skips it."""
-        if self.readonly:
+        versions = list(versions)
+        self._store_sketches(versions, [None] * len(versions))
+
+    def _store_sketches(self, versions: list[Version], made: list) -> None:
+        """The ``store_sketches`` hook of imports (``registry.sketch_import``); never raises."""
+        if self.readonly or not versions:
             return
-        from loradex.registry import sketches
+        from loradex.registry import sketch_import
 
-        for v in versions:
-            try:
-                sketches.store_sketch(self, v)
-            except Exception as e:  # noqa: BLE001 - a sketch is an index, never a reason to fail an add
-                log.warning("no similarity sketch for %s (%s); `loradex reindex` retries", v.ref, e)
+        sketch_import.store_sketches(self, versions, made)
 
-    @property
-    def connection(self):
-        """The catalogue's ``sqlite3`` connection, for modules that keep their own tables next to
-        the registry's (``registry.sketches``)."""
-        return self.db.conn
+    def _sketch_staged(self, items: list) -> list:
+        """The ``sketch_files`` hook of a folder import (``registry.sketch_import``); never raises."""
+        from loradex.registry import sketch_import
+
+        return sketch_import.sketch_staged(self, items)
 
     def add_many(self, root: str | os.PathLike, *, prefix: str | None = None, tags: Iterable[str] = (),
-                 arch=None, base_model: str | None = None, batch: int = 64, workers: int | None = None,
+                 arch=None, base_model: str | None = None, batch: int = BATCH_FILES, workers: int | None = None,
                  follow_links: bool = False, on_file: Callable[[str, str], None] | None = None,
-                 progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False) -> ImportReport:
+                 progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False,
+                 link: bool = False) -> ImportReport:
         """Import every artifact under a folder (e.g. A1111's ``models/Lora``): each weights file,
-        and each sub-folder that is one artifact (PEFT adapter, diffusers pipeline), named after its
-        path relative to ``root`` (``prefix-`` prepended when given). Files loradex does not
-        recognise, FIFOs/devices/sockets, symlinks leaving ``root`` (unless ``follow_links``) and
-        loops are skipped with the reason; a folder with nothing importable is a RegistryError.
-        Blobs are made durable once per ``batch`` (one ``syncfs``) and each batch's rows are written
-        in one transaction. ``workers`` threads (default: one per CPU, at most 8) stage files ahead
-        of the catalogue. ``arch`` (a name or an Arch: ``--base``'s) and ``base_model`` apply to
-        every file. Adapters holding NaN/Inf values are skipped with the reason unless
-        ``allow_nonfinite``."""
+        each A1111 embedding image (``.png``), and each sub-folder that is one artifact (PEFT
+        adapter, diffusers pipeline), named after its path relative to ``root`` (``prefix-``
+        prepended when given). Files loradex does not recognise, preview images (``*.preview.png``
+        and PNGs holding no embedding), FIFOs/devices/sockets, symlinks leaving ``root`` (unless
+        ``follow_links``) and loops are skipped with the reason; a folder with nothing importable
+        is a RegistryError. Each file is read once (both SHA-256, CRC32 and AutoV1 from that read)
+        and described from its header where it lies in the store. Blobs are made durable by one
+        ``syncfs`` per ``batch`` files (or 2 GiB), and each batch's rows are written in one
+        transaction. ``workers`` threads (default: one per CPU, at most 8) stage files ahead of the
+        catalogue. ``arch`` (a name or an Arch: ``--base``'s) and ``base_model`` apply to every
+        file. Adapters holding NaN/Inf values are skipped with the reason unless
+        ``allow_nonfinite``. ``link``: as for :meth:`add` (``ImportReport.linked`` counts the files
+        linked rather than copied)."""
         self._writable(f"import {root}")
-        report = self._ingest.add_many(root, prefix=prefix, tags=tags, arch=arch, base_model=base_model, batch=batch,
-                                       workers=workers, follow_links=follow_links, on_file=on_file,
-                                       progress=progress, allow_nonfinite=allow_nonfinite)
-        self._sketch(report.added)
-        return report
+        return self._ingest.add_many(root, prefix=prefix, tags=tags, arch=arch, base_model=base_model, batch=batch,
+                                     workers=workers, follow_links=follow_links, on_file=on_file,
+                                     progress=progress, allow_nonfinite=allow_nonfinite, link=link)
 
-    # ---- editing ---------------------------------------------------------------------------
     def update(self, name: str, *, description: str | None = None, trigger_words: Iterable[str] | None = None,
                labels: Iterable[str] | None = None) -> dict:
         """Edit an adapter's description, trigger words or labels (they go into model cards)."""

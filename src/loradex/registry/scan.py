@@ -28,6 +28,11 @@ from loradex.registry.store import file_kind, not_regular
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+#: pictures a folder import reads: A1111 embedding images (a preview -- any picture that holds no
+#: embedding -- is skipped with that reason when its content is read)
+IMAGE_SUFFIXES = (".png",)
+#: names of previews, skipped without reading them (A1111 / Civitai Helper: ``x.preview.png``)
+PREVIEW_SUFFIXES = (".preview.png",)
 HIDDEN_DIRS = (".git", ".cache", ".huggingface")  # left out of a folder artifact
 LINKS_HINT = "not followed: --follow-links follows it"
 
@@ -126,8 +131,9 @@ class Walker:
 
 
 def scan_folder(root: Path, follow_links: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The candidates of a folder import (weights files, and sub-folders that are one artifact),
-    in the folder's order, and what was skipped before reading anything (with the reason)."""
+    """The candidates of a folder import (weights files, ``.png`` files that may be A1111
+    embedding images, and sub-folders that are one artifact), in the folder's order, and what was
+    skipped before reading anything (with the reason; ``*.preview.png`` are previews)."""
     if is_folder_artifact(root):
         return [root], []
     walker = Walker(root, follow_links)
@@ -148,7 +154,10 @@ def scan_folder(root: Path, follow_links: bool = False) -> tuple[list[Path], lis
             if e.kind == "skip":
                 skipped.append((e.rel, e.reason))
             elif e.kind == "file":
-                if e.path.suffix.lower() not in WEIGHT_SUFFIXES:
+                low = e.path.name.lower()
+                if low.endswith(PREVIEW_SUFFIXES):
+                    skipped.append((e.rel, "a preview image, not a weights file (not read)"))
+                elif e.path.suffix.lower() not in WEIGHT_SUFFIXES + IMAGE_SUFFIXES:
                     skipped.append((e.rel, f"not a weights file ({e.path.suffix or 'no extension'})"))
                 else:
                     cands.append(e.path)

@@ -55,7 +55,7 @@ import numpy as np
 
 from loradex.core import sketch as sk
 from loradex.errors import LoradexError, RegistryError
-from loradex.registry.sketch_plans import arch_of, learn_plan, planned_sketch
+from loradex.registry.sketch_plans import arch_of, learn_plan, one_torch_thread, planned_sketch
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +168,14 @@ def load_adapter(reg, v):
     return reg.load(v, arch=arch)
 
 
-def compute_sketch(reg, v) -> tuple[sk.Sketch | None, str]:
-    """``(sketch, "ok")`` for a stored version, or ``(None, "none: why")``."""
+def compute_sketch(reg, v, raw=None) -> tuple[sk.Sketch | None, str]:
+    """``(sketch, "ok")`` for a stored version, or ``(None, "none: why")``. ``raw``: the file's
+    ``sketch_plans._Raw`` when the caller has it (parsed header, maybe its bytes)."""
     if v.artifact == "checkpoint":
         return None, "none: a checkpoint (full model), not an adapter"
     if v.artifact != "adapter":
         return None, f"none: an {v.artifact}, not a weight adapter"
-    fast = planned_sketch(reg, v)
+    fast = planned_sketch(reg, v, raw)
     if fast is not None:
         return fast, "ok"
     try:
@@ -184,7 +185,7 @@ def compute_sketch(reg, v) -> tuple[sk.Sketch | None, str]:
     if not adapter.patches:
         return None, "none: no patches (embeddings only)"
     s = sk.sketch_adapter(adapter, family=sk.family_of(arch_of(reg, v) or adapter.arch))
-    learn_plan(reg, v, adapter)
+    learn_plan(reg, v, adapter, raw)
     if s.modules == 0:
         from collections import Counter
 
@@ -293,10 +294,11 @@ def store_sketch(reg, v, sketch: sk.Sketch | None = None) -> sk.Sketch | None:
 
 
 def _safe_compute(reg, v) -> tuple[sk.Sketch | None, str]:
-    """:func:`compute_sketch`, with an unexpected failure recorded as the version's status (and
-    logged) instead of raised: a sketch must never fail an import."""
+    """:func:`compute_sketch` (torch on one thread), with an unexpected failure recorded as the
+    version's status (and logged) instead of raised: a sketch must never fail an import."""
     try:
-        return compute_sketch(reg, v)
+        with one_torch_thread():
+            return compute_sketch(reg, v)
     except Exception as e:  # a bug, or a file the reader chokes on: the import goes on
         log.warning("%s: no sketch (%s: %s)", v.ref, type(e).__name__, e)
         return None, f"none: sketching failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"

@@ -22,8 +22,16 @@ path, size, mtime): every Registry of the process shares what was checked, and a
 blob changes its key, so it is checked again. A mismatch is a RegistryError naming the REF and
 asking for ``loradex verify``.
 
-Temporary files are named ``<pid>-<random>.tmp``: ``gc`` removes those whose process is gone
-(a killed import) or that are older than a day.
+Temporary files are named ``<pid>-<random>.tmp``, or keep the source's name inside a folder
+``<pid>-<random>/`` (``linking.Slots``: imports describe them where they lie): ``gc`` removes those
+whose process is gone (a killed import) or that are older than a day.
+
+``ingest(link=True)`` (``add --link``) makes the temporary file a reflink or a hard link of the
+source instead of a copy, then hashes it by reading the link (what is hashed is what is stored;
+big files on two threads, see ``hashes``). A hard-linked blob is the user's file: ``commit`` makes
+it read-only like every blob (the source with it), and an in-place edit of the source afterwards
+is what the integrity checks above catch (the verified key changes with the file's mtime and
+size; ``verify`` re-hashes). Where no link can be made (another file system), it copies.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
+import queue
 import stat
 import sys
 import tempfile
@@ -45,12 +55,20 @@ from loradex.errors import RegistryError
 from loradex.fsutil import fsync_path
 from loradex.registry.faults import DISK_FULL, write_all, write_error
 from loradex.registry.hashes import CHUNK, StreamHasher
+from loradex.registry.linking import Slots, link_into, why_not_linked
+
+log = logging.getLogger(__name__)
 
 HEX = set("0123456789abcdef")
 STALE_TEMP_SECONDS = 24 * 3600
 #: from this size on, bytes are copied by the kernel (``copy_file_range``) and hashed from a
 #: memory map of the copy: no trip through a user-space buffer, about twice as fast on big files
 KERNEL_COPY_MIN_BYTES = 16 << 20
+#: ``ingest(keep=True)`` reads a file smaller than this (and than ``KERNEL_COPY_MIN_BYTES``) in one
+#: go and keeps its bytes for the describers
+KEEP_MAX_BYTES = 8 << 20
+#: from this size on, the two SHA-256 run on threads of their own while the next chunk is copied
+PARALLEL_HASH_MIN_BYTES = 32 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
 
@@ -66,13 +84,25 @@ def pause_point(point: str) -> None:
 @dataclass
 class Ingested:
     """A file streamed into a temporary blob: its size and identities, not yet in place.
-    ``created``: ``commit`` put a new blob in place (nobody had these bytes before)."""
+    ``created``: ``commit`` put a new blob in place (nobody had these bytes before). ``data``: the
+    whole file, kept in memory when ``ingest(keep=True)`` read a small file (describers use it
+    instead of reading again; ``release`` drops it). ``how``: ``copy``, ``hardlink`` or
+    ``reflink``; ``note``: why a link was asked for and a copy made."""
 
     tmp: Path
     size: int
     hashes: dict[str, str]
     source: str = ""
     created: bool = False
+    data: bytearray | None = None
+    how: str = "copy"
+    note: str = ""
+    readonly: bool = False  # the temporary file was created read-only (no chmod at commit)
+    stat: os.stat_result | None = None  # of the temporary file once written (the blob's, after the rename)
+
+    def release(self) -> None:
+        """Drop the bytes kept in memory (``data``)."""
+        self.data = None
 
     @property
     def sha256(self) -> str:
@@ -122,32 +152,44 @@ class _SourceError(Exception):
 
 
 # ---- copying while hashing -------------------------------------------------------------------------
-def _copy(src_fd: int, dst_fd: int, size: int, update: Callable, progress) -> int:
+def _copy(src_fd: int, dst_fd: int, size: int, update: Callable, progress, drain: Callable | None = None) -> int:
     """Copy ``src_fd`` (from offset 0, to its end) into the empty ``dst_fd``, feeding every byte
-    written to ``update`` in order; returns the bytes copied. Big files go through the kernel."""
+    written to ``update`` in order; returns the bytes copied. Big files go through the kernel and
+    are hashed from a memory map of the copy: ``drain()`` (when given) is called before the map is
+    closed, so an ``update`` that hashes on other threads can finish with its views of it."""
     if size >= KERNEL_COPY_MIN_BYTES:
-        n = _copy_hashing_in_kernel(src_fd, dst_fd, size, update, progress)
+        n = _copy_hashing_in_kernel(src_fd, dst_fd, size, update, progress, drain)
         if n is not None:
             return n
-    buf = bytearray(max(1, min(CHUNK, size or 1)))
-    mv = memoryview(buf)
+    # with ``drain``, ``update`` hashes on other threads: a few buffers go round, each reused only
+    # once ``update`` says it is done with it (memory stays at a few chunks)
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(4 if drain is not None else 1):
+        free.put(bytearray(max(1, min(CHUNK, size or 1))))
     total = 0
     with open(src_fd, "rb", buffering=0, closefd=False) as f:
         while True:
+            buf = free.get()
+            mv = memoryview(buf)
             try:
                 n = f.readinto(buf)  # a regular file never answers "would block" (None)
             except OSError as e:
                 raise _SourceError(e) from None
             if not n:
                 return total
-            update(mv[:n])
+            if drain is not None:
+                update(mv[:n], done=lambda b=buf: free.put(b))
+            else:
+                update(mv[:n])
+                free.put(buf)
             write_all(dst_fd, mv[:n])
             total += n
             if progress:
                 progress(n)
 
 
-def _copy_hashing_in_kernel(src_fd: int, dst_fd: int, size: int, update: Callable, progress) -> int | None:
+def _copy_hashing_in_kernel(src_fd: int, dst_fd: int, size: int, update: Callable, progress,
+                            drain: Callable | None = None) -> int | None:
     """Copy ``size`` bytes chunk by chunk with ``copy_file_range`` and hash each chunk from a
     memory map of the destination (the stored bytes themselves, so a source changing meanwhile
     cannot make the name lie). None, with the destination left empty, when the kernel cannot do
@@ -180,10 +222,30 @@ def _copy_hashing_in_kernel(src_fd: int, dst_fd: int, size: int, update: Callabl
                 if n <= 0:  # the source shrank under us: keep what was copied
                     break
         finally:
+            if drain is not None:
+                drain()
             mv.release()
     if off < size:
         os.ftruncate(dst_fd, off)
     return off
+
+
+def _read_whole(fd: int, size: int) -> bytearray:
+    """Every byte of ``fd`` from its current offset (``size`` expected; a file that grew meanwhile
+    is read to its new end), in as few reads as the kernel allows (one, for a small file)."""
+    buf = bytearray(size + 1)  # one spare byte: a file that grew is noticed without a second read
+    got = 0
+    while True:
+        try:
+            n = os.readv(fd, [memoryview(buf)[got:]])
+        except OSError as e:
+            raise _SourceError(e) from None
+        if not n:
+            del buf[got:]
+            return buf
+        got += n
+        if got == len(buf):
+            buf.extend(bytes(max(CHUNK, len(buf))))
 
 
 _fsync_path = fsync_path
@@ -264,6 +326,7 @@ class BlobStore:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
+        self._shards: set[str] = set()  # shard folders known to exist
 
     def ensure(self) -> None:
         """Create the store's folders (``root`` and ``root/tmp``) when missing."""
@@ -271,37 +334,71 @@ class BlobStore:
 
     def path(self, sha256: str) -> Path:
         """Where the blob of ``sha256`` lives (whether or not it exists; nothing is checked)."""
-        return self.root / sha256[:2] / sha256[2:]
+        return Path(self._where(sha256))
+
+    def _where(self, sha256: str) -> str:
+        return f"{self.root}{os.sep}{sha256[:2]}{os.sep}{sha256[2:]}"
 
     def has(self, sha256: str, size: int | None = None) -> bool:
         """Whether the blob exists (with ``size`` bytes when given); its bytes are not hashed."""
         try:
-            st = self.path(sha256).stat()
+            st = os.stat(self._where(sha256))
         except FileNotFoundError:
             return False
         return size is None or st.st_size == size
 
     # ---- writing -----------------------------------------------------------------------
-    def ingest(self, src: str | os.PathLike, progress: Callable[[int], None] | None = None) -> Ingested:
+    def ingest(self, src: str | os.PathLike, progress: Callable[[int], None] | None = None, *,
+               slots: Slots | None = None, keep: bool = False, link: bool = False) -> Ingested:
         """Stream ``src`` into a temporary file of the store, hashing it on the way (one read).
         RegistryError naming ``src`` when it is not a readable regular file, DiskFullError naming
-        the store when the disk fills; no temporary file is left either way."""
+        the store when the disk fills; no temporary file is left either way.
+
+        ``slots``: the temporary file is ``<slot>/<src's name>`` (see ``linking.Slots``), else a
+        ``<pid>-<random>.tmp``. ``keep``: a file under ``KEEP_MAX_BYTES`` is read in one go and
+        its bytes kept in ``Ingested.data``. ``link`` (needs ``slots``): reflink or hard
+        link the source instead of copying it, then hash it (``Ingested.how``); where it cannot
+        (another file system...), a copy is made and ``Ingested.note`` says why."""
         src = Path(src)
         try:
             in_fd, st = open_regular(src)
         except OSError as e:
             raise RegistryError(f"{src}: cannot read it ({e.strerror or e})") from None
+        note = ""
         try:
+            if link and slots is not None:
+                try:
+                    tmp_path, how = link_into(src, in_fd, slots)
+                except OSError as e:
+                    note = why_not_linked(e, src, self.root)
+                    log.warning("%s", note)
+                else:  # a hard link is the opened file itself: read it through the open descriptor
+                    item = self._hash_linked(src, tmp_path, how, progress, keep, in_fd if how == "hardlink" else None)
+                    pause_point("temp-written")
+                    return item
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".tmp", dir=self.tmp_dir)
+                if slots is not None:  # created read-only: the blob's mode, no chmod to come
+                    tmp_path, fd = slots.create(src.name, mode=0o444)
+                else:
+                    fd, tmp = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".tmp", dir=self.tmp_dir)
+                    tmp_path = Path(tmp)
             except OSError as e:
                 raise write_error(e, self.root, src.name) from None
-            tmp_path = Path(tmp)
-            hasher = StreamHasher()
+            hasher = StreamHasher(threads=st.st_size >= PARALLEL_HASH_MIN_BYTES)
+            data = None
             try:
                 try:
-                    _copy(in_fd, fd, st.st_size, hasher.update, progress)
+                    if keep and st.st_size < min(KEEP_MAX_BYTES, KERNEL_COPY_MIN_BYTES):
+                        data = _read_whole(in_fd, st.st_size)
+                        hasher.update(data)
+                        write_all(fd, data)
+                        if progress:
+                            progress(len(data))
+                    else:
+                        _copy(in_fd, fd, st.st_size, hasher.update, progress, drain=hasher.close)
+                    written = os.fstat(fd)
                 finally:
+                    hasher.close()
                     os.close(fd)
             except BaseException as e:
                 tmp_path.unlink(missing_ok=True)
@@ -313,7 +410,49 @@ class BlobStore:
         finally:
             os.close(in_fd)
         pause_point("temp-written")
-        return Ingested(tmp_path, hasher.pos, hasher.result(), source=src.name)
+        return Ingested(tmp_path, hasher.pos, hasher.result(), source=src.name, data=data, note=note,
+                        readonly=slots is not None, stat=written)
+
+    def _hash_linked(self, src: Path, tmp_path: Path, how: str, progress, keep: bool,
+                     fd: int | None = None) -> Ingested:
+        """Hash a file just linked (or cloned) into a slot, reading the link itself (``fd``: a
+        descriptor of that same inode, at offset 0, left open): what is hashed is what will be
+        stored. RegistryError (the link removed) when it cannot be read or its size changed while
+        it was read (a writer at work on the source)."""
+        own = fd is None
+        try:
+            if own:
+                fd, st = open_regular(tmp_path)
+            else:
+                st = os.fstat(fd)
+            try:
+                hasher = StreamHasher(threads=st.st_size >= PARALLEL_HASH_MIN_BYTES)
+                data = None
+                try:
+                    if keep and st.st_size < min(KEEP_MAX_BYTES, KERNEL_COPY_MIN_BYTES):
+                        data = _read_whole(fd, st.st_size)
+                        hasher.update(data)
+                        if progress:
+                            progress(len(data))
+                    else:
+                        hasher.feed(fd, st.st_size, progress)
+                finally:
+                    hasher.close()
+                after = os.fstat(fd)
+            finally:
+                if own:
+                    os.close(fd)
+            if hasher.pos != st.st_size or after.st_size != st.st_size:
+                raise RegistryError(f"{src}: it changed while it was read (another program is writing it); "
+                                    "add it again once it is written")
+        except BaseException as e:
+            tmp_path.unlink(missing_ok=True)
+            if isinstance(e, _SourceError):
+                raise RegistryError(f"{src}: cannot read it ({e.os_error.strerror or e})") from None
+            if isinstance(e, OSError):
+                raise RegistryError(f"{src}: cannot read it ({e.strerror or e})") from None
+            raise
+        return Ingested(tmp_path, hasher.pos, hasher.result(), source=src.name, data=data, how=how, stat=after)
 
     def commit(self, item: Ingested, durable: bool = True) -> Path:
         """Move an ingested file into place (or drop it when the same bytes are already stored).
@@ -325,10 +464,22 @@ class BlobStore:
         try:
             if durable:
                 _fsync_path(item.tmp)
-            os.chmod(item.tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # blobs are immutable
-            new_shard = not dst.parent.is_dir()
-            dst.parent.mkdir(exist_ok=True)
-            os.replace(item.tmp, dst)
+            if not item.readonly:
+                os.chmod(item.tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)  # blobs are immutable
+            new_shard = False
+            if item.sha256[:2] not in self._shards:  # shard folders are never removed (see ``remove``)
+                new_shard = not dst.parent.is_dir()
+                dst.parent.mkdir(exist_ok=True)
+                self._shards.add(item.sha256[:2])
+            try:
+                os.replace(item.tmp, dst)
+            except FileNotFoundError:  # its shard folder was removed from outside after all
+                if not item.tmp.exists():
+                    raise
+                self._shards.discard(item.sha256[:2])
+                new_shard = True
+                dst.parent.mkdir(exist_ok=True)
+                os.replace(item.tmp, dst)
             item.created = True
             if durable:
                 _fsync_path(dst.parent)
@@ -338,7 +489,7 @@ class BlobStore:
             item.tmp.unlink(missing_ok=True)
             raise write_error(e, self.root, item.source) from None
         with contextlib.suppress(OSError):  # its bytes were hashed as they were written
-            VERIFIED.add(VerifiedBlobs.key(dst, dst.stat()))
+            VERIFIED.add(VerifiedBlobs.key(dst, item.stat or dst.stat()))
         return dst
 
     def discard(self, item: Ingested) -> None:
