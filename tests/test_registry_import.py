@@ -134,8 +134,47 @@ def test_add_link_is_the_blob_read_only_and_hashed(reg, base_lora, tmp_path):
     assert reg.get("face").ref == "face@1" and reg.path("face") == blob
     assert v.format == "kohya" and v.arch == "tiny-sd1" and v.artifact == "adapter"
     assert set(loradex.load(reg.path("face")).patches) == set(loradex.load(src).patches)
+    assert sketches.stored_sketch(reg, v) is None  # deferred with --link: reindex (or similar) makes it
+    sketches.reindex(reg)
     assert sketches.stored_sketch(reg, v) is not None
     consistent(reg)
+
+
+def test_sketches_now_or_deferred(reg, base_lora, tmp_path, home, capsys):
+    """``sketch`` (default: yes, but not with ``link``): a deferred sketch is made by ``reindex``,
+    which ``loradex similar`` runs first, and equals the one made at add."""
+    a = reg.add(variant(base_lora, tmp_path / "a.safetensors", 1), "a")
+    b = reg.add(variant(base_lora, tmp_path / "b.safetensors", 2), "b", sketch=False)
+    c = reg.add(variant(base_lora, tmp_path / "c.safetensors", 3), "c", link=True, sketch=True)
+    d = tmp_path / "dir"
+    for k in range(4, 7):
+        variant(base_lora, d / f"f{k}.safetensors", k)
+    rep = reg.add_many(d, link=True)
+    assert rep.linked == 3
+    assert sketches.stored_sketch(reg, a) is not None and sketches.stored_sketch(reg, c) is not None
+    assert all(sketches.stored_sketch(reg, v) is None for v in [b, *rep.added])
+    made_at_add = sketches.stored_sketch(reg, a)
+    reg.close()
+    code, out, err = run(capsys, "similar", "a", "--json")
+    assert code == 0, err
+    hits = {h["ref"] for h in json.loads(out)["hits"]}
+    assert {"b@1", "c@1"} <= hits and {v.ref for v in rep.added} <= hits
+    r2 = Registry()
+    try:
+        assert all(sketches.stored_sketch(r2, r2.get(v.ref)) is not None for v in [b, *rep.added])
+        import numpy as np
+
+        from loradex.core import sketch as sk
+
+        again = sketches.stored_sketch(r2, r2.get("a"))  # made at add, kept
+        assert np.array_equal(again.units, made_at_add.units) and np.array_equal(again.keys, made_at_add.keys)
+        late, fresh = sketches.stored_sketch(r2, r2.get("b")), sk.sketch_adapter(loradex.load(tmp_path / "b.safetensors"))
+        assert np.array_equal(late.keys, fresh.keys) and np.allclose(late.units, fresh.units, atol=1 / 127)  # stored quantised
+        assert np.allclose(late.norms, fresh.norms, rtol=1e-5)
+    finally:
+        r2.close()
+    code, out, _ = run(capsys, "add", "--help")
+    assert "--no-sketch" in out
 
 
 def test_add_link_in_place_edit_of_the_source_is_caught(reg, base_lora, tmp_path):

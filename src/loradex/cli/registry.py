@@ -283,11 +283,16 @@ def store_output(path: Path, save_as: str, operation: str, parents: list, params
                    "hard link -- then the blob IS your file, made read-only (chmod 0444) like every blob. Do not "
                    "edit a hard-linked file in place afterwards: that changes the stored version (every read of "
                    "it, and `loradex verify`, report the damage); tools that save to a new file and rename it are "
-                   "safe. On another file system it is copied as usual, with a warning")
+                   "safe. On another file system it is copied as usual, with a warning. Sketches are deferred "
+                   "(see --sketch)")
+@click.option("--sketch/--no-sketch", default=None,
+              help="store the similarity sketch of each new version now (default: yes, but not with --link: the "
+                   "sketch of an SDXL-size file costs more than hashing it); a version without one is sketched by "
+                   "`loradex similar` or `loradex reindex` when first needed")
 @strict_option
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report")
 def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, allow_nonfinite,
-            link, strict, as_json):
+            link, sketch, strict, as_json):
     """Store PATH in the registry: an adapter, embedding or checkpoint file, a PEFT adapter folder, a
     diffusers pipeline folder, or a folder of such files (e.g. A1111's models/Lora: every file
     loradex recognises is imported -- A1111 embedding images (.png) too -- the rest reported, preview
@@ -298,11 +303,11 @@ def add_cmd(path, name, tags, description, triggers, labels, arch, base, base_mo
     copied (see --link; hashed all the same)."""
     with contextlib.ExitStack() as stack:
         _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict,
-             as_json, allow_nonfinite, link)
+             as_json, allow_nonfinite, link, sketch)
 
 
 def _add(stack, path, name, tags, description, triggers, labels, arch, base, base_model, follow_links, strict,
-         as_json, allow_nonfinite=False, link=False):
+         as_json, allow_nonfinite=False, link=False, sketch=None):
     from loradex.registry.scan import check_importable, is_folder_artifact
 
     check_importable(Path(path))  # before anything opens it: a FIFO would block, a device never end
@@ -324,7 +329,7 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
         try:
             report = reg.add_many(p, prefix=name, tags=tags, arch=arch, base_model=base_model,
                                   follow_links=follow_links, on_file=on_file, allow_nonfinite=allow_nonfinite,
-                                  link=link)
+                                  link=link, sketch=sketch)
         finally:
             if files is not None:
                 files.close()
@@ -350,7 +355,8 @@ def _add(stack, path, name, tags, description, triggers, labels, arch, base, bas
     try:
         v = reg.add(p, name, tags=tags, description=description, trigger_words=list(triggers) or None,
                     labels=list(labels) or None, arch=arch, base_model=base_model, follow_links=follow_links,
-                    progress=bar.update if bar is not None else None, allow_nonfinite=allow_nonfinite, link=link)
+                    progress=bar.update if bar is not None else None, allow_nonfinite=allow_nonfinite, link=link,
+                    sketch=sketch)
     finally:
         if bar is not None:
             bar.close()

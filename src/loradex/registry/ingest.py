@@ -174,13 +174,14 @@ class Ingestor:
     # ---- a folder of artifacts -------------------------------------------------------------------
     def add_many(self, root, *, prefix: str | None = None, tags: Iterable[str] = (), arch=None, base_model=None,
                  batch: int = BATCH_FILES, workers: int | None = None, follow_links: bool = False, on_file=None,
-                 progress=None, allow_nonfinite: bool = False, link: bool = False) -> ImportReport:
+                 progress=None, allow_nonfinite: bool = False, link: bool = False, sketch: bool = True) -> ImportReport:
         """Import every artifact under ``root``; the engine of ``Registry.add_many`` (see there).
         Worker threads copy (``link``: reflink or hard link), hash, describe and check files in a
         window of ``8 * workers`` ahead of the main thread, which alone reads and writes the
         catalogue, in the folder's order, and sketches new files (``sketch_files``) while the
         workers go on. Rows are written once ``batch`` files or ``BATCH_BYTES`` bytes are pending,
-        after one sync of the store, in one transaction (then ``store_sketches``).
+        after one sync of the store, in one transaction (then ``store_sketches``; ``sketch=False``:
+        neither hook runs, the sketches are left to ``reindex``).
         ``on_file(rel_path, "ok"|"skipped")`` is called per candidate. A full disk stops the
         import and removes this import's unreferenced blobs; other errors of one file skip it
         (``ImportReport.skipped``)."""
@@ -215,7 +216,7 @@ class Ingestor:
                 sketched = [None] * len(added)
             report.added.extend(added)
             pending.clear()
-            if self.store_sketches is not None:
+            if sketch and self.store_sketches is not None:
                 self.store_sketches(added, sketched)
 
         def prepare(path: Path):  # a worker thread: bytes in place, hashes, description; no rows
@@ -288,7 +289,8 @@ class Ingestor:
                             if staged is not None and staged[0].how != "copy":
                                 report.linked += 1
                             pending.append(pend)
-                            unsketched.append(pend)
+                            if sketch:
+                                unsketched.append(pend)
                             waiting[0] += pend.record["size"]
                             if len(pending) >= batch or waiting[0] >= BATCH_BYTES:
                                 flush()

@@ -344,7 +344,7 @@ class Registry:
             base_model: str | None = None, parents: Iterable = (), operation: str = "import",
             params: dict | None = None, source: str | None = None, follow_links: bool = False,
             progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False,
-            link: bool = False) -> Version:
+            link: bool = False, sketch: bool | None = None) -> Version:
         """Store one artifact (a file, a PEFT adapter folder or a diffusers pipeline folder) as the
         next version of ``name``. Adding bytes that ``name`` already has returns that version (its
         tags updated). ``parents``/``operation``/``params`` record lineage (REFs, Versions or paths);
@@ -363,13 +363,19 @@ class Registry:
         (``path``/``load``/``export`` refuse it, naming ``loradex verify``), ``verify`` reports it;
         editors that save by writing a new file and renaming it leave the blob intact. Where no
         link can be made (another file system, ``EXDEV``; links refused), the file is copied as
-        without ``link`` and a warning is logged."""
+        without ``link`` and a warning is logged.
+
+        ``sketch``: store the version's similarity sketch now (``registry.sketches``; default: yes,
+        unless ``link``). A linked import is about the bytes not moving, and the sketch of an
+        SDXL-size file costs more than hashing it; a version without one is sketched by
+        ``reindex``, which ``loradex similar`` runs first."""
         self._writable(f"add {path}")
         info = {"description": description, "trigger_words": as_list(trigger_words), "labels": as_list(labels)}
         v = self._ingest.add(path, name, tags=tags, info=info, arch=arch, base_model=base_model, parents=parents,
                              operation=operation, params=params, source=source, follow_links=follow_links,
                              progress=progress, allow_nonfinite=allow_nonfinite, link=link)
-        self._sketch([v])
+        if (not link) if sketch is None else sketch:
+            self._sketch([v])
         return v
 
     def _sketch(self, versions: Iterable[Version]) -> None:
@@ -396,7 +402,7 @@ class Registry:
                  arch=None, base_model: str | None = None, batch: int = BATCH_FILES, workers: int | None = None,
                  follow_links: bool = False, on_file: Callable[[str, str], None] | None = None,
                  progress: Callable[[int], None] | None = None, allow_nonfinite: bool = False,
-                 link: bool = False) -> ImportReport:
+                 link: bool = False, sketch: bool | None = None) -> ImportReport:
         """Import every artifact under a folder (e.g. A1111's ``models/Lora``): each weights file,
         each A1111 embedding image (``.png``), and each sub-folder that is one artifact (PEFT
         adapter, diffusers pipeline), named after its path relative to ``root`` (``prefix-``
@@ -410,11 +416,12 @@ class Registry:
         catalogue. ``arch`` (a name or an Arch: ``--base``'s) and ``base_model`` apply to every
         file. Adapters holding NaN/Inf values are skipped with the reason unless
         ``allow_nonfinite``. ``link``: as for :meth:`add` (``ImportReport.linked`` counts the files
-        linked rather than copied)."""
+        linked rather than copied); ``sketch``: as for :meth:`add` (default: yes, unless ``link``)."""
         self._writable(f"import {root}")
         return self._ingest.add_many(root, prefix=prefix, tags=tags, arch=arch, base_model=base_model, batch=batch,
                                      workers=workers, follow_links=follow_links, on_file=on_file,
-                                     progress=progress, allow_nonfinite=allow_nonfinite, link=link)
+                                     progress=progress, allow_nonfinite=allow_nonfinite, link=link,
+                                     sketch=(not link) if sketch is None else sketch)
 
     def update(self, name: str, *, description: str | None = None, trigger_words: Iterable[str] | None = None,
                labels: Iterable[str] | None = None) -> dict:
