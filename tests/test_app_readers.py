@@ -696,6 +696,19 @@ def test_onetrainer_sdxl_deltas_on_tiny_sdxl(tmp_path):
             w = torch.zeros(arch.modules[n].shape)
             want = ad.patches[n].delta(w).double().reshape(w.shape) * (2 if to == "diffusers" else 1)
             assert torch.allclose(ot_delta(cfg, t, w), want, rtol=1e-6, atol=1e-6), (to, n)
+    # --uniform-alpha on diffusers: alpha / r folded into lora_B, exact in OneTrainer too
+    folded = tmp_path / "folded.safetensors"
+    loradex.save(a, folded, "diffusers", arch=a.arch, uniform_alpha=True)
+    loaded, _ = ot_load(ot_to_canonical(load_file(folded), arch), arch, cfg)
+    assert set(loaded) == set(a.patches)
+    for n, t in loaded.items():
+        w = torch.zeros(arch.modules[n].shape)
+        want = a.patches[n].delta(w).double().reshape(w.shape)
+        assert torch.allclose(ot_delta(cfg, t, w), want, rtol=1e-6, atol=1e-6), n
+    back = loradex.load(folded)  # and loradex (like diffusers, through the metadata) reads the same update
+    for n, p in a.patches.items():
+        w = torch.zeros(arch.modules[n].shape)
+        assert torch.allclose(back.patches[n].delta(w), p.delta(w), rtol=1e-6, atol=1e-7), n
 
 
 # -- OneTrainer before #1563 (key sets of modules/util/convert/lora, = omi_model_standards f14b1da) --------

@@ -110,8 +110,8 @@ def test_text_encoder_lora_sd1_diffusers_and_kohya(bench, tmp_path):
     # common alpha (a diffusers defect); the writer says so, and uniform_alpha folds them exactly
     report = loradex.save(a, tmp_path / "mixed.safetensors", "kohya")
     assert any("--uniform-alpha" in n for n in report.notes)
-    for fmt, opts in (("diffusers", {}), ("kohya", {"uniform_alpha": True})):
-        out = tmp_path / f"{fmt}.safetensors"
+    for fmt, opts in (("diffusers", {}), ("kohya", {"uniform_alpha": True}), ("diffusers", {"uniform_alpha": True})):
+        out = tmp_path / f"{fmt}{'_u' if opts else ''}.safetensors"
         loradex.save(a, out, fmt, **opts)
         pipe = bench.fresh_pipe()
         with quiet():

@@ -214,7 +214,9 @@ def _image_lines(info: dict) -> list[str]:
 @arch_options
 @strict_option
 @click.option("--uniform-alpha", is_flag=True,
-              help="kohya: fold per-module alphas into lora_up so diffusers' kohya loader reads the file exactly")
+              help="kohya: fold per-module alphas into lora_up so diffusers' kohya loader reads the file exactly; "
+                   "diffusers: fold alpha/r into lora_B (scale 1) for apps that ignore lora_adapter_metadata "
+                   "(OneTrainer)")
 @force_option
 @save_as_option
 @click.option("--json", "as_json", is_flag=True, help="print the conversion report as JSON")

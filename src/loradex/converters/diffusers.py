@@ -130,6 +130,7 @@ class Diffusers(Converter):
     kinds = frozenset({"lora"})
     dora = "row"  # PEFT's lora_magnitude_vector: one magnitude per output row
     description = "diffusers pytorch_lora_weights.safetensors (lora_A/lora_B + lora_adapter_metadata)"
+    options = frozenset({"uniform_alpha"})
 
     def detect(self, path: Path) -> bool:
         """True for a file with any key :func:`normalize_key` understands (``lora_A``/``lora_B``,
@@ -243,13 +244,19 @@ class Diffusers(Converter):
             return float(alpha) * r / (r**0.5)  # rsLoRA: scale alpha / sqrt(r)
         return float(alpha)
 
-    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, title=None, arch=None):
+    def write(self, adapter: Adapter, path: Path, report: ConversionReport, dtype=None, rank=None, title=None, arch=None,
+              uniform_alpha: bool = False):
         """Write :meth:`state_dict`'s tensors and metadata as one safetensors file: per module
         ``lora_A.weight``/``lora_B.weight`` (+ ``lora_B.bias`` on every module of a component where
         one has a bias, + ``lora_magnitude_vector`` for DoRA), and ``lora_adapter_metadata`` with
         each component's LoraConfig fields (``r``, ``lora_alpha``, ``rank_pattern``,
-        ``alpha_pattern``...). Other kinds become LoRA (exact, else SVD at ``rank``)."""
-        out, meta = self.state_dict(adapter, report, dtype=dtype, rank=rank, title=title or Path(path).stem, arch=arch)
+        ``alpha_pattern``...). Other kinds become LoRA (exact, else SVD at ``rank``).
+        ``uniform_alpha``: every ``alpha / r`` folded into ``lora_B`` (``state_dict(fold_scale=True)``)
+        for the readers that ignore ``lora_adapter_metadata`` and take scale 1 (OneTrainer 2026-07;
+        ComfyUI 0.3.x): then the file is exact everywhere, at the cost of one rounding of ``lora_B``
+        and of the rename-only byte copy."""
+        out, meta = self.state_dict(adapter, report, dtype=dtype, rank=rank, title=title or Path(path).stem, arch=arch,
+                                    fold_scale=uniform_alpha)
         sio.save(out, path, meta)
 
     def state_dict(self, adapter: Adapter, report: ConversionReport, dtype=None, rank=None, title: str = "adapter",
