@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from loradex.errors import ArchError, FormatError, LoradexError, RegistryError
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+from loradex.hubcache import REPO_ID as _REPO_ID
+from loradex.hubcache import hub_snapshot
 
 
 @dataclass
@@ -58,27 +57,6 @@ class Base:
             raise FormatError(f"--base {self.spec} names an architecture, not a model with weights: "
                               f"{what} needs a diffusers folder, a checkpoint file, a registry REF or a cached Hub id")
         return self.path
-
-
-def hub_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot folder of a Hub repo in the Hugging Face cache, or None when it is not
-    cached. Never downloads (``local_files_only``)."""
-    if not _REPO_ID.match(repo_id):
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-    except ImportError:  # pragma: no cover - huggingface-hub is a dependency
-        return None
-    # the cache as the environment names it now (huggingface_hub reads its variables at import)
-    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
-                                                if os.environ.get("HF_HOME") else None)
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        return None
-    except Exception:  # huggingface_hub raises its own types for malformed caches
-        return None
 
 
 def _registry_if_any():

@@ -17,18 +17,26 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import itertools
 import json
 import math
+import operator
 import os
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+from loradex.converters.safetensors_header import (  # noqa: F401  (re-exported)
+    MAX_TENSORS,
+    SAFETENSORS_DTYPES,
+    Header,
+    TensorInfo,
+    parse_header,
+)
 from loradex.core.lazy import LazyMapping
 from loradex.errors import DiskFullError, FormatError, LoradexError
 from loradex.fsutil import fsync_path, write_all  # noqa: F401  (re-exported)
@@ -40,60 +48,13 @@ else:
 
 #: Largest header we accept. Real headers are a few hundred KiB even for FLUX checkpoints.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-#: The most tensors a file may hold (SDXL checkpoints hold ~2,500, the largest LyCORIS files ~20,000).
-MAX_TENSORS = 100_000
 #: Largest JSON side file (adapter_config.json, model_index.json...).
 MAX_JSON_BYTES = 16 * 1024 * 1024
 
-#: safetensors dtype name -> (torch dtype name, bytes per element): what reading and validating a
-#: header needs, without torch
-SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
-    "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
-}
 #: safetensors dtype name -> (torch dtype, bytes per element), built (importing torch) on first use
 DTYPES: Mapping[str, tuple[torch.dtype, int]] = LazyMapping(lambda: {
     name: (getattr(torch, attr), size) for name, (attr, size) in SAFETENSORS_DTYPES.items()
     if hasattr(torch, attr)})
-
-
-class TensorInfo(NamedTuple):
-    """One header entry. A NamedTuple, not a dataclass: headers of a few thousand tensors are
-    parsed per file, and building these is most of that time."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the tensor's data (``end - start``, offsets relative to the data section)."""
-        return self.end - self.start
-
-
-@dataclass(frozen=True)
-class Header:
-    """A validated safetensors header (:func:`parse_header`): ``header_len`` is the JSON's byte
-    length (the 8-byte length prefix not included), ``metadata`` the ``__metadata__`` strings,
-    ``tensors`` each entry with offsets relative to the data section. Cached by
-    :func:`read_header`, so treat it as read-only."""
-
-    path: Path
-    header_len: int
-    metadata: dict[str, str]
-    tensors: dict[str, TensorInfo]
-
-    @property
-    def data_offset(self) -> int:
-        """File offset of the data section: the 8-byte length prefix plus the header."""
-        return 8 + self.header_len
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """key -> shape of every tensor (what arch detection takes)."""
-        return {k: v.shape for k, v in self.tensors.items()}
 
 
 def _regular_file(path: str | os.PathLike) -> Path:
@@ -133,78 +94,6 @@ def _read_header(p: Path, size: int, _mtime_ns: int) -> Header:
             raise FormatError(f"{p}: not a safetensors file (header length {n} does not fit the {size}-byte file)")
         raw = f.read(n)
     return parse_header(raw, size, p)
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """``json.loads`` object hook: a JSON object naming a key twice is refused, as the safetensors
-    library (serde) refuses it -- Python's default keeps the last value silently."""
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise _DuplicateKey(k)
-            seen.add(k)
-    return d
-
-
-def parse_header(raw: bytes, size: int, p: Path) -> Header:
-    """Validate the JSON header ``raw`` of a ``size``-byte safetensors file named ``p`` (for the
-    messages): dtypes known, shapes non-negative ints, offsets inside the data section, each
-    tensor's byte count equal to its shape times its item size, no two tensors overlapping."""
-    n = len(raw)
-    # a cheap count before parsing: a header of millions of tiny tensors costs seconds and GBs to
-    # parse and describe, and no adapter or checkpoint holds more than tens of thousands
-    count = raw.count(b'"data_offsets"')
-    if count > MAX_TENSORS:
-        raise FormatError(f"{p}: holds {count} tensors, more than the {MAX_TENSORS} loradex reads "
-                          "(adapters and checkpoints hold a few thousand)")
-    try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
-        raise FormatError(f"{p}: safetensors header names {e.args[0]!r} twice (the safetensors library "
-                          "refuses such files)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{p}: safetensors header is not valid JSON ({type(e).__name__})") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{p}: safetensors header is not a JSON object")
-    meta = obj.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(type(k) is str and type(v) is str for k, v in meta.items()):
-        raise FormatError(f"{p}: safetensors __metadata__ must map strings to strings")
-    data_size = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    # plain loops with exact type checks (``type(x) is int`` also rejects bools): this runs for
-    # every tensor of every file a folder import looks at
-    for name, info in obj.items():
-        if type(info) is not dict:
-            raise FormatError(f"{p}: tensor {name!r}: header entry is not an object")
-        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        item = SAFETENSORS_DTYPES.get(dtype) if type(dtype) is str else None
-        if item is None:
-            raise FormatError(f"{p}: tensor {name!r}: unknown dtype {dtype!r}")
-        if type(shape) is not list:
-            raise FormatError(f"{p}: tensor {name!r}: bad shape {shape!r}")
-        count = 1
-        for d in shape:
-            if type(d) is not int or d < 0:
-                raise FormatError(f"{p}: tensor {name!r}: bad shape {shape!r}")
-            count *= d
-        if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int \
-                or not 0 <= offs[0] <= offs[1] <= data_size:
-            raise FormatError(f"{p}: tensor {name!r}: data offsets {offs!r} outside the {data_size}-byte data section")
-        if offs[1] - offs[0] != count * item[1]:
-            raise FormatError(f"{p}: tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape} {dtype} "
-                              f"(needs {count * item[1]})")
-        tensors[name] = TensorInfo(dtype, tuple(shape), offs[0], offs[1])
-    spans = sorted((t.start, t.end, k) for k, t in tensors.items() if t.end > t.start)
-    for (_s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise FormatError(f"{p}: tensors {k0!r} and {k1!r} overlap in the data section")
-    return Header(p, n, dict(meta), tensors)
 
 
 def is_safetensors(path: str | os.PathLike) -> bool:
@@ -513,11 +402,13 @@ def structure_digest(path: str | os.PathLike, header: Header | None = None) -> s
                 return os.pread(fd, t.nbytes, h.data_offset + t.start)
 
         values = {k: scalar(t) for k, t in scalars}
+    pieces = []  # hashed in one update: the same digest as one update per piece
     for k in sorted(h.tensors):
         t = h.tensors[k]
-        m.update(f"{k}|{t.dtype}|{t.shape};".encode())
+        pieces.append(f"{k}|{t.dtype}|{t.shape};".encode())
         if k in values:
-            m.update(values[k])
+            pieces.append(values[k])
+    m.update(b"".join(pieces))
     return m.hexdigest()
 
 
@@ -572,14 +463,20 @@ def _serializer_dtype_order() -> dict[str, int]:
     return {dt: i for i, (_, dt) in enumerate(order)}
 
 
-def _max_compact_header(h: Header, meta: Mapping[str, str]) -> int:
+def _max_compact_header(h: Header, meta: Mapping[str, str], data_size: int | None = None) -> int:
     """An upper bound of the length prefix + padded compact JSON header kohya's re-serialization
     writes (only ``meta`` as metadata), computed without building it: JSON-escaped strings are
-    at most 6 bytes per character (\\uXXXX), numbers at most as many digits as the data size."""
-    digits = len(str(max(1, h.path.stat().st_size - h.data_offset)))
+    at most 6 bytes per character (\\uXXXX), numbers at most as many digits as the data size
+    (``data_size``: the file's, found when not given)."""
+    if data_size is None:
+        data_size = h.path.stat().st_size - h.data_offset
+    digits = len(str(max(1, data_size)))
     total = 64 + sum(6 * (len(k) + len(v)) + 6 for k, v in meta.items())
-    for k, t in h.tensors.items():
-        total += 6 * len(k) + 60 + len(t.dtype) + 2 * digits + sum(len(str(d)) + 1 for d in t.shape)
+    infos = h.tensors.values()
+    dims = list(itertools.chain.from_iterable(map(operator.itemgetter(1), infos)))
+    # per tensor: 6 * len(name) + 60 + len(dtype) + 2 * digits + (len(str(d)) + 1) per dimension
+    total += (6 * sum(map(len, h.tensors)) + len(infos) * (60 + 2 * digits)
+              + sum(map(len, map(operator.itemgetter(0), infos))) + len("".join(map(str, dims))) + len(dims))
     return 8 + total + 8
 
 
@@ -595,27 +492,37 @@ def kohya_hashes(path: str | os.PathLike, header: Header | None = None, data_sha
     (compact JSON, ``__metadata__`` first, tensors in the serializer's order, space-padded to 8
     bytes) and the window gathered from the original file's tensors laid out in that order.
     ``ss_*`` keys are written sorted; safetensors does not fix their order, which only matters if
-    the header itself reaches 1 MiB.
+    the header itself reaches 1 MiB. A file in the serializer's order whose re-serialized buffer
+    ends before 0x100000 (most LoRAs: the window is empty) is answered from the header alone.
     """
     import hashlib
 
     h = header or read_header(path)
+    tensors = h.tensors
     order = _serializer_dtype_order()
-    names = sorted(h.tensors, key=lambda k: (order.get(h.tensors[k].dtype, len(order)), k))
+    if len(set(map(operator.itemgetter(0), tensors.values()))) <= 1:  # one dtype: by name
+        names = sorted(tensors)
+    else:
+        names = sorted(tensors, key=lambda k: (order.get(tensors[k].dtype, len(order)), k))
     meta = {k: h.metadata[k] for k in sorted(h.metadata) if k.startswith("ss_")}
+    infos = list(map(tensors.__getitem__, names))
+    data_size = h.path.stat().st_size - h.data_offset
+    # in the serializer's order when each tensor starts where the one before ends, the first at 0
+    # and the last ending the data section (the re-serialized data section is then this one)
+    starts = list(map(operator.itemgetter(2), infos))
+    ends = list(map(operator.itemgetter(3), infos))
+    canonical = starts[0] == 0 and starts[1:] == ends[:-1] and ends[-1] == data_size if infos else data_size == 0
+    lo, hi = 0x100000, 0x110000
+    if canonical and data_sha256 and data_size + _max_compact_header(h, meta, data_size) <= lo:
+        # the re-serialized buffer ends before the legacy window: it hashes zero bytes
+        return {"sshs_model_hash": data_sha256, "sshs_legacy_hash": hashlib.sha256(b"").hexdigest()[:8]}
     entries: dict[str, object] = {"__metadata__": meta}
     layout = []  # (name, start in the re-serialized data section, end)
     off = 0
-    for k in names:
-        t = h.tensors[k]
+    for k, t in zip(names, infos):
         entries[k] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
         layout.append((k, off, off + t.nbytes))
         off += t.nbytes
-    canonical = off == h.path.stat().st_size - h.data_offset and all(h.tensors[k].start == s for k, s, _ in layout)
-    lo, hi = 0x100000, 0x110000
-    if canonical and data_sha256 and off + _max_compact_header(h, meta) <= lo:
-        # the re-serialized buffer ends before the legacy window: it hashes zero bytes
-        return {"sshs_model_hash": data_sha256, "sshs_legacy_hash": hashlib.sha256(b"").hexdigest()[:8]}
     head = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     head += b" " * ((8 - len(head) % 8) % 8)
     prefix = len(head).to_bytes(8, "little") + head

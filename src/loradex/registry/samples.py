@@ -8,14 +8,13 @@ object it is given (``get``, ``checkout``), and the inference engine inside :fun
 from __future__ import annotations
 
 import contextlib
-import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from loradex.errors import RegistryError
+from loradex.hubcache import REPO_ID as _REPO_ID
+from loradex.hubcache import hub_snapshot
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 #: sample images of a push go here, inside the upload folder
 SAMPLES_DIR = "samples"
 
@@ -62,7 +61,7 @@ def sample_source(reg, v) -> Iterator[tuple[object, list[tuple[str, float]]]]:
         elif ALIASES.get(b, b) in tiny_names():
             source = ALIASES.get(b, b)
         elif _REPO_ID.match(b):
-            source = _cached_snapshot(b)
+            source = hub_snapshot(b)
         else:
             try:
                 bv = reg.get(b)
@@ -79,19 +78,6 @@ def sample_source(reg, v) -> Iterator[tuple[object, list[tuple[str, float]]]]:
             raise RegistryError(f"push --samples: the base {b} of {v.ref} is not here: not a file or folder, an "
                                 f"embedded tiny model, a stored base or a Hub repo in the local cache{hint}")
         yield source, [(v.ref, 1.0)]
-
-
-def _cached_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot of a Hub repo in the Hugging Face cache (``HF_HUB_CACHE``/``HF_HOME`` as
-    the environment says now), or None; never downloads."""
-    from huggingface_hub import snapshot_download
-
-    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub")
-                                                if os.environ.get("HF_HOME") else None)
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
-    except Exception:  # not cached, or a malformed cache: huggingface_hub raises its own types
-        return None
 
 
 def render_samples(reg, folder: Path, source, adapters, prompts: list[str], n: int, device: str | None = None

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import math
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -301,54 +302,84 @@ def _same_layout(plan: dict, raws: list[_Raw]) -> int | None:
     the same dtypes (and in memory), else None."""
     if not raws:
         return None
-    keys = [k for _n, up_k, down_k, *_x in plan["lora"] for k in (up_k, down_k)]
-    first = raws[0].tensors
-    want = [(first[k].dtype, first[k].start, first[k].end) for k in keys]
+    keys = plan.get("_tensor_keys")
+    if keys is None:
+        keys = plan["_tensor_keys"] = [k for _n, up_k, down_k, *_x in plan["lora"] for k in (up_k, down_k)]
+    where = operator.itemgetter(0, 2, 3)  # TensorInfo: dtype, start, end
+    want = list(map(where, map(raws[0].tensors.__getitem__, keys)))
     for raw in raws[1:]:
-        t = raw.tensors
-        if [(t[k].dtype, t[k].start, t[k].end) for k in keys] != want:
+        if list(map(where, map(raw.tensors.__getitem__, keys))) != want:
             return None
     return max((e for _d, _s, e in want), default=0)
 
 
+def _module_groups(plan: dict, tensors: dict) -> list[tuple[list[int], list[tuple[int, int]], list[tuple[int, int]]]]:
+    """The plan's modules grouped by what one batched product can take together: the same
+    ``(out, k, cols)`` (so the same projections) and the same dtypes of ``up`` and ``down``. Per
+    group: the module indices and each factor's ``(start, end)`` in the data section."""
+    groups: dict[tuple, tuple[list, list, list]] = {}
+    for m, (_name, up_k, down_k, k, _scale, out, cols) in enumerate(plan["lora"]):
+        up, down = tensors[up_k], tensors[down_k]
+        g = groups.setdefault((out, k, cols, up.dtype, down.dtype), ([], [], []))
+        g[0].append(m)
+        g[1].append((up.start, up.end))
+        g[2].append((down.start, down.end))
+    return list(groups.values())
+
+
 def _vector_sketches(plan: dict, family: str | None, raws: list[_Raw], size: int) -> list[sk.Sketch]:
     """``sk.sketch_forms`` of plain LoRA modules (``scale * up @ down``, no bias) for files of one
-    layout, one module at a time across all the files: the same products and conversions per file
-    and module as ``sketch_forms`` (which batches modules of one shape instead), so the same
-    numbers up to the order of a few float sums."""
+    layout: the modules of one shape (and factor dtypes) of all the files in one batch of products
+    (``sketch_forms`` batches one file's modules of one shape the same way), each factor taken as
+    a view of the files' bytes (one copy per group and factor, where ``stack`` gathers them), so the
+    same numbers up to the order of a few float sums."""
     from loradex.converters.safetensors_io import DTYPES
 
     n = len(raws)
-    rows = np.empty((n, size), dtype=np.uint8)
+    width = -(-size // 8) * 8  # a multiple of every item size: the rows view as any dtype
+    rows = np.empty((n, width), dtype=np.uint8)
+    rows[:, size:] = 0
     for j, raw in enumerate(raws):
-        rows[j] = np.frombuffer(raw.data, dtype=np.uint8, count=size, offset=raw.base)
+        rows[j, :size] = np.frombuffer(raw.data, dtype=np.uint8, count=size, offset=raw.base)
     data = torch.from_numpy(rows)
-    first = raws[0].tensors
+    typed: dict[str, tuple[torch.Tensor, int]] = {}
     mods = plan["lora"]
     norms = np.empty((len(mods), n), dtype=np.float64)
     units = np.empty((len(mods), n, sk.SKETCH_ROWS * sk.SKETCH_COLS), dtype=np.float32)
 
-    def factor(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        t = first[key]
-        return data[:, t.start:t.end].contiguous().view(DTYPES[t.dtype][0]).reshape(n, *shape).float()
+    def factors(dtype: str, spans: list[tuple[int, int]], shape: tuple[int, int]) -> torch.Tensor:
+        """``(n, G, *shape)`` float32: the factor at each span of every file."""
+        if dtype not in typed:
+            dt, item = DTYPES[dtype]
+            typed[dtype] = (data.view(dt), item)
+        view, item = typed[dtype]
+        if all(s % item == 0 for s, _e in spans):
+            parts = [view[:, s // item: e // item] for s, e in spans]
+        else:  # unaligned in the file: through the bytes
+            parts = [data[:, s:e].contiguous().view(view.dtype) for s, e in spans]
+        return torch.stack(parts, dim=1).reshape(n, len(spans), *shape).float()
 
-    for m, (_name, up_k, down_k, k, scale, out, cols) in enumerate(mods):
-        up, down = factor(up_k, (out, k)), factor(down_k, (k, cols))
+    for idx, up_spans, down_spans in _module_groups(plan, raws[0].tensors):
+        _name, up_k, down_k, k, _scale, out, cols = mods[idx[0]]
+        first = raws[0].tensors
+        up = factors(first[up_k].dtype, up_spans, (out, k))  # (n, G, out, k)
+        down = factors(first[down_k].dtype, down_spans, (k, cols))  # (n, G, k, cols)
+        g_ = len(idx)
         h, g = sk.projections(family, out, cols)
-        sc = torch.tensor(scale, dtype=torch.float64)
-        dg = (down.reshape(n * k, cols) @ g[:cols]).reshape(n, k, -1)
-        s = (torch.matmul(h.T, up) @ dg) * sc.float()
+        sc = torch.tensor([mods[m][4] for m in idx], dtype=torch.float64)  # (G,)
+        dg = (down.reshape(n * g_ * k, cols) @ g[:cols]).reshape(n, g_, k, -1)
+        s = (torch.matmul(h.T, up) @ dg) * sc.float()[None, :, None, None]  # (n, G, q, p)
         if k * (out + cols) <= out * cols:
-            gu = up.transpose(1, 2) @ up
-            gd = down @ down.transpose(1, 2)
-            sq = (gu.double() * gd.double()).sum(dim=(1, 2)).clamp_min(0.0) * sc * sc
+            gu = up.transpose(-1, -2) @ up
+            gd = down @ down.transpose(-1, -2)
+            sq = (gu.double() * gd.double()).sum(dim=(-1, -2)).clamp_min(0.0) * sc * sc  # (n, G)
         else:
-            sq = (up @ down).double().square().sum(dim=(1, 2)) * sc * sc
-        flat = s.reshape(n, -1).double()
-        ns = flat.norm(dim=1, keepdim=True)
+            sq = (up @ down).double().square().sum(dim=(-1, -2)) * sc * sc
+        flat = s.reshape(n, g_, -1).double()
+        ns = flat.norm(dim=-1, keepdim=True)
         unit = torch.where(ns > 0, flat / ns.clamp_min(1e-300), torch.zeros_like(flat))
-        units[m] = unit.float().numpy()
-        norms[m] = sq.sqrt().numpy()
+        units[idx] = unit.float().transpose(0, 1).numpy()
+        norms[idx] = sq.sqrt().T.numpy()
     keys, order, names = _plan_keys(plan)
     return [sk.Sketch(family, keys.copy(), norms[order, j].copy(), units[order, j].copy(), {}, {}, list(names))
             for j in range(n)]
