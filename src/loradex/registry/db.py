@@ -397,6 +397,11 @@ def adapter_row(db: sqlite_utils.Database, name: str) -> dict | None:
 
 
 # ---- writes (call inside ``write``) ------------------------------------------------------------
+def adapter_names(db: sqlite_utils.Database) -> set[str]:
+    """The name of every adapter in the catalogue."""
+    return {r[0] for r in db.execute("SELECT name FROM adapters").fetchall()}
+
+
 def _insert(db: sqlite_utils.Database, table: str, row: dict) -> int:
     """One INSERT of known columns (the import hot path; sqlite-utils' ``insert`` introspects the
     table on every call)."""

@@ -5,13 +5,18 @@ registry does) on a view of the stored bytes.
 ``describe_path(path, arch, cache)``: with a ``DescriptionCache`` (the ``Ingestor`` of each
 registry owns one; nothing is cached at module level), files of one *structure* -- format, arch
 asked for, tensor names/dtypes/shapes and scalar values (``structure_key``) -- are read through
-the converters once; each still gets its own metadata from its own header.
+the converters once; each still gets its own metadata from its own header. The structure digest
+itself (``safetensors_io.structure_digest``) is memoized too, by the header's tensor table and
+the bytes of its one-element tensors (all it depends on), taken from the bytes the import already
+holds (``data``) when it has them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import os
 import threading
 from pathlib import Path
 
@@ -29,6 +34,8 @@ class DescriptionCache:
         self._items: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._limit = limit
+        #: tensor table -> (spans of its one-element tensors, {their bytes: structure digest})
+        self._digests: dict[tuple, tuple[tuple[tuple[int, int], ...], dict[bytes, str]]] = {}
 
     def get(self, key: str) -> dict | None:
         """The description stored under ``key``, or None. The dict is the cached one itself:
@@ -43,11 +50,58 @@ class DescriptionCache:
                 self._items.pop(next(iter(self._items)))
             self._items[key] = desc
 
+    def digest(self, header, data=None) -> str:
+        """``safetensors_io.structure_digest`` of the file ``header`` was read from, computed once
+        per tensor table and scalar values (what it depends on); ``data``: the file's bytes when
+        the caller holds them (the scalars are sliced from them instead of read)."""
+        from loradex.converters import safetensors_io as sio
 
-def describe_path(path: Path, arch=None, cache: DescriptionCache | None = None) -> dict:
+        table = tuple(header.tensors.items())
+        entry = self._digests.get(table)
+        if entry is None:
+            spans = tuple((t.start, t.end) for _k, t in sorted(header.tensors.items())
+                          if t.nbytes and math.prod(t.shape) <= 1)
+            entry = (spans, {})
+            with self._lock:
+                if len(self._digests) >= self._limit:
+                    self._digests.pop(next(iter(self._digests)))
+                self._digests[table] = entry
+        spans, known = entry
+        values = _scalar_bytes(header, spans, data)
+        found = known.get(values)
+        if found is None:
+            found = sio.structure_digest(header.path, header)
+            with self._lock:
+                if len(known) >= self._limit:
+                    known.clear()
+                known[values] = found
+        return found
+
+
+def _scalar_bytes(header, spans: tuple[tuple[int, int], ...], data=None) -> bytes:
+    """The bytes of the tensors at ``spans`` (data-section offsets) one after the other: sliced
+    from ``data`` (the whole file) when given and long enough, else read from the file."""
+    off = header.data_offset
+    if not spans:
+        return b""
+    if data is not None and len(data) >= off + max(e for _s, e in spans):
+        mv = memoryview(data)
+        try:
+            return b"".join([mv[off + s : off + e] for s, e in spans])
+        finally:
+            mv.release()
+    fd = os.open(header.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return b"".join([os.pread(fd, e - s, off + s) for s, e in spans])
+    finally:
+        os.close(fd)
+
+
+def describe_path(path: Path, arch=None, cache: DescriptionCache | None = None, data=None) -> dict:
     """What the catalogue records about an artifact, read through ``loradex.api`` (adapters and
     embeddings) or ``converters.checkpoint`` (full models: header / model_index.json only).
-    ``cache`` memoizes descriptions by structure (see ``structure_key``)."""
+    ``cache`` memoizes descriptions by structure (see ``structure_key``); ``data``: the file's
+    bytes when the caller holds them (the structure's scalars are taken from them)."""
     from loradex import converters
     from loradex.converters.checkpoint import describe_checkpoint
 
@@ -62,13 +116,11 @@ def describe_path(path: Path, arch=None, cache: DescriptionCache | None = None) 
         return {"format": ck["format"], "arch": getattr(arch, "name", arch) or ck["arch"], "kinds": {}, "ranks": {},
                 "modules": 0, "embeddings": [], "metadata": meta, "notes": notes, "artifact": "checkpoint",
                 "base_model": _base_model(meta)}
-    key, digest = _structure_key(path, conv.name, arch) if cache is not None else (None, None)
+    key, digest, header = _structure_key(path, conv.name, arch, cache, data) if cache is not None else (None, None, None)
     memo = cache.get(key) if key is not None else None
     if memo is not None:
-        from loradex.converters import safetensors_io as sio
-
         d = dict(memo)
-        d["metadata"] = dict(sio.read_header(path).metadata)
+        d["metadata"] = dict(header.metadata)
         d["base_model"] = _base_model(d["metadata"])
         d["_structure_digest"] = digest
         return d
@@ -104,20 +156,22 @@ def structure_key(path: Path, fmt: str, arch) -> str | None:
     return _structure_key(path, fmt, arch)[0]
 
 
-def _structure_key(path: Path, fmt: str, arch) -> tuple[str | None, str | None]:
-    """``(structure_key, safetensors_io.structure_digest)`` of the file (Nones where there is no
-    key); the digest travels with the description (``_structure_digest``) so that the similarity
-    sketch of the same bytes keys its plans by it without reading the file again."""
+def _structure_key(path: Path, fmt: str, arch, cache: DescriptionCache | None = None,
+                   data=None) -> tuple[str | None, str | None, object]:
+    """``(structure_key, safetensors_io.structure_digest, header)`` of the file (Nones where there
+    is no key); the digest travels with the description (``_structure_digest``) so that the
+    similarity sketch of the same bytes keys its plans by it without reading the file again.
+    ``cache``: the digest is memoized there (``DescriptionCache.digest``)."""
     from loradex.converters import safetensors_io as sio
 
     if fmt not in STRUCTURAL_FORMATS or not path.is_file():
-        return None, None
+        return None, None, None
     h = sio.read_header(path)
-    digest = sio.structure_digest(path, h)
+    digest = cache.digest(h, data) if cache is not None else sio.structure_digest(path, h)
     m = hashlib.sha256(f"{fmt}|{getattr(arch, 'name', arch)}|{digest}|".encode())
     # the diffusers reader takes alphas from this metadata key
     m.update(h.metadata.get("lora_adapter_metadata", "").encode())
-    return m.hexdigest(), digest
+    return m.hexdigest(), digest, h
 
 
 def _load_structure(path: Path, fmt: str, arch):

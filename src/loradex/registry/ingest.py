@@ -197,7 +197,7 @@ class Ingestor:
         report.skipped.extend(skipped)
         pending: list[_Pending] = []
         slots = Slots(self.store.tmp_dir)
-
+        known = _db.adapter_names(self.db)  # a name not among them has no version with these bytes yet
         unsketched: list[_Pending] = []
 
         def flush() -> None:
@@ -215,6 +215,7 @@ class Ingestor:
                                   link=link) for pe in pending]
                 sketched = [None] * len(added)
             report.added.extend(added)
+            known.update(pe.name for pe in pending)
             pending.clear()
             if sketch and self.store_sketches is not None:
                 self.store_sketches(added, sketched)
@@ -231,7 +232,16 @@ class Ingestor:
             except BaseException:
                 self.store.discard(item)
                 raise
-            return item, desc, str(path.resolve())
+            return item, desc, resolved(path)
+
+        real_dirs: dict[Path, str] = {}
+
+        def resolved(path: Path) -> str:  # ``str(path.resolve())``, each folder resolved once
+            if path.is_symlink():
+                return str(path.resolve())
+            if (d := real_dirs.get(path.parent)) is None:
+                d = real_dirs[path.parent] = str(path.parent.resolve())
+            return os.path.join(d, path.name)
 
         def dropped(got) -> None:  # a staged file that will get no row
             if got is not None and got[0].created:
@@ -270,7 +280,7 @@ class Ingestor:
                                                    slots=slots, link=link)
                             else:
                                 pend = self._stage_prepared(path, name, staged[0], staged[1], base_model,
-                                                            durable=False, committed=True)
+                                                            durable=False, committed=True, known=known)
                         except DiskFullError:
                             raise
                         except (LoradexError, OSError) as e:
@@ -380,11 +390,12 @@ class Ingestor:
             item.release()
 
     def _stage_prepared(self, p: Path, name: str, item: Ingested, desc: dict | None, base_model,
-                        durable: bool, committed: bool = False) -> _Pending | Version:
+                        durable: bool, committed: bool = False, known: set[str] | None = None) -> _Pending | Version:
         """Commit a prepared file's blob (unless ``committed`` already) and build its row, or return
-        ``name``'s version that has these bytes already (the temporary is then dropped)."""
+        ``name``'s version that has these bytes already (the temporary is then dropped). ``known``:
+        adapter names that may have versions (others are not looked up; ``_record`` checks again)."""
         try:
-            same = _db.version_of_name_with_sha(self.db, name, item.sha256)
+            same = _db.version_of_name_with_sha(self.db, name, item.sha256) if known is None or name in known else None
             if same is not None or desc is None:
                 self.store.discard(item)
                 if same is not None:
@@ -436,20 +447,18 @@ class Ingestor:
                 view = d / filename
                 link_or_copy(item.tmp, view, self.scratch.parent)
             try:
-                desc = describe_path(view, arch=arch, cache=self.descriptions)
+                desc = describe_path(view, arch=arch, cache=self.descriptions, data=item.data)
             except LoradexError as e:  # name the user's file, not the temporary one
                 raise renamed(e, {str(view): str(src), str(view.parent): str(src.parent)}) from None
             if desc["format"] != "ckpt":
                 with contextlib.suppress(FormatError, OSError):
                     from loradex.converters import safetensors_io as sio
 
-                    if sio.is_safetensors(view):
-                        header = sio.read_header(view)
-                        kh = sio.kohya_hashes(view, header=header,
-                                              data_sha256=item.hashes.get("sshs_model_hash") or None)
-                        desc["_sshs_legacy_hash"] = kh["sshs_legacy_hash"]
-                        desc["_sshs_model_hash"] = kh["sshs_model_hash"]
-                        desc["_header"] = header if d is None else None
+                    header = sio.read_header(view)  # FormatError: not a safetensors file
+                    kh = sio.kohya_hashes(view, header=header, data_sha256=item.hashes.get("sshs_model_hash") or None)
+                    desc["_sshs_legacy_hash"] = kh["sshs_legacy_hash"]
+                    desc["_sshs_model_hash"] = kh["sshs_model_hash"]
+                    desc["_header"] = header if d is None else None
             return desc
         finally:
             if d is not None:
