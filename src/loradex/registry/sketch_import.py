@@ -25,16 +25,20 @@ class _BlobAt:
     """What ``compute_sketch`` asks of a registry, for a file whose row is not written yet: its
     blob's path and the registry's archs."""
 
-    def __init__(self, reg, path: Path) -> None:
+    def __init__(self, reg, path: Path, archs: dict | None = None) -> None:
         self._reg, self._path = reg, path
+        self._archs = {} if archs is None else archs  # shared by one batch's files: looked up once
 
     def path(self, v) -> Path:
         """The staged file's blob."""
         return self._path
 
     def arch(self, name: str):
-        """The registry's arch of that name."""
-        return self._reg.arch(name)
+        """The registry's arch of that name (looked up once per batch when it is found)."""
+        got = self._archs.get(name)
+        if got is None:
+            got = self._archs[name] = self._reg.arch(name)
+        return got
 
     def load(self, v, arch=None):
         """Not for a staged file: only safetensors blobs are sketched before their row."""
@@ -50,6 +54,7 @@ def sketch_staged(reg, items: list[tuple[Path, dict, dict]]) -> list[tuple | Non
     out: list[tuple | None] = [None] * len(items)
     with one_torch_thread():
         groups: dict[tuple, list[tuple[int, object]]] = {}
+        archs: dict = {}
         for i, (path, record, extra) in enumerate(items):
             if extra.get("header") is None:
                 continue
@@ -57,7 +62,7 @@ def sketch_staged(reg, items: list[tuple[Path, dict, dict]]) -> list[tuple | Non
                                 artifact=record.get("artifact"), ref=record.get("filename"))
             raw = raw_from_header(extra["header"], extra.get("data"))
             raw.path, raw.digest = Path(path), extra.get("digest")
-            at = _BlobAt(reg, Path(path))
+            at = _BlobAt(reg, raw.path, archs)
             try:
                 found = plan_of(at, v, raw) if v.artifact == "adapter" else None
                 if found is not None:

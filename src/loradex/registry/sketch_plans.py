@@ -302,14 +302,14 @@ def _same_layout(plan: dict, raws: list[_Raw]) -> int | None:
     the same dtypes (and in memory), else None."""
     if not raws:
         return None
-    keys = plan.get("_tensor_keys")
-    if keys is None:
-        keys = plan["_tensor_keys"] = [k for _n, up_k, down_k, *_x in plan["lora"] for k in (up_k, down_k)]
-    where = operator.itemgetter(0, 2, 3)  # TensorInfo: dtype, start, end
-    want = list(map(where, map(raws[0].tensors.__getitem__, keys)))
-    for raw in raws[1:]:
-        if list(map(where, map(raw.tensors.__getitem__, keys))) != want:
-            return None
+    keys = _tensor_keys(plan)
+    if not keys:
+        return 0
+    pick = operator.itemgetter(*keys)  # two keys a module at least: a tuple of TensorInfo
+    first = pick(raws[0].tensors)  # TensorInfo: dtype, shape (the structure's), start, end
+    if any(pick(raw.tensors) != first for raw in raws[1:]):
+        return None
+    want = [(t.dtype, t.start, t.end) for t in first]
     return max((e for _d, _s, e in want), default=0)
 
 
@@ -327,12 +327,18 @@ def _module_groups(plan: dict, tensors: dict) -> list[tuple[list[int], list[tupl
     return list(groups.values())
 
 
-def _vector_sketches(plan: dict, family: str | None, raws: list[_Raw], size: int) -> list[sk.Sketch]:
-    """``sk.sketch_forms`` of plain LoRA modules (``scale * up @ down``, no bias) for files of one
-    layout: the modules of one shape (and factor dtypes) of all the files in one batch of products
-    (``sketch_forms`` batches one file's modules of one shape the same way), each factor taken as
-    a view of the files' bytes (one copy per group and factor, where ``stack`` gathers them), so the
-    same numbers up to the order of a few float sums."""
+def _tensor_keys(plan: dict) -> list[str]:
+    keys = plan.get("_tensor_keys")
+    if keys is None:
+        keys = plan["_tensor_keys"] = [k for _n, up_k, down_k, *_x in plan["lora"] for k in (up_k, down_k)]
+    return keys
+
+
+def _factors(plan: dict, raws: list[_Raw], size: int) -> list[tuple]:
+    """Per group of ``_module_groups``: ``(module indices, k, out, cols, up, down)``, the factors of
+    every file as ``(n, G*out*k)`` and ``(n, G*k*cols)`` tensors (as stored: fp16 stays fp16). The
+    files' data sections are copied into one array (a plain copy, cheap next to a strided take),
+    each group's factors then concatenated from views of it in one ``torch.cat``."""
     from loradex.converters.safetensors_io import DTYPES
 
     n = len(raws)
@@ -342,29 +348,41 @@ def _vector_sketches(plan: dict, family: str | None, raws: list[_Raw], size: int
     for j, raw in enumerate(raws):
         rows[j, :size] = np.frombuffer(raw.data, dtype=np.uint8, count=size, offset=raw.base)
     data = torch.from_numpy(rows)
-    typed: dict[str, tuple[torch.Tensor, int]] = {}
-    mods = plan["lora"]
-    norms = np.empty((len(mods), n), dtype=np.float64)
-    units = np.empty((len(mods), n, sk.SKETCH_ROWS * sk.SKETCH_COLS), dtype=np.float32)
+    first, mods = raws[0].tensors, plan["lora"]
 
-    def factors(dtype: str, spans: list[tuple[int, int]], shape: tuple[int, int]) -> torch.Tensor:
-        """``(n, G, *shape)`` float32: the factor at each span of every file."""
-        if dtype not in typed:
-            dt, item = DTYPES[dtype]
-            typed[dtype] = (data.view(dt), item)
-        view, item = typed[dtype]
+    def factors(dtype: str, spans: list[tuple[int, int]]) -> torch.Tensor:
+        dt, item = DTYPES[dtype]
         if all(s % item == 0 for s, _e in spans):
+            view = data.view(dt)
             parts = [view[:, s // item: e // item] for s, e in spans]
         else:  # unaligned in the file: through the bytes
-            parts = [data[:, s:e].contiguous().view(view.dtype) for s, e in spans]
-        return torch.stack(parts, dim=1).reshape(n, len(spans), *shape).float()
+            parts = [data[:, s:e].contiguous().view(dt) for s, e in spans]
+        return torch.cat(parts, dim=1)
 
-    for idx, up_spans, down_spans in _module_groups(plan, raws[0].tensors):
-        _name, up_k, down_k, k, _scale, out, cols = mods[idx[0]]
-        first = raws[0].tensors
-        up = factors(first[up_k].dtype, up_spans, (out, k))  # (n, G, out, k)
-        down = factors(first[down_k].dtype, down_spans, (k, cols))  # (n, G, k, cols)
+    out = []
+    for idx, up_spans, down_spans in _module_groups(plan, first):
+        _name, up_k, down_k, k, _scale, o, c = mods[idx[0]]
+        out.append((idx, k, o, c, factors(first[up_k].dtype, up_spans), factors(first[down_k].dtype, down_spans)))
+    return out
+
+
+def _vector_sketches(plan: dict, family: str | None, raws: list[_Raw], size: int) -> list[sk.Sketch]:
+    """``sk.sketch_forms`` of plain LoRA modules (``scale * up @ down``, no bias) for files of one
+    layout: the modules of one shape (and factor dtypes) of all the files in one batch of products
+    (``sketch_forms`` batches one file's modules of one shape the same way), the factors gathered
+    from the files' bytes (``_factors``), the unit sketches and norms of every module finished
+    together, so the same numbers up to the order of a few float sums."""
+    n = len(raws)
+    mods = plan["lora"]
+    m_all = len(mods)
+    q, p = sk.SKETCH_ROWS, sk.SKETCH_COLS
+    s_all = torch.empty((n, m_all, q * p), dtype=torch.float32)
+    sq_all = torch.empty((n, m_all), dtype=torch.float64)
+    parts = _factors(plan, raws, size)
+    for idx, k, out, cols, up, down in parts:
         g_ = len(idx)
+        up = up.reshape(n, g_, out, k).float().contiguous()  # (n, G, out, k)
+        down = down.reshape(n, g_, k, cols).float().contiguous()  # (n, G, k, cols)
         h, g = sk.projections(family, out, cols)
         sc = torch.tensor([mods[m][4] for m in idx], dtype=torch.float64)  # (G,)
         dg = (down.reshape(n * g_ * k, cols) @ g[:cols]).reshape(n, g_, k, -1)
@@ -375,11 +393,14 @@ def _vector_sketches(plan: dict, family: str | None, raws: list[_Raw], size: int
             sq = (gu.double() * gd.double()).sum(dim=(-1, -2)).clamp_min(0.0) * sc * sc  # (n, G)
         else:
             sq = (up @ down).double().square().sum(dim=(-1, -2)) * sc * sc
-        flat = s.reshape(n, g_, -1).double()
-        ns = flat.norm(dim=-1, keepdim=True)
-        unit = torch.where(ns > 0, flat / ns.clamp_min(1e-300), torch.zeros_like(flat))
-        units[idx] = unit.float().transpose(0, 1).numpy()
-        norms[idx] = sq.sqrt().T.numpy()
+        sel = torch.as_tensor(idx)
+        s_all[:, sel] = s.reshape(n, g_, -1)
+        sq_all[:, sel] = sq
+    flat = s_all.double()
+    ns = flat.norm(dim=-1, keepdim=True)
+    unit = torch.where(ns > 0, flat / ns.clamp_min(1e-300), torch.zeros_like(flat)).float()
     keys, order, names = _plan_keys(plan)
-    return [sk.Sketch(family, keys.copy(), norms[order, j].copy(), units[order, j].copy(), {}, {}, list(names))
-            for j in range(n)]
+    sel = torch.as_tensor(order)
+    units = unit[:, sel].numpy()  # (n, M, q*p), each file's rows in the keys' order
+    norms = sq_all.sqrt()[:, sel].numpy()
+    return [sk.Sketch(family, keys.copy(), norms[j], units[j], {}, {}, list(names)) for j in range(n)]
