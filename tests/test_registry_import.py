@@ -140,6 +140,21 @@ def test_add_link_is_the_blob_read_only_and_hashed(reg, base_lora, tmp_path):
     consistent(reg)
 
 
+def test_a_linked_file_the_registry_lets_go_of_is_writable_again(reg, base_lora, tmp_path):
+    """``gc`` of a removed linked version (and the cleanup of a failed import, through the same
+    ``BlobStore.remove``) hands the user's file back writable; no bytes are counted freed."""
+    src = variant(base_lora, tmp_path / "src" / "face.safetensors", 9)
+    v = reg.add(src, "face", link=True)
+    assert stat.S_IMODE(src.stat().st_mode) == 0o444
+    reg.remove("face@1")
+    report = reg.gc()
+    assert report["removed_blobs"] == [v.sha256] and report["freed_bytes"] == 0
+    assert src.exists() and not reg.store.path(v.sha256).exists()
+    mode = stat.S_IMODE(src.stat().st_mode)
+    assert mode & stat.S_IWUSR and not mode & 0o111
+    src.write_bytes(src.read_bytes())  # the user can edit it again
+
+
 def test_sketches_now_or_deferred(reg, base_lora, tmp_path, home, capsys):
     """``sketch`` (default: yes, but not with ``link``): a deferred sketch is made by ``reindex``,
     which ``loradex similar`` runs first, and equals the one made at add."""

@@ -598,16 +598,24 @@ class BlobStore:
         return out
 
     def remove(self, sha256: str) -> int:
-        """Delete a blob; returns the bytes freed (0 when it was not there). Callers hold the
-        catalogue's write lock and have checked that no row names it (``gc``)."""
+        """Delete a blob; returns the bytes freed (0 when it was not there, or when the file lives
+        on under another name). Callers hold the catalogue's write lock and have checked that no
+        row names it (``gc``, a failed import). A blob with other hard links is a user's file that
+        ``add --link`` made read-only: it is handed back writable (``0666 & ~umask``, the mode a new
+        file of theirs gets; the original mode is not recorded) before the registry's name goes."""
         p = self.path(sha256)
         try:
-            size = p.stat().st_size
+            st = p.stat()
+            if st.st_nlink > 1:
+                from loradex.converters.safetensors_io import umask
+
+                with contextlib.suppress(OSError):  # not ours to chmod (another user's): leave it
+                    os.chmod(p, 0o666 & ~umask())
             p.unlink()
         except FileNotFoundError:
             return 0
         # shard folders stay: removing one could race a concurrent import renaming into it
-        return size
+        return st.st_size if st.st_nlink == 1 else 0
 
 
 def _alive(pid: int) -> bool:
