@@ -48,3 +48,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty registry home (``LORADEX_HOME``) of this test's own."""
+    h = tmp_path / "home"
+    h.mkdir()
+    monkeypatch.setenv("LORADEX_HOME", str(h))
+    return h
+
+
+@pytest.fixture
+def reg(home):
+    """A ``Registry`` in :func:`home`, closed after the test."""
+    from loradex import Registry
+
+    r = Registry()
+    yield r
+    r.close()

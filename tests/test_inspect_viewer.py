@@ -22,17 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import loradex
-from loradex.cli import main
+from cli_util import run as cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(capsys, *args):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return (info.value.code or 0), out, err
 
 
 def ok(r):

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
+from cli_util import run as cli
 from loradex import pnginfo
-from loradex.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,14 +83,6 @@ def a1111_lora_shorthash(path) -> str:
     data = open(path, "rb").read()
     n = int.from_bytes(data[:8], "little")
     return hashlib.sha256(data[8 + n:]).hexdigest()[0:12]
-
-
-def cli(capsys, *args):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return (info.value.code or 0), out, err
 
 
 @pytest.fixture(autouse=True)

@@ -45,21 +45,6 @@ def refs(bench, tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
-    h.mkdir()
-    monkeypatch.setenv("LORADEX_HOME", str(h))
-    return h
-
-
-@pytest.fixture
-def reg(home):
-    r = Registry()
-    yield r
-    r.close()
-
-
 def ti_file(path: Path, token: str, seed: int) -> Path:
     """A textual-inversion embedding written by loradex's diffusers-ti writer (no arch tables needed
     to read it back, so subprocesses stay fast)."""

@@ -34,21 +34,6 @@ def lora(bench, tmp_path_factory) -> Path:
     return make_lycoris_reference(bench, "lora", tmp_path_factory.mktemp("faults"), seed=3).path
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
-    h.mkdir()
-    monkeypatch.setenv("LORADEX_HOME", str(h))
-    return h
-
-
-@pytest.fixture
-def reg(home):
-    r = Registry()
-    yield r
-    r.close()
-
-
 def one_line_error(r, *needles):
     assert r.code == 2 and r.out == "" and r.err.startswith("error: ") and r.err.count("\n") == 1, r
     for n in needles:

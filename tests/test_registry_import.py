@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loradex
+from cli_util import run
 from loradex import Registry, RegistryError
-from loradex.cli import main
 from loradex.core.adapter import Adapter, Embedding
 from loradex.core.kinds.lora import LoraPatch
 from loradex.registry import hashes, linking, sketches
@@ -30,21 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------------------
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
-    h.mkdir()
-    monkeypatch.setenv("LORADEX_HOME", str(h))
-    return h
-
-
-@pytest.fixture
-def reg(home):
-    r = Registry()
-    yield r
-    r.close()
-
-
 @pytest.fixture(scope="module")
 def base_lora(tmp_path_factory) -> Path:
     """A kohya LoRA for the tiny SD1 model (rank 4), written once per module."""
@@ -90,14 +75,6 @@ def independent(path: Path) -> dict:
     return {"sha256": hashlib.sha256(data).hexdigest(), "autov2": hashlib.sha256(data).hexdigest()[:10].upper(),
             "autov3": hashlib.sha256(data[8 + n:]).hexdigest()[:12].upper(),
             "crc32": zlib.crc32(data).to_bytes(4, "little").hex().upper()}
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return info.value.code or 0, out, err
 
 
 def consistent(reg: Registry) -> dict:

@@ -93,14 +93,6 @@ def family(bench, tmp_path_factory):
     return {"dir": d, "base": base, "near": near, "far": far}
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    h = tmp_path / "home"
-    h.mkdir()
-    monkeypatch.setenv("LORADEX_HOME", str(h))
-    return h
-
-
 # ---- the math: sketches and exact inner products against dense references ----------------------------
 def _dense(f):
     m = f.weight().double()
