@@ -1,11 +1,14 @@
 """Start-up time of the CLI, against ``python -c pass`` measured in the same run.
 
-    python bench/startup.py [--runs 7]
+    python bench/startup.py [--runs 7] [--sdxl]
 
 Goals (issue "work the way kohya, ComfyUI, A1111... users already work", item 9): ``loradex --help``
 and ``loradex COMMAND --help`` under 0.3 s (shell completion pays it on every TAB), ``inspect`` of a
 LoRA under 1 s. Each figure is the median wall time of ``--runs`` fresh processes, with the user+sys
 CPU time next to it (what a loaded machine does not inflate), and the time over the bare interpreter.
+``--sdxl`` adds ``inspect`` of a synthetic SDXL kohya LoRA (rank 32 on every attention Linear and
+resnet conv of the UNet and both text encoders, fp16: ``bench/convert.py``'s input at rank 32, about
+250 MB): the whole file is hashed and scanned for NaN/Inf, so its size shows.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def _run(cmd: list[str], runs: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--sdxl", action="store_true", help="also inspect a ~230 MB SDXL LoRA (rank 32, fp16)")
     args = ap.parse_args()
     exe = [sys.executable, "-m", "loradex"]
     with tempfile.TemporaryDirectory() as d:
@@ -59,6 +63,12 @@ def main() -> None:
             ("loradex train --help", [*exe, "train", "--help"], 0.3),
             ("loradex inspect LORA", [*exe, "inspect", str(lora)], 1.0),
         ]
+        if args.sdxl:
+            from convert import make_input  # bench/convert.py's synthetic SDXL LoRA
+
+            big = Path(d) / "sdxl_r32.safetensors"
+            make_input(str(big), 32)
+            rows.append((f"loradex inspect SDXL LoRA ({big.stat().st_size / 1e6:.0f} MB)", [*exe, "inspect", str(big)], 1.0))
         print(f"python -c pass: {base_wall * 1000:.0f} ms wall, {base_cpu * 1000:.0f} ms CPU")
         for label, cmd, goal in rows:
             wall, cpu = _run(cmd, args.runs)
